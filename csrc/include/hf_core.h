@@ -1,0 +1,64 @@
+// Core ops: the Euler update and CSR SpMM. Parameter structs, shared element bodies,
+// and the CPU / CUDA entry points (overloaded on a back-end tag).
+#pragma once
+
+#include "hf_common.h"
+
+namespace hf {
+
+struct CpuTag {};
+struct CudaTag {};
+
+// ---- Euler update:  out = theta + dt * drift -------------------------------------------
+struct EulerParams {
+  std::uintptr_t theta;  // n, contiguous
+  std::uintptr_t drift;  // n, contiguous
+  std::uintptr_t out;    // n, contiguous (may alias theta)
+  std::int64_t n;
+  double dt;
+  int dtype;
+  std::uintptr_t stream;  // cudaStream_t on CUDA, ignored on CPU
+};
+
+template <typename T>
+HF_HD T euler_axpy(T theta, T drift, T dt) { return theta + dt * drift; }
+
+// ---- CSR SpMM:  out = A @ B -------------------------------------------------------------
+struct CsrSpmmParams {
+  std::uintptr_t rowptr;  // rows + 1, monotone, rowptr[0] == 0, rowptr[rows] == nnz
+  std::uintptr_t col;     // nnz, each in [0, k)
+  std::uintptr_t val;     // nnz
+  std::uintptr_t b;       // k x n, row stride ldb
+  std::uintptr_t out;     // rows x n, row stride ldo
+  std::int64_t rows, k, n, nnz, ldb, ldo;
+  int dtype, itype;
+  std::uintptr_t stream;
+};
+
+// out[r, c] for one CSR row; the CUDA kernel runs exactly this per thread and the CPU path
+// runs it for skinny B (n == 1).
+template <typename T, typename I>
+HF_HD T csr_dot(const I* rowptr, const I* col, const T* val, const T* b, std::int64_t ldb,
+                std::int64_t r, std::int64_t c) {
+  T acc = T(0);
+  for (I j = rowptr[r]; j < rowptr[r + 1]; ++j) acc += val[j] * b[static_cast<std::int64_t>(col[j]) * ldb + c];
+  return acc;
+}
+
+void euler_axpy(CpuTag, const EulerParams& p);
+void csr_spmm(CpuTag, const CsrSpmmParams& p);
+void euler_axpy(CudaTag, const EulerParams& p);
+void csr_spmm(CudaTag, const CsrSpmmParams& p);
+
+inline void check(const EulerParams& p) {
+  require(p.theta && p.drift && p.out, "euler_axpy: null pointer");
+  require(p.n >= 0, "euler_axpy: negative size");
+}
+
+inline void check(const CsrSpmmParams& p) {
+  require(p.rowptr && p.out, "csr_spmm: null pointer");
+  require(p.rows >= 0 && p.k >= 0 && p.n >= 0 && p.nnz >= 0, "csr_spmm: negative size");
+  require(p.ldb >= p.n && p.ldo >= p.n, "csr_spmm: leading dimension smaller than n");
+}
+
+}  // namespace hf

@@ -1,0 +1,92 @@
+"""Cache directory and atomic, pickle-free checkpoint I/O.
+
+Every file that matters is written to a temporary file in the destination folder and
+renamed into place, so an interrupted run never leaves a half-written checkpoint.
+Tensors are stored with safetensors; metadata is a flat ``str -> str`` mapping.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = ["cache_dir", "atomic_path", "save_tensors", "load_tensors"]
+
+_ENV_CACHE = "HYPERFLOW_CACHE"
+
+
+def cache_dir(override: Optional[os.PathLike] = None) -> Path:
+    """Return (and create) the cache directory.
+
+    Resolution order: ``override`` → ``$HYPERFLOW_CACHE`` → ``$XDG_CACHE_HOME/hyperflow`` →
+    ``~/.cache/hyperflow``.
+    """
+    if override is not None:
+        path = Path(override)
+    elif os.environ.get(_ENV_CACHE):
+        path = Path(os.environ[_ENV_CACHE])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = Path(base) / "hyperflow"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    Example:
+        >>> with atomic_path("model.safetensors") as tmp:
+        ...     write_somehow(tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_tensors(path: os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Atomically write ``tensors`` (and JSON-serialisable ``metadata``) as safetensors."""
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"json": json.dumps(dict(metadata or {}), sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_tensors(path: os.PathLike, device: str | torch.device = "cpu"
+                 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Load a file written by :func:`save_tensors`; returns ``(tensors, metadata)``.
+
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        ValueError: if the file is not a readable safetensors file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_tensors: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            raw = (f.metadata() or {}).get("json", "{}")
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"load_tensors: {path} is not a valid safetensors file: {exc}") from exc
+    return tensors, json.loads(raw)

@@ -1,0 +1,38 @@
+"""Small input checks shared by the model modules (messages name the function and argument)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["check_int", "check_tensor", "check_image_batch"]
+
+
+def check_int(fn: str, arg: str, value: Any, minimum: int = 1) -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) ``>= minimum``; raise otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{fn}: {arg} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{fn}: {arg} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_tensor(fn: str, arg: str, value: Any) -> torch.Tensor:
+    """Raise ``TypeError`` unless ``value`` is a tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{fn}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_image_batch(fn: str, x: Any, in_channels: int) -> torch.Tensor:
+    """Check that ``x`` is a floating ``(batch, in_channels, height, width)`` tensor."""
+    check_tensor(fn, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: x must have shape (batch, channels, height, width), "
+                         f"got {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{fn}: x must have {in_channels} channels (in_channels), "
+                         f"got {x.shape[1]}")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be a floating-point tensor, got {x.dtype}")
+    return x

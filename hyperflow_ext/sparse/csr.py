@@ -1,0 +1,125 @@
+"""CSR matrices and CSR × dense products on the native kernels."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .. import native
+from .._checks import FLOAT_CODES, INDEX_CODES, check_csr, check_tensor, row_major, stream_handle
+
+__all__ = ["CSRMatrix", "csr_spmm", "csr_spmm_reference"]
+
+
+class CSRMatrix:
+    """A validated compressed-sparse-row matrix.
+
+    Structure (monotone row pointers, in-range column indices) is checked once here, so the
+    per-call checks of :func:`csr_spmm` are O(1).
+
+    Args:
+        crow_indices: ``(rows + 1,)`` int32/int64 row pointers.
+        col_indices: ``(nnz,)`` column indices, same dtype.
+        values: ``(nnz,)`` float32/float64.
+        shape: ``(rows, cols)``.
+    """
+
+    def __init__(self, crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+                 shape: Tuple[int, int]) -> None:
+        rows, cols = (int(s) for s in shape)
+        if rows < 0 or cols < 0:
+            raise ValueError(f"CSRMatrix: shape must be non-negative, got {shape}")
+        check_csr("CSRMatrix", crow_indices, col_indices, values, (rows, cols))
+        self.crow_indices, self.col_indices, self.values = crow_indices, col_indices, values
+        self.shape = (rows, cols)
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> "CSRMatrix":
+        """Build from a 2-D dense tensor, keeping its exact nonzeros."""
+        check_tensor("CSRMatrix.from_dense", "dense", dense, dtypes=FLOAT_CODES, ndim=2)
+        if index_dtype not in INDEX_CODES:
+            raise ValueError(f"CSRMatrix.from_dense: index_dtype must be int32 or int64, got {index_dtype}")
+        with warnings.catch_warnings():  # torch flags CSR as beta on every conversion
+            warnings.simplefilter("ignore", UserWarning)
+            csr = dense.detach().to_sparse_csr()
+        return cls(csr.crow_indices().to(index_dtype).contiguous(), csr.col_indices().to(index_dtype).contiguous(),
+                   csr.values().contiguous(), tuple(dense.shape))
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_indices.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def density(self) -> float:
+        rows, cols = self.shape
+        return self.nnz / max(1, rows * cols)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.to_torch().to_dense()
+
+    def to_torch(self) -> torch.Tensor:
+        """The same matrix as a ``torch.sparse_csr_tensor`` (shares memory)."""
+        return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape,
+                                       check_invariants=False)  # validated in __init__
+
+    def to(self, device: torch.device | str) -> "CSRMatrix":
+        return CSRMatrix(self.crow_indices.to(device), self.col_indices.to(device), self.values.to(device), self.shape)
+
+    def __repr__(self) -> str:
+        return (f"CSRMatrix(shape={self.shape}, nnz={self.nnz}, density={self.density():.4f}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+
+def csr_spmm_reference(a: CSRMatrix, b: torch.Tensor) -> torch.Tensor:
+    """Pure-torch reference: ``a.to_dense() @ b``."""
+    return a.to_dense() @ b
+
+
+def csr_spmm(a: CSRMatrix, b: torch.Tensor, out: Optional[torch.Tensor] = None,
+             backend: Optional[str] = None) -> torch.Tensor:
+    """Sparse × dense product ``out = A @ B``.
+
+    Args:
+        a: the sparse matrix, shape ``(rows, k)``.
+        b: dense ``(k, n)``, same dtype and device as ``a``.
+        out: optional ``(rows, n)`` output with unit column stride.
+        backend: ``"auto"``, ``"native"`` or ``"torch"`` (see :func:`hyperflow_ext.native.resolve_backend`).
+
+    Returns:
+        ``(rows, n)`` dense tensor.
+
+    Raises:
+        TypeError / ValueError: wrong kinds, dtypes, shapes or devices.
+    """
+    op = "csr_spmm"
+    if not isinstance(a, CSRMatrix):
+        raise TypeError(f"{op}: a must be a CSRMatrix, got {type(a).__name__}")
+    rows, k = a.shape
+    check_tensor(op, "b", b, dtypes=(a.dtype,), ndim=2, device=a.device)
+    if b.shape[0] != k:
+        raise ValueError(f"{op}: b must have {k} rows (= columns of the matrix), got {b.shape[0]}")
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((rows, n), dtype=a.dtype, device=a.device)
+    else:
+        check_tensor(op, "out", out, dtypes=(a.dtype,), shape=(rows, n), device=a.device)
+        if (n > 1 and out.stride(1) != 1) or (rows > 1 and out.stride(0) < n):
+            raise ValueError(f"{op}: out must have unit column stride and row stride >= {n}, got strides {out.stride()}")
+    chosen = native.resolve_backend(backend, a.device, op, triton_ok=False)
+    if chosen == "torch":
+        return out.copy_(csr_spmm_reference(a, b))
+    b, ldb = row_major(op, "b", b)
+    mod = native.cuda_module() if a.device.type == "cuda" else native.cpu_module()
+    mod.csr_spmm(rowptr=a.crow_indices.data_ptr(), col=a.col_indices.data_ptr(), val=a.values.data_ptr(),
+                 b=b.data_ptr(), out=out.data_ptr(), rows=rows, k=k, n=n, nnz=a.nnz, ldb=ldb,
+                 ldo=max(1, out.stride(0)), dtype=FLOAT_CODES[a.dtype], itype=INDEX_CODES[a.crow_indices.dtype],
+                 stream=stream_handle(a.device))
+    return out
