@@ -2,12 +2,18 @@
 #pragma once
 
 #include "core.h"
+#include "drift.h"
+#include "flowacc.h"
+#include "sparse.h"
 
 namespace hf {
 
 template <class Tag>
 void bind_all(pybind11::module_& m) {
   bind_core<Tag>(m);
+  bind_drift<Tag>(m);
+  bind_flowacc<Tag>(m);
+  bind_sparse<Tag>(m);
 }
 
 }  // namespace hf

@@ -90,8 +90,13 @@ def usable_fonts(font_dir: Optional[os.PathLike] = None) -> List[FontFile]:
     folder = Path(font_dir) if font_dir is not None else bundled_font_dir()
     if not folder.is_dir():
         raise FileNotFoundError(f"usable_fonts: font_dir {folder} is not an existing directory")
+    return list(_usable_fonts(str(folder.resolve())))
+
+
+@functools.lru_cache(maxsize=8)
+def _usable_fonts(folder: str) -> Tuple[FontFile, ...]:
     fonts = []
-    for path in sorted(folder.glob("*.ttf")):
+    for path in sorted(Path(folder).glob("*.ttf")):
         if any(fnmatch.fnmatch(path.name, pattern) for pattern in EXCLUDED_FONT_PATTERNS):
             logger.debug("usable_fonts: skipping %s (excluded by name)", path.name)
             continue
@@ -100,4 +105,4 @@ def usable_fonts(font_dir: Optional[os.PathLike] = None) -> List[FontFile]:
             logger.debug("usable_fonts: skipping %s (no distinct ASCII letters)", path.name)
             continue
         fonts.append(font)
-    return fonts
+    return tuple(fonts)

@@ -8,6 +8,7 @@ Cyrillic ``А`` appear once, as Latin. The first call renders (tens of seconds) 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import zlib
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -138,7 +139,7 @@ class _GlyphSetBuilder:
         self.min_instances = min_instances
 
     def build(self, progress: bool) -> Dict[str, ImageDataset]:
-        letters = _distinct_letters(self.fonts)
+        letters = _distinct_letters(tuple(self.fonts))
         jobs = [(script, font, [cp for cp in cps if cp in font.cmap])
                 for script, cps in letters.items() for font in self.fonts]
         total = sum(len(cps) for _, _, cps in jobs)
@@ -186,14 +187,17 @@ class _GlyphSetBuilder:
                             [chr(cp) for cp in kept], script, meta)
 
 
-def _distinct_letters(fonts: Sequence[FontFile]) -> Dict[str, List[int]]:
+@functools.lru_cache(maxsize=4)
+def _distinct_letters(fonts: Tuple[FontFile, ...]) -> Dict[str, Tuple[int, ...]]:
     """Per script, the code points some font maps, minus homoglyphs of earlier letters."""
     covered = set().union(*(f.cmap for f in fonts))
     reference = next((f for f in fonts if f.name == _REFERENCE_FONT), fonts[0])
     renderer = GlyphRenderer(_HOMOGLYPH_SIZE, supersample=1)
-    seen: List[np.ndarray] = []
-    seen_ink: List[float] = []
-    letters: Dict[str, List[int]] = {}
+    capacity = sum(len(s.codepoints()) for s in SCRIPTS)
+    seen = np.empty((capacity, _HOMOGLYPH_SIZE * _HOMOGLYPH_SIZE), dtype=np.float32)
+    seen_ink = np.empty(capacity, dtype=np.float32)
+    count = 0
+    letters: Dict[str, Tuple[int, ...]] = {}
     for script in SCRIPTS:
         kept = []
         for cp in script.codepoints():
@@ -203,15 +207,15 @@ def _distinct_letters(fonts: Sequence[FontFile]) -> Dict[str, List[int]]:
             if canvas is not None:
                 bitmap = np.asarray(canvas, dtype=np.float32).ravel() / 255.0
                 ink = float(bitmap.sum())
-                if seen:
-                    diff = np.abs(np.stack(seen) - bitmap).sum(axis=1)
-                    if float((diff / np.maximum(np.asarray(seen_ink), ink)).min()) < _HOMOGLYPH_TOLERANCE:
+                if count:
+                    diff = np.abs(seen[:count] - bitmap).sum(axis=1)
+                    if float((diff / np.maximum(seen_ink[:count], ink)).min()) < _HOMOGLYPH_TOLERANCE:
                         logger.debug("render_glyphs: dropping homoglyph U+%04X (%s)", cp, script.name)
                         continue
-                seen.append(bitmap)
-                seen_ink.append(ink)
+                seen[count], seen_ink[count] = bitmap, ink
+                count += 1
             kept.append(cp)
-        letters[script.name] = kept
+        letters[script.name] = tuple(kept)
     return letters
 
 

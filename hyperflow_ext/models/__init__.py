@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 from .conv import Conv4, ResNet8
-from .pretraining import (available_pretrained, load_pretrained, pretrain, pretrained_path,
-                          random_shift)
+from .pretrained import available_pretrained, load_pretrained, pretrained_path
+from .pretraining import merge_datasets, pretrain, random_shift
 from .protonet import METRICS, ProtoNet, proto_logits, prototypes
 from .registry import BACKBONES, available_backbones, build_backbone
 from .vit import TinyViT
@@ -19,5 +19,6 @@ from .vit import TinyViT
 __all__ = [
     "Conv4", "ResNet8", "TinyViT", "BACKBONES", "build_backbone", "available_backbones",
     "METRICS", "prototypes", "proto_logits", "ProtoNet",
-    "pretrain", "load_pretrained", "available_pretrained", "pretrained_path", "random_shift",
+    "pretrain", "merge_datasets", "random_shift",
+    "load_pretrained", "available_pretrained", "pretrained_path",
 ]

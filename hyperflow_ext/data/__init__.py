@@ -1,0 +1,28 @@
+"""Data for few-shot experiments without downloads.
+
+* :class:`ImageDataset` — images ``(n, 1, H, W)`` in ``[0, 1]`` with labels, class names, a domain.
+* :func:`load_digits` — scikit-learn's bundled handwritten digits.
+* :func:`render_glyphs` / :func:`glyph_domains` — letters of many Unicode scripts rendered from
+  matplotlib's fonts, one domain per script, cached on disk.
+* :func:`benchmark_domains` — the fixed source/target split (:data:`SOURCE_SCRIPTS`,
+  :data:`TARGET_SCRIPTS` plus ``digits``).
+* :func:`load_folder` — a user's folder of class folders.
+* :class:`EpisodeSampler` / :func:`episodes` — seeded N-way K-shot episodes.
+"""
+from __future__ import annotations
+
+from .benchmark import BENCHMARK_AUGMENTATIONS, SOURCE_SCRIPTS, TARGET_SCRIPTS, benchmark_domains
+from .dataset import ImageDataset
+from .digits import load_digits
+from .episodes import Episode, EpisodeSampler, episodes
+from .folder import IMAGE_SUFFIXES, load_folder
+from .fonts import usable_fonts
+from .glyphs import MIN_CLASSES_PER_SCRIPT, glyph_cache_path, glyph_domains, render_glyphs
+from .scripts import SCRIPTS, Script
+
+__all__ = [
+    "ImageDataset", "load_digits", "render_glyphs", "glyph_domains", "glyph_cache_path",
+    "benchmark_domains", "SOURCE_SCRIPTS", "TARGET_SCRIPTS", "BENCHMARK_AUGMENTATIONS",
+    "MIN_CLASSES_PER_SCRIPT", "SCRIPTS", "Script", "usable_fonts", "load_folder", "IMAGE_SUFFIXES",
+    "Episode", "EpisodeSampler", "episodes",
+]

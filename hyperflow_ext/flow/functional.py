@@ -1,0 +1,84 @@
+"""Running a backbone with substituted parameters, and the support-set fine-tuning loop.
+
+Both HyperFlow's trajectory recorder and the fine-tuning baselines call :func:`finetune`, so the
+"real fine-tuning" HyperFlow learns from is exactly the baseline it is compared with.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..models import proto_logits, prototypes
+from .params import ParamSubset
+
+__all__ = ["features_with", "support_loss", "finetune", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, x: torch.Tensor,
+                  shared_x: bool = False) -> torch.Tensor:
+    """Backbone features with the selected parameters replaced by ``theta``.
+
+    Shape:
+        - theta: ``(P,)`` or ``(runs, P)``.
+        - x: ``(n, C, H, W)`` (one batch; with ``shared_x`` used by every run) or
+          ``(runs, n, C, H, W)``.
+        - Returns: ``(n, d)`` or ``(runs, n, d)``.
+    """
+    if theta.dim() == 1:
+        return functional_call(backbone, subset.unflatten(theta), (x,), strict=False)
+    params = subset.unflatten(theta)
+    fn = lambda p, xb: functional_call(backbone, p, (xb,), strict=False)  # noqa: E731
+    return vmap(fn, in_dims=(0, None if shared_x else 0))(params, x)
+
+
+def support_loss(feats: torch.Tensor, labels: torch.Tensor, way: int, metric: str, scale: float) -> torch.Tensor:
+    """ProtoNet loss of the support set against its own prototypes (sum over leading runs)."""
+    labels = labels.expand(feats.shape[:-1])
+    logits = proto_logits(feats, prototypes(feats, labels, way), metric, scale)
+    return F.cross_entropy(logits.reshape(-1, way), labels.reshape(-1), reduction="sum") / labels.shape[-1]
+
+
+def finetune(backbone: nn.Module, subset: ParamSubset, support_x: torch.Tensor, support_y: torch.Tensor,
+             theta0: torch.Tensor, steps: int, way: int, metric: str = "cosine", scale: float = 10.0,
+             optimizer: str = "adam", lr: float = 1e-3, record: bool = False
+             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[float]]:
+    """Fine-tune the selected parameters on one support set with a ``torch.optim`` optimizer.
+
+    Several runs (e.g. from perturbed starts) share the support set and train independently:
+    the loss is a sum over runs and both optimizers act element-wise.
+
+    Shape:
+        - support_x: ``(shots, C, H, W)``; support_y: ``(shots,)``.
+        - theta0: ``(P,)`` or ``(runs, P)``.
+        - Returns: ``(theta, path, losses)``: ``theta`` like ``theta0``; ``path``
+          ``(runs, steps + 1, P)`` when ``record`` (else ``None``); mean support loss per step.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"finetune: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    batched = theta0.dim() == 2
+    theta = theta0.detach().clone().requires_grad_(True)
+    opt = (torch.optim.Adam([theta], lr=lr) if optimizer == "adam"
+           else torch.optim.SGD([theta], lr=lr, momentum=0.9))
+    runs = theta.shape[0] if batched else 1
+    path = [theta.detach().clone()] if record else None
+    losses: List[float] = []
+    for _ in range(steps):
+        feats = features_with(backbone, subset, theta, support_x, shared_x=True)
+        loss = support_loss(feats, support_y, way, metric, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()) / runs)
+        if path is not None:
+            path.append(theta.detach().clone())
+    out = theta.detach()
+    if path is not None:
+        stacked = torch.stack(path, dim=-2)  # (runs, steps+1, P) or (steps+1, P)
+        return out, stacked if batched else stacked[None], losses
+    return out, None, losses

@@ -1,0 +1,248 @@
+"""HyperFlow: learn the drift of fine-tuning offline, adapt by integrating it (no backprop)."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import asdict
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._io import load_tensors, save_tensors
+from .adapted import AdaptedProtoNet
+from .checks import check_support
+from .drift import DriftNetwork, PackedDrift
+from .integrate import drift_integrate
+from .interpolate import INTERPOLATIONS
+from .params import ParamSpec, ParamSubset
+from .solvers import get_tableau
+from .task import TaskEncoder
+from .train import DriftTrainConfig, fit_normalisation, train_drift
+from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
+
+__all__ = ["HyperFlow", "fused_adapt"]
+
+logger = logging.getLogger(__name__)
+
+
+def _feature_dim(backbone: nn.Module) -> int:
+    dim = getattr(backbone, "feature_dim", None)
+    if not isinstance(dim, int):
+        raise ValueError("HyperFlow: the backbone needs an integer `feature_dim` attribute (its output size)")
+    return dim
+
+
+class HyperFlow:
+    """A trained drift network for one backbone and one choice of adapted parameters.
+
+    Args:
+        backbone: the frozen, pretrained feature extractor (not modified).
+        params: which parameters adapt: ``"bias"``, ``"head"``, ``"all"``, names, or a callable.
+        metric: ProtoNet metric, ``"cosine"`` or ``"euclidean"``.
+        scale: ProtoNet logit scale.
+        hidden: drift-network width ``H``.
+        encoder: frozen task encoder network; default: ``backbone`` itself at its pretrained values.
+        seed: seeds the drift network's initialisation and training.
+
+    Example:
+        >>> flow = HyperFlow(backbone, params="bias")
+        >>> flow.fit(episodes, tasks=200, trajectory_steps=50, interpolation="cubic")
+        >>> model = fused_adapt(backbone, support_x, support_y, flow=flow, steps=50)
+    """
+
+    def __init__(self, backbone: nn.Module, params: ParamSpec = "bias", metric: str = "cosine",
+                 scale: float = 10.0, hidden: int = 256, encoder: Optional[nn.Module] = None,
+                 seed: int = 0) -> None:
+        self.subset = ParamSubset(backbone, params)
+        self.metric, self.scale, self.seed = metric, float(scale), seed
+        self.encoder = TaskEncoder(encoder if encoder is not None else backbone, _feature_dim(backbone))
+        torch.manual_seed(seed)
+        self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=hidden)
+        self.max_rate = math.inf          # largest drift rate seen in training (for the guard)
+        self.interpolation: Optional[str] = None
+        self.trajectory_config: Optional[TrajectoryConfig] = None
+        self.history: Dict[str, List[float]] = {}
+        self._packed: Dict[Tuple[torch.dtype, torch.device], PackedDrift] = {}
+
+    # -- meta-training -------------------------------------------------------------------
+    def record(self, episodes: Iterable, tasks: int = 200, trajectory_steps: int = 50,
+               store: Optional[os.PathLike] = None, progress: bool = True, **config) -> TrajectorySet:
+        """Record fine-tuning trajectories on ``tasks`` episodes (see :func:`record_trajectories`)."""
+        cfg = TrajectoryConfig(steps=trajectory_steps, metric=self.metric, scale=self.scale, **config)
+        return record_trajectories(self._backbone, self.subset, self.encoder, episodes, tasks, cfg, store,
+                                   seed=self.seed, progress=progress)
+
+    def fit(self, episodes: Optional[Iterable] = None, tasks: int = 200, trajectory_steps: int = 50,
+            interpolation: str = "cubic", trajectories: Optional[TrajectorySet] = None,
+            val_fraction: float = 0.1, store: Optional[os.PathLike] = None,
+            train_config: DriftTrainConfig = DriftTrainConfig(), progress: bool = True,
+            **trajectory_config) -> "HyperFlow":
+        """Meta-train: record trajectories (unless given), interpolate, regress the drift.
+
+        Args:
+            episodes: iterable of ``(support_x, support_y, ...)`` with labels ``0..N-1``.
+            tasks: how many episodes to record.
+            trajectory_steps: fine-tuning steps ``K`` per trajectory.
+            interpolation: ``"linear"`` (HyperFlow-L), ``"piecewise"`` (-PL) or ``"cubic"`` (-C).
+            trajectories: reuse recorded trajectories (then ``episodes`` is not needed).
+            val_fraction: share of episodes held out for validation (best weights kept).
+            store: folder to keep trajectory chunks in (resumable).
+            train_config: drift-network optimisation settings.
+            trajectory_config: extra :class:`TrajectoryConfig` fields (``lr``, ``optimizer``, ...).
+        """
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"HyperFlow.fit: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        if trajectories is None:
+            if episodes is None:
+                raise ValueError("HyperFlow.fit: pass episodes or trajectories")
+            trajectories = self.record(episodes, tasks, trajectory_steps, store, progress, **trajectory_config)
+        if trajectories.deltas.shape[-1] != self.subset.numel:
+            raise ValueError(f"HyperFlow.fit: trajectories have {trajectories.deltas.shape[-1]} parameters, "
+                             f"this flow adapts {self.subset.numel}")
+        n_val = int(round(val_fraction * trajectories.episodes))
+        train, val = trajectories.split(n_val) if n_val > 0 else (trajectories, None)
+        self.max_rate = fit_normalisation(self.net, train)
+        self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress)
+        self.interpolation = interpolation
+        self._packed.clear()
+        return self
+
+    # -- adaptation ----------------------------------------------------------------------
+    @property
+    def _backbone(self) -> nn.Module:
+        return self.encoder.encoder
+
+    def packed(self, dtype: torch.dtype, device: torch.device) -> PackedDrift:
+        key = (dtype, device)
+        if key not in self._packed:
+            self._packed[key] = PackedDrift(*(t.to(device) for t in self.net.packed(dtype)))
+        return self._packed[key]
+
+    # -- persistence ---------------------------------------------------------------------
+    def state(self) -> Tuple[Dict[str, torch.Tensor], dict]:
+        meta = {"format": "hyperflow-drift/1", "names": self.subset.names, "numel": self.subset.numel,
+                "metric": self.metric, "scale": self.scale, "seed": self.seed, "hidden": self.net.hidden,
+                "task_dim": self.net.task_dim, "time_dim": self.net.time_dim, "task_hidden": self.net.task_hidden,
+                "max_rate": self.max_rate if math.isfinite(self.max_rate) else None,
+                "interpolation": self.interpolation}
+        return dict(self.net.state_dict()), meta
+
+    def save(self, path: os.PathLike) -> None:
+        """Write the drift network and its configuration as one safetensors file (atomically)."""
+        tensors, meta = self.state()
+        save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: os.PathLike, backbone: nn.Module, encoder: Optional[nn.Module] = None) -> "HyperFlow":
+        """Load a flow saved by :meth:`save` for ``backbone`` (no unpickling).
+
+        Raises:
+            ValueError: the file is not a HyperFlow checkpoint or does not fit ``backbone``.
+        """
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != "hyperflow-drift/1":
+            raise ValueError(f"HyperFlow.load: {path} is not a HyperFlow drift checkpoint")
+        names = dict(backbone.named_parameters())
+        missing = [n for n in meta["names"] if n not in names]
+        if missing:
+            raise ValueError(f"HyperFlow.load: the backbone lacks adapted parameters {missing[:3]}")
+        flow = cls(backbone, params=list(meta["names"]), metric=meta["metric"], scale=meta["scale"],
+                   hidden=meta["hidden"], encoder=encoder, seed=meta["seed"])
+        if flow.subset.numel != meta["numel"] or flow.encoder.dim != meta["task_dim"]:
+            raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
+                             f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")
+        flow.net = DriftNetwork(meta["numel"], meta["task_dim"], meta["hidden"], meta["time_dim"], meta["task_hidden"])
+        flow.net.load_state_dict(tensors)
+        flow.net.eval()
+        flow.max_rate = meta["max_rate"] if meta["max_rate"] is not None else math.inf
+        flow.interpolation = meta["interpolation"]
+        return flow
+
+    def __repr__(self) -> str:
+        return (f"HyperFlow(adapted={self.subset.numel}, interpolation={self.interpolation!r}, "
+                f"metric={self.metric!r}, net={self.net.extra_repr()})")
+
+
+SupportSet = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSet, flow: HyperFlow,
+                steps: int = 50, solver: str = "euler", horizon: float = 1.0, backend: Optional[str] = None,
+                guard: float = 10.0, way: Optional[int] = None
+                ) -> Union[AdaptedProtoNet, List[AdaptedProtoNet]]:
+    """Adapt ``backbone`` to a support set by integrating the learned drift — no autograd.
+
+    The drop-in replacement for a few-shot fine-tuning loop: same inputs, returns a model to call.
+    The task encoder runs once per task; integration never runs the backbone.
+
+    Args:
+        backbone: the backbone ``flow`` was trained for (left unmodified).
+        support_x: ``(shots, C, H, W)``, a stacked batch ``(tasks, shots, C, H, W)``, or a list
+            of per-task tensors (then a list of models is returned).
+        support_y: labels ``0..way-1`` matching ``support_x``.
+        flow: a fitted :class:`HyperFlow`.
+        steps: integration steps.
+        solver: ``"euler"`` (the paper), ``"heun"`` or ``"rk4"``.
+        horizon: integration time; ``1.0`` is the length of a recorded trajectory.
+        backend: ``"auto" | "triton" | "native" | "torch"``.
+        guard: a task stops (with a warning) when a step's increment is non-finite or exceeds
+            ``guard`` times the largest drift seen in training times ``dt``; ``math.inf`` disables it.
+        way: number of classes (default: ``max(label) + 1``).
+
+    Returns:
+        An :class:`AdaptedProtoNet` (batched when ``support_x`` is stacked) or a list of them.
+
+    Raises:
+        TypeError / ValueError: bad support sets (shapes, labels, empty classes, NaN, device).
+    """
+    op = "fused_adapt"
+    if not isinstance(flow, HyperFlow):
+        raise TypeError(f"{op}: flow must be a HyperFlow, got {type(flow).__name__}")
+    if flow.interpolation is None:
+        raise ValueError(f"{op}: the flow is not trained; call flow.fit(...) or HyperFlow.load(...)")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{op}: steps must be a positive int, got {steps!r}")
+    if not (math.isfinite(horizon) and horizon > 0):
+        raise ValueError(f"{op}: horizon must be finite and > 0, got {horizon}")
+    if isinstance(support_x, (list, tuple)):
+        if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
+            raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
+        ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
+        z = torch.cat([flow.encoder(sx, sy, w) for sx, sy, w in zip(support_x, support_y, ways)])
+        thetas = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard)
+        return [AdaptedProtoNet(backbone, flow.subset, th, sx, sy, w, flow.metric, flow.scale)
+                for th, sx, sy, w in zip(thetas, support_x, support_y, ways)]
+    way, batched = check_support(op, backbone, support_x, support_y, way)
+    z = flow.encoder(support_x, support_y, way)
+    theta = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard)
+    return AdaptedProtoNet(backbone, flow.subset, theta if batched else theta[0], support_x, support_y, way,
+                           flow.metric, flow.scale)
+
+
+def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
+               backend: Optional[str], guard: float) -> torch.Tensor:
+    tab = get_tableau(solver)
+    with torch.inference_mode():
+        theta_pre = flow.subset.vector(backbone)
+        dtype, device = theta_pre.dtype, theta_pre.device
+        if dtype not in (torch.float32, torch.float64):
+            dtype = torch.float32
+        net = flow.net.to(device)
+        dt = horizon / steps
+        task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
+        table = net.time_table(steps, horizon, tab, dtype)
+        limit = guard * flow.max_rate * dt if math.isfinite(guard) else math.inf
+        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=device)
+        delta, done = drift_integrate(flow.packed(dtype, device), delta0, task_bias, table, dt, solver,
+                                      limit if limit > 0 else math.inf, backend)
+        stopped = (done < steps).nonzero().flatten()
+        if stopped.numel():
+            warnings.warn(f"fused_adapt: the divergence guard stopped {stopped.numel()} task(s) early "
+                          f"(first: task {int(stopped[0])} after {int(done[stopped[0]])} of {steps} steps); "
+                          f"their last good state is returned", RuntimeWarning, stacklevel=3)
+        return (theta_pre.to(dtype) + delta).to(theta_pre.dtype)

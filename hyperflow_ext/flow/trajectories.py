@@ -1,0 +1,158 @@
+"""Recording real fine-tuning trajectories, stored on disk in chunks so training can resume.
+
+For each meta-training episode: the task embedding ``z`` (from the frozen encoder) and ``R`` runs
+of support-set fine-tuning — one from the pretrained parameters, ``R - 1`` from random
+perturbations of them — each recorded as ``θ_0 .. θ_K`` relative to the pretrained parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._io import load_tensors, save_tensors
+from .functional import OPTIMIZERS, finetune
+from .params import ParamSubset
+from .task import TaskEncoder
+
+__all__ = ["TrajectoryConfig", "TrajectorySet", "record_trajectories"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrajectoryConfig:
+    """How trajectories are recorded. ``lr`` and ``optimizer`` are those of bias tuning."""
+
+    steps: int = 50
+    perturbations: int = 3
+    perturb_scale: float = 0.5
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    metric: str = "cosine"
+    scale: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.perturbations < 0:
+            raise ValueError(f"TrajectoryConfig: steps >= 1 and perturbations >= 0 required, got {self}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrajectoryConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrajectoryConfig: lr must be > 0, got {self.lr}")
+
+    def digest(self, subset: ParamSubset, seed: int) -> str:
+        blob = json.dumps({**asdict(self), "names": subset.names, "seed": seed}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class TrajectorySet:
+    """Recorded trajectories.
+
+    Shape:
+        - deltas: ``(episodes, runs, steps + 1, P)``, ``θ − θ_pretrained``.
+        - z: ``(episodes, task_dim)``.
+    """
+
+    deltas: torch.Tensor
+    z: torch.Tensor
+
+    @property
+    def episodes(self) -> int:
+        return self.deltas.shape[0]
+
+    @property
+    def runs(self) -> int:
+        return self.deltas.shape[1]
+
+    def split(self, n_val: int) -> "tuple[TrajectorySet, TrajectorySet]":
+        """The last ``n_val`` episodes as a validation set."""
+        if not 0 < n_val < self.episodes:
+            raise ValueError(f"TrajectorySet.split: need 0 < n_val < {self.episodes}, got {n_val}")
+        return (TrajectorySet(self.deltas[:-n_val], self.z[:-n_val]),
+                TrajectorySet(self.deltas[-n_val:], self.z[-n_val:]))
+
+    @staticmethod
+    def cat(parts: List["TrajectorySet"]) -> "TrajectorySet":
+        return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]))
+
+
+def _load_chunks(store: Path, digest: str) -> List[TrajectorySet]:
+    chunks = []
+    for path in sorted(store.glob(f"traj-{digest}-*.safetensors")):
+        tensors, _ = load_tensors(path)
+        chunks.append(TrajectorySet(tensors["deltas"], tensors["z"]))
+    return chunks
+
+
+def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskEncoder,
+                        episodes: Iterable, tasks: int, config: TrajectoryConfig = TrajectoryConfig(),
+                        store: Optional[os.PathLike] = None, chunk_size: int = 32, seed: int = 0,
+                        progress: bool = True) -> TrajectorySet:
+    """Fine-tune on ``tasks`` episodes and record the paths.
+
+    Args:
+        backbone: the pretrained backbone (left unchanged).
+        subset: which parameters fine-tune.
+        encoder: frozen task encoder for ``z``.
+        episodes: iterable of ``(support_x, support_y, ...)``; the first ``tasks`` are used.
+        tasks: number of episodes.
+        config: optimizer, steps, perturbations.
+        store: folder for chunk files; chunks already there (same config and seed) are reused
+            and their episodes skipped, so an interrupted run resumes.
+        chunk_size: episodes per chunk file.
+        seed: seeds the perturbations.
+        progress: show a progress bar.
+    """
+    if tasks < 1:
+        raise ValueError(f"record_trajectories: tasks must be >= 1, got {tasks}")
+    digest = config.digest(subset, seed)
+    store_path = Path(store) if store is not None else None
+    done: List[TrajectorySet] = _load_chunks(store_path, digest) if store_path and store_path.is_dir() else []
+    have = sum(c.episodes for c in done)
+    if have:
+        logger.info("record_trajectories: resuming with %d stored episodes from %s", have, store_path)
+    theta_pre = subset.vector(backbone)
+    gen = torch.Generator().manual_seed(seed)
+    sigma = config.perturb_scale * config.lr * config.steps ** 0.5
+    pending_d: List[torch.Tensor] = []
+    pending_z: List[torch.Tensor] = []
+    bar = tqdm(total=tasks, initial=min(have, tasks), desc="trajectories", disable=not progress, unit="task")
+    for i, ep in enumerate(episodes):
+        if i >= tasks:
+            break
+        noise = torch.randn(config.perturbations, theta_pre.numel(), generator=gen) * sigma
+        if i < have:
+            continue  # stored already; the noise draw above keeps the generator in step
+        sx, sy = ep[0], ep[1]
+        way = int(sy.max()) + 1
+        starts = torch.cat([theta_pre[None], theta_pre[None] + noise.to(theta_pre)])
+        _, path, losses = finetune(backbone, subset, sx, sy, starts, config.steps, way, config.metric,
+                                   config.scale, config.optimizer, config.lr, record=True)
+        pending_d.append((path - theta_pre).float())
+        pending_z.append(encoder(sx, sy, way).float())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[0]:.3f}->{losses[-1]:.3f}")
+        if len(pending_d) == chunk_size or i == tasks - 1:
+            chunk = TrajectorySet(torch.stack(pending_d), torch.cat(pending_z))
+            if store_path is not None:
+                first = i + 1 - len(pending_d)  # chunk files are named by their first episode
+                save_tensors(store_path / f"traj-{digest}-{first:06d}.safetensors",
+                             {"deltas": chunk.deltas, "z": chunk.z}, {"config": asdict(config), "seed": seed})
+            done.append(chunk)
+            pending_d, pending_z = [], []
+    bar.close()
+    if pending_d:
+        done.append(TrajectorySet(torch.stack(pending_d), torch.cat(pending_z)))
+    result = TrajectorySet.cat(done)
+    if result.episodes < tasks:
+        raise ValueError(f"record_trajectories: the episode iterable ran out after {result.episodes} of {tasks} tasks")
+    return TrajectorySet(result.deltas[:tasks], result.z[:tasks])

@@ -1,0 +1,50 @@
+"""Measuring wall time and peak extra memory of a call (counted from tensor allocations)."""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Tuple
+
+import torch
+
+__all__ = ["peak_memory", "wall_time"]
+
+
+def peak_memory(fn: Callable[[], Any]) -> Tuple[Any, int]:
+    """Run ``fn()`` and return ``(result, peak bytes)`` of tensor memory allocated during the call.
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` above the starting level. On CPU the call
+    runs under ``torch.profiler`` with ``profile_memory=True``; every allocation and free is
+    replayed in time order and the peak of the running sum is reported (allocations attributed
+    to an op are its self memory, so nothing is counted twice).
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, max(0, torch.cuda.max_memory_allocated() - start)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = []
+    for e in prof.events():
+        amount = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if amount:
+            events.append((e.time_range.start, amount))
+    events.sort()
+    running = itertools.accumulate(a for _, a in events)
+    return out, max(0, max(running, default=0))
+
+
+def wall_time(fn: Callable[[], Any], repeat: int = 1) -> Tuple[Any, float]:
+    """``(result of the last call, median seconds per call)`` over ``repeat`` calls."""
+    times, out = [], None
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return out, times[len(times) // 2]

@@ -1,0 +1,241 @@
+"""HyperFlow: interpolants, solvers, the fused integrator, fit/save/load and fused_adapt."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import hyperflow_ext as hf
+from hyperflow_ext.flow import (INTERPOLATIONS, DriftNetwork, DriftTrainConfig, HyperFlow, Interpolant,
+                                ParamSubset, TaskEncoder, drift_integrate, drift_integrate_reference,
+                                fused_adapt, get_tableau, odeint)
+from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt
+from hyperflow_ext.models import Conv4
+
+
+# -- interpolation --------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", INTERPOLATIONS)
+def test_interpolant_derivative_matches_finite_differences(kind):
+    pts = torch.randn(4, 11, 6, dtype=torch.float64).cumsum(1)
+    path = Interpolant(pts, kind)
+    t = torch.tensor([0.013, 0.31, 0.55, 0.97], dtype=torch.float64)  # away from knots
+    _, dx = path(t)
+    eps = 1e-6
+    fd = (path(t + eps)[0] - path(t - eps)[0]) / (2 * eps)
+    torch.testing.assert_close(dx, fd, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["piecewise", "cubic"])
+def test_interpolant_passes_through_every_point(kind):
+    pts = torch.randn(2, 6, 3, dtype=torch.float64)
+    path = Interpolant(pts, kind)
+    for k in range(6):
+        x, _ = path(torch.full((2,), k / 5, dtype=torch.float64))
+        torch.testing.assert_close(x, pts[:, k])
+
+
+def test_linear_interpolant_and_cubic_is_natural():
+    pts = torch.randn(3, 8, 2, dtype=torch.float64)
+    x, dx = Interpolant(pts, "linear")(torch.full((3,), 0.25, dtype=torch.float64))
+    torch.testing.assert_close(dx, pts[:, -1] - pts[:, 0])
+    torch.testing.assert_close(x, pts[:, 0] + 0.25 * (pts[:, -1] - pts[:, 0]))
+    cubic = Interpolant(pts, "cubic")
+    assert cubic.second[:, 0].abs().max() == 0 and cubic.second[:, -1].abs().max() == 0
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Interpolant(pts, "quadratic")
+
+
+# -- solvers ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+def test_solver_order_of_accuracy(solver):
+    # dy/dt = y cos t, y(0) = 1; exact y = exp(sin t).
+    f = lambda y, t, *_: y * math.cos(t)  # noqa: E731
+    exact = math.exp(math.sin(2.0))
+    errs = []
+    for steps in (8, 16, 32):
+        y, done, _ = odeint(f, torch.ones(1, 1, dtype=torch.float64), 0.0, 2.0, steps, solver)
+        assert int(done) == steps
+        errs.append(abs(float(y) - exact))
+    orders = [math.log2(errs[i] / errs[i + 1]) for i in range(2)]
+    want = get_tableau(solver).order
+    assert all(abs(o - want) < 0.1 for o in orders), (solver, orders)
+
+
+def test_odeint_guard_keeps_last_good_state():
+    f = lambda y, t, n, s: torch.where(torch.tensor(n >= 3), torch.full_like(y, float("nan")), torch.ones_like(y))  # noqa: E731
+    y, done, _ = odeint(f, torch.zeros(2, 3), 0.0, 1.0, 10, "euler")
+    assert done.tolist() == [3, 3]
+    torch.testing.assert_close(y, torch.full((2, 3), 0.3))
+
+
+# -- fused integrator -------------------------------------------------------------------------
+def _random_drift(p=37, h=24, task_dim=5, tasks=3, steps=6, solver="euler", dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    net = DriftNetwork(p, task_dim, hidden=h).to(dtype)
+    torch.nn.init.normal_(net.out.weight, std=0.3)
+    z = torch.randn(tasks, task_dim, dtype=dtype)
+    tab = get_tableau(solver)
+    return (net.packed(dtype), torch.zeros(tasks, p, dtype=dtype), net.task_bias(z).detach().contiguous(),
+            net.time_table(steps, 1.0, tab, dtype), 1.0 / steps)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "rk4"])
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_drift_integrate_matches_network(solver, backend):
+    w, d0, tb, table, dt = _random_drift(solver=solver)
+    got, done = drift_integrate(w, d0, tb, table, dt, solver, backend=backend)
+    ref, rdone, _ = drift_integrate_reference(w, d0, tb, table, dt, solver)
+    torch.testing.assert_close(got, ref)
+    assert done.tolist() == rdone.tolist() == [6, 6, 6]
+    assert not got.requires_grad
+
+
+def test_drift_integrate_triton_matches_reference():
+    w, d0, tb, table, dt = _random_drift(p=40, h=16, tasks=2, steps=3, dtype=torch.float32)
+    got, done = drift_integrate(w, d0, tb, table, dt, "euler", backend="triton")
+    ref, _, _ = drift_integrate_reference(w, d0, tb, table, dt, "euler")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert done.tolist() == [3, 3]
+
+
+# -- end to end on a tiny backbone ------------------------------------------------------------
+def _episodes(n, way=3, shot=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(8, 1, 16, 16, generator=g)
+    for _ in range(n):
+        cls = torch.randperm(8, generator=g)[:way]
+        x = centres[cls].repeat_interleave(shot, 0) + 0.1 * torch.rand(way * shot, 1, 16, 16, generator=g)
+        yield x, torch.arange(way).repeat_interleave(shot)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    ts = flow.record(_episodes(12), tasks=12, trajectory_steps=8, progress=False, lr=5e-2)
+    flow.fit(trajectories=ts, interpolation="cubic", train_config=DriftTrainConfig(iters=60, eval_every=20),
+             progress=False)
+    return backbone, flow, ts
+
+
+def test_fit_learns_and_keeps_best(tiny):
+    _, flow, ts = tiny
+    hist = flow.history
+    assert len(hist["val"]) == 3 and min(hist["val"]) <= hist["val"][0]
+    assert sum(hist["train"][-10:]) < sum(hist["train"][:10])
+    assert ts.deltas.shape == (12, 4, 9, flow.subset.numel)
+
+
+def test_fused_adapt_no_graph_no_mutation(tiny):
+    backbone, flow, _ = tiny
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    sx, sy = next(_episodes(1, seed=5))
+    model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native")
+    logits = model(sx)
+    assert logits.shape == (6, 3) and not logits.requires_grad and model.theta.grad_fn is None
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # shares frozen tensors, owns only the adapted subset
+    assert not any(True for _ in model.parameters())
+    assert model.theta.shape == (flow.subset.numel,)
+    assert not torch.equal(model.theta, flow.subset.vector(backbone))
+
+
+def test_fused_adapt_backends_agree_and_batch(tiny):
+    backbone, flow, _ = tiny
+    eps = list(_episodes(3, seed=7))
+    sx = torch.stack([e[0] for e in eps]); sy = torch.stack([e[1] for e in eps])
+    ref = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="torch")
+    nat = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native")
+    torch.testing.assert_close(nat.theta, ref.theta, atol=1e-5, rtol=1e-5)
+    singles = [fused_adapt(backbone, x, y, flow=flow, steps=8, backend="torch") for x, y in eps]
+    for i, m in enumerate(singles):
+        torch.testing.assert_close(m.theta, ref.theta[i], atol=1e-5, rtol=1e-5)
+    assert ref(sx).shape == (3, 6, 3)
+    as_list = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=8)
+    assert len(as_list) == 3
+
+
+def test_task_embedding_is_order_invariant(tiny):
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1, seed=3))
+    z = flow.encoder(sx, sy)
+    perm = torch.randperm(sy.shape[0])
+    relabel = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(flow.encoder(sx[perm], relabel[sy[perm]]), z, atol=1e-6, rtol=1e-6)
+
+
+def test_save_load_roundtrip(tiny, tmp_path):
+    backbone, flow, _ = tiny
+    path = tmp_path / "drift.safetensors"
+    flow.save(path)
+    loaded = HyperFlow.load(path, backbone)
+    sx, sy = next(_episodes(1, seed=9))
+    a = fused_adapt(backbone, sx, sy, flow=flow, steps=4, backend="torch")
+    b = fused_adapt(backbone, sx, sy, flow=loaded, steps=4, backend="torch")
+    torch.testing.assert_close(a.theta, b.theta)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        HyperFlow.load(tmp_path / "bad.safetensors", backbone)
+    with pytest.raises(ValueError, match="was trained for|lacks adapted"):
+        HyperFlow.load(path, Conv4(hidden=16, groups=2))
+
+
+def test_guard_warns_and_returns_last_good_state(tiny):
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1, seed=2))
+    with pytest.warns(RuntimeWarning, match="divergence guard"):
+        model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, guard=1e-9, backend="native")
+    torch.testing.assert_close(model.theta, flow.subset.vector(backbone))
+
+
+def test_fused_adapt_bad_input(tiny):
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1))
+    with pytest.raises(ValueError, match="support_y must have shape"):
+        fused_adapt(backbone, sx, sy[:-1], flow=flow)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        fused_adapt(backbone, sx, sy.clone().fill_(0).index_fill_(0, torch.tensor([0]), 5), flow=flow, way=3)
+    with pytest.raises(ValueError, match="class 1 has no support example"):
+        fused_adapt(backbone, sx, torch.tensor([0, 0, 2, 2, 0, 2]), flow=flow)
+    bad = sx.clone(); bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fused_adapt(backbone, bad, sy, flow=flow)
+    with pytest.raises(ValueError, match="integer labels"):
+        fused_adapt(backbone, sx, sy.float(), flow=flow)
+    with pytest.raises(ValueError, match="is on meta"):
+        fused_adapt(backbone, sx.to("meta"), sy, flow=flow)
+    with pytest.raises(ValueError, match="steps must be"):
+        fused_adapt(backbone, sx, sy, flow=flow, steps=0)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        fused_adapt(backbone, sx, sy, flow=flow, solver="midpoint")
+    with pytest.raises(TypeError, match="flow must be a HyperFlow"):
+        fused_adapt(backbone, sx, sy, flow="drift.safetensors")
+
+
+def test_baselines_run_and_finetuning_lowers_support_loss(tiny):
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1, seed=4))
+    base = direct_transfer(backbone, sx, sy)
+    tuned = finetune_adapt(backbone, sx, sy, params="bias", steps=10, lr=5e-2)
+    ce = lambda m: torch.nn.functional.cross_entropy(m(sx), sy)  # noqa: E731
+    assert ce(tuned) < ce(base)
+    assert finetune_adapt(backbone, sx, sy, params="all", steps=2).theta.numel() == ParamSubset(backbone, "all").numel
+
+
+def test_param_subset_selection():
+    m = Conv4(hidden=8, groups=2)
+    assert all(n.endswith("bias") for n in ParamSubset(m, "bias").names)
+    head = ParamSubset(m, "head")
+    assert all(n.startswith(head.names[0].rsplit(".", 1)[0]) for n in head.names)
+    assert ParamSubset(m, lambda n, p: "features.0" in n).numel == sum(p.numel() for n, p in m.named_parameters() if "features.0" in n)
+    with pytest.raises(ValueError, match="unknown parameter names"):
+        ParamSubset(m, ["nope"])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        ParamSubset(m, lambda n, p: False)
+    vec = torch.arange(ParamSubset(m, "bias").numel, dtype=torch.float32)
+    parts = ParamSubset(m, "bias").unflatten(vec)
+    assert torch.equal(torch.cat([v.reshape(-1) for v in parts.values()]), vec)
