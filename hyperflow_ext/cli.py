@@ -52,6 +52,220 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace):
+    import torch
+
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as exc:
+        raise CLIError(f"bad --device {args.device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda requested but no CUDA device is visible")
+    return dev
+
+
+def _pretrain_kw(args: argparse.Namespace) -> dict:
+    """Keywords of load_pretrained for the backbone options (--quick: the demo's small backbone)."""
+    from .demo import DemoConfig
+
+    kw: dict = {}
+    if getattr(args, "quick", False):
+        quick = DemoConfig.quick()
+        from .data import benchmark_domains
+
+        source, _ = benchmark_domains(args.cache_dir, progress=not args.quiet)
+        kw = {"datasets": {k: source[k] for k in quick.pretrain_scripts}, "epochs": quick.pretrain_epochs}
+    if getattr(args, "epochs", None):
+        kw["epochs"] = args.epochs
+    return kw
+
+
+def _backbone(args: argparse.Namespace):
+    from .models import load_pretrained
+
+    return load_pretrained(f"{args.arch}-glyphs", cache_dir=args.cache_dir, progress=not args.quiet,
+                           seed=args.seed, device=_device(args), **_pretrain_kw(args))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .models.pretrained import pretrained_path
+
+    backbone = _backbone(args)
+    path = pretrained_path(f"{args.arch}-glyphs", cache_dir=args.cache_dir, seed=args.seed, **_pretrain_kw(args))
+    print(f"pretrained {args.arch}: {sum(p.numel() for p in backbone.parameters())} parameters -> {path}")
+    return 0
+
+
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import cache_dir
+    from .data import benchmark_domains
+    from .demo import _mixed_episodes
+    from .flow import DriftTrainConfig, HyperFlow
+
+    out = Path(args.out or "drift.safetensors")
+    backbone = _backbone(args)
+    source, _ = benchmark_domains(args.cache_dir, progress=not args.quiet)
+    flow = HyperFlow(backbone, params=args.params, seed=args.seed)
+    flow.fit(_mixed_episodes(source, args.seed, [1, 5]), tasks=args.tasks, trajectory_steps=args.steps,
+             interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
+             train_config=DriftTrainConfig(iters=args.iters), progress=not args.quiet, lr=args.lr,
+             perturbations=args.perturbations)
+    flow.save(out)
+    print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters) -> {out}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    import torch
+
+    from ._io import atomic_path
+    from .data import load_folder, load_images
+    from .flow import HyperFlow, fused_adapt
+
+    flow_path = Path(args.flow)
+    if not flow_path.is_file():
+        raise CLIError(f"--flow {flow_path}: no such file")
+    support = load_folder(args.support, image_size=args.image_size)
+    query_root = Path(args.query)
+    if query_root.is_dir() and any(p.is_dir() for p in query_root.iterdir()):
+        q = load_folder(query_root, image_size=args.image_size)
+        qx, files = q.images, q.meta["files"]
+        truth = [q.class_names[int(i)] for i in q.labels]
+    else:
+        qx, files = load_images(query_root, image_size=args.image_size)
+        truth = None
+    backbone = _backbone(args)
+    flow = HyperFlow.load(flow_path, backbone)
+    dev = _device(args)
+    model = fused_adapt(backbone, support.images.to(dev), support.labels.to(dev), flow=flow, steps=args.steps,
+                        solver=args.solver, backend=args.backend)
+    with torch.no_grad():
+        probs = model(qx.to(dev)).softmax(-1).cpu()
+    out = Path(args.out or "predictions.csv")
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "predicted_class", "probability"] + (["true_class"] if truth else []))
+        for i, f in enumerate(files):
+            k = int(probs[i].argmax())
+            w.writerow([f, support.class_names[k], f"{float(probs[i, k]):.4f}"] + ([truth[i]] if truth else []))
+    msg = f"{len(files)} predictions -> {out}"
+    if truth:
+        acc = sum(support.class_names[int(probs[i].argmax())] == truth[i] for i in range(len(files))) / len(files)
+        msg += f" (accuracy {100 * acc:.1f}% against the query folders' class names)"
+    print(msg)
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._io import save_tensors
+    from .prune import Pruner
+    from .prune.experiment import QUICK, DEFAULTS, _setup, evaluate
+
+    if not 0.0 <= args.target < 1.0:
+        raise CLIError(f"--target must lie in [0, 1), got {args.target}")
+    cfg = dict(QUICK if args.quick else DEFAULTS)
+    train, test, model = _setup(args.seed, cfg)
+    dense_acc = evaluate(model, test)
+    pruner = Pruner(model, target_sparsity=args.target)
+    pruner.fit(train, epochs=args.epochs or cfg["epochs"], regrowth_epochs=cfg["regrowth_epochs"],
+               progress=not args.quiet)
+    acc, sp = evaluate(model, test), pruner.sparsity()["overall"]
+    pruner.remove()  # plain layers holding W ⊙ m
+    out = Path(args.out or "pruned.safetensors")
+    save_tensors(out, model.state_dict(), {"task": "digits-cnn", "target": args.target, "sparsity": sp,
+                                           "accuracy": acc, "dense_accuracy": dense_acc, "seed": args.seed})
+    print(f"pruned digits CNN to {100 * sp:.2f}% sparsity: accuracy {100 * acc:.2f}% "
+          f"(dense {100 * dense_acc:.2f}%) -> {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from ._io import load_tensors
+    from .measure import wall_time
+    from .prune.experiment import DigitsCNN, digits_split
+    from .sparse import SparseConv2d, SparseLinear
+
+    path = Path(args.model or "pruned.safetensors")
+    tensors, meta = load_tensors(path)
+    if meta.get("task") != "digits-cnn":
+        raise CLIError(f"{path} is not a model written by `hyperflow prune`")
+    model = DigitsCNN()
+    model.load_state_dict(tensors)
+    model.eval()
+    sparse_model = copy.deepcopy(model)
+    for name, mod in list(sparse_model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(mod, child_name, SparseLinear.from_linear(child))
+            elif isinstance(child, torch.nn.Conv2d) and child.groups == 1:
+                setattr(mod, child_name, SparseConv2d.from_conv2d(child))
+    _, _, test_x, _ = digits_split(args.seed)
+    with torch.inference_mode():
+        agree = float((sparse_model(test_x).argmax(-1) == model(test_x).argmax(-1)).float().mean())
+        _, t_dense = wall_time(lambda: model(test_x), repeat=20)
+        _, t_sparse = wall_time(lambda: sparse_model(test_x), repeat=20)
+    print(f"exported {meta.get('sparsity', float('nan')) * 100:.2f}%-sparse model: argmax agreement "
+          f"{100 * agree:.2f}%, CPU inference {1e3 * t_dense:.2f} ms dense vs {1e3 * t_sparse:.2f} ms sparse "
+          f"({t_dense / t_sparse:.2f}x, batch {test_x.shape[0]})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    bench_dir = Path(args.path)
+    if not bench_dir.is_dir():
+        raise CLIError(f"benchmark folder {bench_dir} not found; run from a source checkout or pass --path")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "bench.json"
+        cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "--benchmark-enable",
+               "-p", "no:cacheprovider", f"--benchmark-json={report}", "-o", "addopts="]
+        if args.filter:
+            cmd += ["-k", args.filter]
+        res = subprocess.run(cmd, capture_output=args.quiet)
+        if res.returncode != 0 or not report.exists():
+            raise CLIError(f"benchmarks failed (pytest exit code {res.returncode})")
+        data = json.loads(report.read_text())
+    rows = [(b["group"] or "", b["name"], 1e3 * b["stats"]["median"],
+             ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in b["extra_info"].items()))
+            for b in data["benchmarks"]]
+    if args.out:
+        Path(args.out).write_text(json.dumps(data, indent=2))
+    width = max((len(r[1]) for r in rows), default=10)
+    print(f"{'benchmark':<{width}}  {'median ms':>10}  extra")
+    for group, name, ms, extra in rows:
+        print(f"{name:<{width}}  {ms:>10.3f}  {extra}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
+    if args.episodes:
+        cfg.episodes = args.episodes
+    report = run_demo(Path(args.out or "hyperflow-report"), cfg, cache_dir=args.cache_dir, progress=not args.quiet,
+                      command="hyperflow " + " ".join(sys.argv[1:]))
+    print(f"report -> {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperflow", description="Flow methods for PyTorch models: "
                                      "gradient-free few-shot adaptation (HyperFlow) and pruning by flow (Hyperflows).")
@@ -59,10 +273,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {}
 
-    p = sub.add_parser("info", help="version, torch, native build (CPU/CUDA), usable back-ends")
-    _common(p)
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _common(p)
+        commands[name] = fn
+        return p
+
+    p = add("info", cmd_info, "version, torch, native build (CPU/CUDA), usable back-ends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    commands["info"] = cmd_info
+
+    p = add("demo", cmd_demo, "the whole pipeline on embedded data; writes a report folder (--out, default hyperflow-report)")
+    p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 cores)")
+    p.add_argument("--episodes", type=int, default=None, help="few-shot episodes per domain and shot count")
+
+    for name, fn, text in (("pretrain", cmd_pretrain, "pretrain (or load the cached) backbone on the source scripts"),
+                           ("meta-train", cmd_meta_train, "record fine-tuning trajectories and train a drift network"),
+                           ("adapt", cmd_adapt, "adapt to a folder of support images and predict a folder of queries")):
+        p = add(name, fn, text)
+        p.add_argument("--arch", default="conv4", choices=["conv4", "resnet8", "vit_tiny"], help="backbone")
+        p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: the architecture's)")
+        p.add_argument("--quick", action="store_true", help="the small backbone of `hyperflow demo --quick`")
+        if name == "meta-train":
+            p.add_argument("--interpolation", default="cubic", choices=["linear", "piecewise", "cubic"])
+            p.add_argument("--params", default="bias", help="adapted parameters: bias, head or all")
+            p.add_argument("--tasks", type=int, default=96, help="meta-training episodes")
+            p.add_argument("--steps", type=int, default=50, help="fine-tuning steps per trajectory")
+            p.add_argument("--perturbations", type=int, default=2, help="perturbed extra runs per episode")
+            p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (Adam)")
+            p.add_argument("--iters", type=int, default=2000, help="drift-network training iterations")
+        if name == "adapt":
+            p.add_argument("--flow", required=True, help="drift network from `hyperflow meta-train`")
+            p.add_argument("--support", required=True, help="folder of class folders (the support set)")
+            p.add_argument("--query", required=True, help="folder of images, or of class folders")
+            p.add_argument("--steps", type=int, default=50, help="integration steps")
+            p.add_argument("--solver", default="euler", choices=["euler", "heun", "rk4"])
+            p.add_argument("--backend", default="auto", choices=["auto", "native", "triton", "torch"])
+            p.add_argument("--image-size", type=int, default=28)
+
+    p = add("prune", cmd_prune, "prune the embedded digits CNN with Hyperflows to a target sparsity")
+    p.add_argument("--target", type=float, default=0.98, help="target sparsity in [0, 1)")
+    p.add_argument("--epochs", type=int, default=None, help="pruning epochs")
+    p.add_argument("--quick", action="store_true", help="small budgets")
+
+    p = add("export", cmd_export, "export a pruned model to sparse kernels; check outputs and time it")
+    p.add_argument("--model", default=None, help="checkpoint from `hyperflow prune` (default pruned.safetensors)")
+
+    p = add("bench", cmd_bench, "run the pytest-benchmark suites and print a table of ratios")
+    p.add_argument("--path", default="benchmarks", help="benchmark folder (default ./benchmarks)")
+    p.add_argument("--filter", default=None, help="pytest -k expression")
 
     parser.set_defaults(_commands=commands)
     return parser
@@ -75,6 +333,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=level, format="%(message)s")
     try:
         return args._commands[args.command](args)
+    except CLIError as exc:
+        print(f"hyperflow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hyperflow: interrupted", file=sys.stderr)
         return 130

@@ -447,3 +447,27 @@ def test_load_pretrained_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="unexpected training keyword"):
         load_pretrained("conv4-glyphs", cache_dir=tmp_path, datasets=_two_domains(2), epoch=3)
     assert available_pretrained() == ["conv4-glyphs", "resnet8-glyphs", "vit_tiny-glyphs"]
+
+
+def test_load_pretrained_builds_source_domains_lazily(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def benchmark_domains(cache_dir=None, progress=True):
+        calls.append((cache_dir, progress))
+        source = dict(zip(["A", "B"], _two_domains(6)))
+        return source, {"T": _two_domains(2)[0]}
+
+    fake = types.ModuleType("hyperflow_ext.data")
+    fake.benchmark_domains = benchmark_domains
+    monkeypatch.setitem(sys.modules, "hyperflow_ext.data", fake)
+    net = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
+    assert calls == [(tmp_path, False)]
+    _, meta = load_tensors(pretrained_path("conv4-glyphs", tmp_path, **_FAST))
+    assert meta["num_classes"] == 4 and meta["num_images"] == 24
+    assert meta["config"]["data"] == "benchmark_domains"
+    again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
+    assert calls == [(tmp_path, False)]  # the cached file is used; no data is built
+    assert _state_equal(net, again)

@@ -24,36 +24,63 @@ constexpr std::int64_t kTile = 16;             // output rows per tile
 constexpr std::int64_t kColBlock = 16;         // input columns per block (masked grad input)
 constexpr std::int64_t kParallelWork = 1 << 15;
 
-// The dense operand as a row-major (features x batch) matrix: d[f * ld + b].
+// Columns of the (features x batch) operand processed per pass: every sparse row gathers whole
+// rows of it, so a pass keeps features x chunk elements hot in L2 (~1 MiB) instead of
+// streaming the full operand from L3 / memory once per nonzero.
 template <typename T>
-struct DenseT {
+std::int64_t batch_chunk(std::int64_t features, std::int64_t batch) {
+  constexpr std::int64_t kHotBytes = 1 << 20;
+  const std::int64_t step = 4 * vec_width<T>();
+  std::int64_t cw = kHotBytes / static_cast<std::int64_t>(sizeof(T)) / std::max<std::int64_t>(features, 1);
+  cw = std::max(step, cw / step * step);
+  return std::min(cw, round_up(batch, vec_width<T>()));
+}
+
+// The dense operand (features x batch) as panels of `cw` batch columns: element (f, b) at
+// d[(b / cw) * panel + f * ld + b % cw]. Packing each panel contiguously (ld = cw rounded to a
+// register) also keeps its rows from aliasing into a few L2 sets, as a 1-4 KiB stride would.
+template <typename T>
+struct Panels {
   const T* d;
-  std::int64_t ld;
+  std::int64_t ld, panel, cw, chunks;
   bool needs_copy;
 };
 
-// src element (b, f) at src[b * s_b + f * s_f]. Batch 1 or an already-transposed source is used
-// in place; otherwise the caller transposes into scratch slot 0 (inside its parallel region).
+// src element (b, f) at src[b * s_b + f * s_f]. An already-transposed source that fits one
+// panel is used in place; otherwise the caller packs into scratch slot 0 (pack_panels, inside
+// its parallel region).
 template <typename T>
-DenseT<T> plan_transpose(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features) {
-  if (batch == 1) return {src, s_f, false};
-  if (s_b == 1 && s_f >= batch) return {src, s_f, false};
-  const std::int64_t ld = round_up(batch, vec_width<T>());
-  return {scratch<T>(0, features * ld), ld, true};
+Panels<T> plan_panels(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features) {
+  const std::int64_t cw = batch_chunk<T>(features, batch), chunks = (batch + cw - 1) / cw;
+  if (chunks == 1 && s_b == 1 && s_f >= batch) return {src, s_f, 0, cw, 1, false};
+  const std::int64_t ld = round_up(std::min(cw, batch), vec_width<T>()), panel = features * ld;
+  return {scratch<T>(0, chunks * panel), ld, panel, cw, chunks, true};
+}
+
+template <typename T>
+inline void pack_panels(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features,
+                        const Panels<T>& p) {
+  cpu::transpose_into(src, batch, features, s_b, s_f, const_cast<T*>(p.d), p.ld, p.cw, p.panel);
 }
 
 // y[b, o0 + r] = tile[r * ld + b] (+ bias[o0 + r]) for r < nr, b < batch.
 template <typename T>
 inline void store_tile(const T* tile, std::int64_t ld, std::int64_t nr, std::int64_t batch, const T* bias,
                        std::int64_t o0, T* y, std::int64_t ldy) {
+#if defined(HF_SPARSE_AVX512)
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  for (std::int64_t r0 = 0; r0 < nr; r0 += W) {
+    const std::int64_t rn = nr - r0 < W ? nr - r0 : W;
+    for (std::int64_t b0 = 0; b0 < batch; b0 += W)
+      cpu::transpose_block(tile + r0 * ld + b0, ld, rn, batch - b0 < W ? batch - b0 : W, y + b0 * ldy + o0 + r0, ldy,
+                           bias ? bias + o0 + r0 : nullptr);
+  }
+#else
   for (std::int64_t b = 0; b < batch; ++b) {
     T* __restrict yr = y + b * ldy + o0;
-    if (bias) {
-      for (std::int64_t r = 0; r < nr; ++r) yr[r] = tile[r * ld + b] + bias[o0 + r];
-    } else {
-      for (std::int64_t r = 0; r < nr; ++r) yr[r] = tile[r * ld + b];
-    }
+    for (std::int64_t r = 0; r < nr; ++r) yr[r] = tile[r * ld + b] + (bias ? bias[o0 + r] : T(0));
   }
+#endif
 }
 
 }  // namespace
@@ -83,24 +110,27 @@ void masked_matmul(CpuTag, const MaskedMatmulParams& p) {
         y[o] = cpu::masked_dot(mask + o * in, w + o * p.ldw, xc, in) + (bias ? bias[o] : T(0));
       return;
     }
-    const DenseT<T> xt = plan_transpose(x, batch, p.x_sb, p.x_si, in);
-    const std::int64_t tiles = (out + kTile - 1) / kTile;
+    const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in);
+    const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
 #pragma omp parallel if (par)
     {
-      if (xt.needs_copy) cpu::transpose_into(x, batch, in, p.x_sb, p.x_si, const_cast<T*>(xt.d), xt.ld);
-      const std::int64_t ldt = round_up(batch, vec_width<T>());
+      if (xt.needs_copy) pack_panels(x, batch, p.x_sb, p.x_si, in, xt);
+      const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
       T* tile = scratch<T>(1, kTile * ldt);
       std::int32_t* idx = scratch<std::int32_t>(2, in);
       T* val = scratch<T>(3, in);
-#pragma omp for schedule(dynamic, 1)
-      for (std::int64_t t = 0; t < tiles; ++t) {
-        const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
-        for (std::int64_t r = 0; r < nr; ++r) {
-          const std::int64_t o = o0 + r;
-          const std::int64_t nnz = cpu::compact_mask_row(mask + o * in, w + o * p.ldw, in, idx, val);
-          gather_row(idx, val, nnz, xt.d, xt.ld, batch, tile + r * ldt);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (std::int64_t ch = 0; ch < chunks; ++ch) {
+        for (std::int64_t t = 0; t < tiles; ++t) {
+          const std::int64_t c0 = ch * cw, nc = std::min(cw, batch - c0);
+          const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
+          for (std::int64_t r = 0; r < nr; ++r) {
+            const std::int64_t o = o0 + r;
+            const std::int64_t nnz = cpu::compact_mask_row(mask + o * in, w + o * p.ldw, in, idx, val);
+            gather_row(idx, val, nnz, xt.d + ch * xt.panel, xt.ld, nc, tile + r * ldt);
+          }
+          store_tile(tile, ldt, nr, nc, bias, o0, y + c0 * p.ldy, p.ldy);
         }
-        store_tile(tile, ldt, nr, batch, bias, o0, y, p.ldy);
       }
     }
   });
@@ -131,18 +161,20 @@ void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
       }
       return;
     }
-    const DenseT<T> gt = plan_transpose(g, batch, p.g_sb, p.g_so, out);
-    const std::int64_t blocks = (in + kColBlock - 1) / kColBlock;
+    const Panels<T> gt = plan_panels(g, batch, p.g_sb, p.g_so, out);
+    const std::int64_t blocks = (in + kColBlock - 1) / kColBlock, cw = gt.cw, chunks = gt.chunks;
 #pragma omp parallel if (par)
     {
-      if (gt.needs_copy) cpu::transpose_into(g, batch, out, p.g_sb, p.g_so, const_cast<T*>(gt.d), gt.ld);
-      const std::int64_t ldt = round_up(batch, vec_width<T>());
+      if (gt.needs_copy) pack_panels(g, batch, p.g_sb, p.g_so, out, gt);
+      const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
       T* tile = scratch<T>(1, kColBlock * ldt);
       // Per column of the block: the rows o where it is active, and W there (a CSC slice).
       std::int32_t* idx = scratch<std::int32_t>(2, kColBlock * out);
       T* val = scratch<T>(3, kColBlock * out);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) collapse(2)
+      for (std::int64_t ch = 0; ch < chunks; ++ch)
       for (std::int64_t blk = 0; blk < blocks; ++blk) {
+        const std::int64_t c0 = ch * cw, ncols = std::min(cw, batch - c0);
         const std::int64_t i0 = blk * kColBlock, nc = std::min(kColBlock, in - i0);
         std::int64_t cnt[kColBlock] = {0};
         for (std::int64_t o = 0; o < out; ++o) {
@@ -157,8 +189,8 @@ void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
           }
         }
         for (std::int64_t k = 0; k < nc; ++k)
-          gather_row(idx + k * out, val + k * out, cnt[k], gt.d, gt.ld, batch, tile + k * ldt);
-        store_tile(tile, ldt, nc, batch, static_cast<const T*>(nullptr), i0, gx, p.ldgx);
+          gather_row(idx + k * out, val + k * out, cnt[k], gt.d + ch * gt.panel, gt.ld, ncols, tile + k * ldt);
+        store_tile(tile, ldt, nc, ncols, static_cast<const T*>(nullptr), i0, gx + c0 * p.ldgx, p.ldgx);
       }
     }
   });
@@ -186,22 +218,25 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
           y[o] = csr_row_dot(rowptr, col, val, x, p.x_si, o) + (bias ? bias[o] : T(0));
         return;
       }
-      const DenseT<T> xt = plan_transpose(x, batch, p.x_sb, p.x_si, in);
-      const std::int64_t tiles = (out + kTile - 1) / kTile;
+      const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in);
+      const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
 #pragma omp parallel if (par)
       {
-        if (xt.needs_copy) cpu::transpose_into(x, batch, in, p.x_sb, p.x_si, const_cast<T*>(xt.d), xt.ld);
-        const std::int64_t ldt = round_up(batch, vec_width<T>());
+        if (xt.needs_copy) pack_panels(x, batch, p.x_sb, p.x_si, in, xt);
+        const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
         T* tile = scratch<T>(1, kTile * ldt);
-#pragma omp for schedule(dynamic, 1)
-        for (std::int64_t t = 0; t < tiles; ++t) {
-          const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
-          for (std::int64_t r = 0; r < nr; ++r) {
-            const std::int64_t o = o0 + r;
-            const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-            gather_row(col + j0, val + j0, j1 - j0, xt.d, xt.ld, batch, tile + r * ldt);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+        for (std::int64_t ch = 0; ch < chunks; ++ch) {
+          for (std::int64_t t = 0; t < tiles; ++t) {
+            const std::int64_t c0 = ch * cw, nc = std::min(cw, batch - c0);
+            const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
+            for (std::int64_t r = 0; r < nr; ++r) {
+              const std::int64_t o = o0 + r;
+              const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
+              gather_row(col + j0, val + j0, j1 - j0, xt.d + ch * xt.panel, xt.ld, nc, tile + r * ldt);
+            }
+            store_tile(tile, ldt, nr, nc, bias, o0, y + c0 * p.ldy, p.ldy);
           }
-          store_tile(tile, ldt, nr, batch, bias, o0, y, p.ldy);
         }
       }
     });
@@ -221,16 +256,20 @@ void csr_spmm_batched(CpuTag, const CsrSpmmBatchedParams& p) {
       const T* b = ptr<const T>(p.b);
       T* out = ptr<T>(p.out);
       const std::int64_t tiles = (p.rows + kTile - 1) / kTile;
+      const std::int64_t cw = batch_chunk<T>(p.k, p.n), chunks = (p.n + cw - 1) / cw;
       const bool par = (p.nnz + p.rows) * p.n * p.batch > kParallelWork;
-#pragma omp parallel for schedule(dynamic, 1) collapse(2) if (par)
+#pragma omp parallel for schedule(dynamic, 1) collapse(3) if (par)
       for (std::int64_t s = 0; s < p.batch; ++s) {
-        for (std::int64_t t = 0; t < tiles; ++t) {
-          const T* bs = b + s * p.b_bs;
-          T* os = out + s * p.o_bs;
-          const std::int64_t r1 = std::min(p.rows, (t + 1) * kTile);
-          for (std::int64_t r = t * kTile; r < r1; ++r) {
-            const std::int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
-            gather_row(col + j0, val + j0, j1 - j0, bs, p.ldb, p.n, os + r * p.ldo);
+        for (std::int64_t ch = 0; ch < chunks; ++ch) {
+          for (std::int64_t t = 0; t < tiles; ++t) {
+            const std::int64_t c0 = ch * cw, nc = std::min(cw, p.n - c0);
+            const T* bs = b + s * p.b_bs + c0;
+            T* os = out + s * p.o_bs + c0;
+            const std::int64_t r1 = std::min(p.rows, (t + 1) * kTile);
+            for (std::int64_t r = t * kTile; r < r1; ++r) {
+              const std::int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
+              gather_row(col + j0, val + j0, j1 - j0, bs, p.ldb, nc, os + r * p.ldo);
+            }
           }
         }
       }

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #include <cmath>
 #include <cstdint>
@@ -72,10 +73,69 @@ inline DriftCoefs<T> drift_coefs(const DriftParams& p) {
   return c;
 }
 
-HF_HD float drift_exp(float v) { return expf(v); }
-HF_HD double drift_exp(double v) { return exp(v); }
+// exp(x) as a polynomial (Cephes' expf / exp): round-to-nearest range reduction by a magic
+// constant, no libm call and no branch, so the CPU loops vectorise and CUDA runs the same
+// arithmetic. Agrees with libm to about 2 ulp; overflow gives +inf, deep underflow 2^-126
+// (float) / 2^-1022 (double) times a value below 1 -- both absorbed by the 1 + exp(-x) of silu.
+HF_HD float drift_pow2i(std::int32_t n) {  // 2^n for n in [-126, 127]
+#if defined(__CUDA_ARCH__)
+  return __int_as_float((n + 127) << 23);
+#else
+  const std::int32_t bits = (n + 127) << 23;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
 
-// silu(x) = x * sigmoid(x), written as torch's CPU kernel writes it.
+HF_HD double drift_pow2i_d(std::int32_t n) {  // 2^n for n in [-1022, 1023]
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(n + 1023) << 52);
+#else
+  const std::int64_t bits = static_cast<std::int64_t>(n + 1023) << 52;
+  double f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+HF_HD float drift_exp(float x) {
+  const float hi = 88.0f, lo = -87.3365478515625f;
+  float z = x >= lo ? x : lo;  // NaN becomes lo here; silu's own x keeps it NaN
+  z = z <= hi ? z : hi;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: (v + magic) - magic rounds v to an integer
+  const float n = (z * 1.44269504088896341f + magic) - magic;
+  float r = z - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * r * r + r + 1.0f) * drift_pow2i(static_cast<std::int32_t>(n));
+  return x > hi ? HUGE_VALF : y;
+}
+
+HF_HD double drift_exp(double x) {
+  const double hi = 709.0, lo = -708.39;
+  double z = x >= lo ? x : lo;
+  z = z <= hi ? z : hi;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const double n = (z * 1.4426950408889634074 + magic) - magic;
+  double r = z - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1);
+  const double qx =
+      ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1) * rr +
+      2.00000000000000000009e0;
+  const double y = (1.0 + 2.0 * (px / (qx - px))) * drift_pow2i_d(static_cast<std::int32_t>(n));
+  return x > hi ? HUGE_VAL : y;
+}
+
+// silu(x) = x * sigmoid(x), written as torch's CPU kernel writes it: x / (1 + exp(-x)).
+// silu(-inf) = NaN and silu(NaN) = NaN, as in torch.
 template <typename T>
 HF_HD T drift_silu(T x) { return x / (T(1) + drift_exp(-x)); }
 
@@ -102,10 +162,11 @@ HF_HD T drift_increment(const T* k, std::int64_t P, const DriftCoefs<T>& c, std:
 // The divergence guard for one entry of the increment.
 template <typename T>
 HF_HD bool drift_increment_ok(T inc, T max_increment) {
+  // Non-short-circuit `&`: no branch, so the CPU guard loop vectorises.
 #if defined(__CUDA_ARCH__)
-  return isfinite(inc) && fabs(inc) <= max_increment;
+  return static_cast<bool>(isfinite(inc) & (fabs(inc) <= max_increment));
 #else
-  return std::isfinite(inc) && std::fabs(inc) <= max_increment;
+  return static_cast<bool>(std::isfinite(inc) & (std::fabs(inc) <= max_increment));
 #endif
 }
 

@@ -110,6 +110,70 @@ struct Simd<double> {
   }
 };
 
+// In-register transpose of a W x W block (W = 16 floats or 8 doubles): r[i] holds row i on
+// entry and column i on exit. Unpack / shuffle within 128-bit lanes, then two rounds of
+// 128-bit lane shuffles.
+inline void transpose_regs(__m512 r[16]) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // u[4i+k], lane L: rows 4i..4i+3 of column 4L+k
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    const __m512 a = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), b = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), d = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    r[k] = _mm512_shuffle_f32x4(a, c, 0x88);
+    r[8 + k] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    r[4 + k] = _mm512_shuffle_f32x4(b, d, 0x88);
+    r[12 + k] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+}
+
+inline void transpose_regs(__m512d r[8]) {
+  __m512d t[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // t[2i+k], lane L: rows 2i, 2i+1 of column 2L+k
+    t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int k = 0; k < 2; ++k) {
+    const __m512d a = _mm512_shuffle_f64x2(t[k], t[2 + k], 0x88), b = _mm512_shuffle_f64x2(t[k], t[2 + k], 0xDD);
+    const __m512d c = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0x88), d = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0xDD);
+    r[k] = _mm512_shuffle_f64x2(a, c, 0x88);
+    r[4 + k] = _mm512_shuffle_f64x2(a, c, 0xDD);
+    r[2 + k] = _mm512_shuffle_f64x2(b, d, 0x88);
+    r[6 + k] = _mm512_shuffle_f64x2(b, d, 0xDD);
+  }
+}
+
+// dst[c * ldd + r] = src[r * lds + c] (+ add[r] when add) for r < nr, c < nc (nr, nc <= W).
+template <typename T>
+inline void transpose_block(const T* __restrict src, std::int64_t lds, std::int64_t nr, std::int64_t nc,
+                            T* __restrict dst, std::int64_t ldd, const T* __restrict add) {
+  using S = Simd<T>;
+  constexpr int W = S::W;
+  typename S::R r[W];
+  const typename S::M cm = nc >= W ? static_cast<typename S::M>(~0u) : S::tail(nc);
+  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) r[i] = i < nr ? S::loadz(cm, src + i * lds) : S::zero();
+  transpose_regs(r);
+  const typename S::R a = add ? S::loadz(rm, add) : S::zero();
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i)
+    if (i < nc) S::store(rm, dst + i * ldd, S::add(r[i], a));
+}
+
 // out[0 : NV*W] (the last register masked by `last` when TAIL) =
 //   sum_j val[j] * d[idx[j] * ld + 0 : NV*W], with NS interleaved accumulator sets so NV*NS
 // independent FMA chains are in flight; all accumulators stay in registers.
@@ -304,19 +368,37 @@ inline std::uint32_t active_bits16(const std::uint8_t* __restrict m, std::int64_
 #endif
 }
 
-// dst[i * ld + b] = src[b * s_row + i * s_col] for b < rows, i < cols. Call inside an OpenMP
-// parallel region (work-shared over column blocks; ends with the implicit barrier).
+// dst[(b / cw) * panel + i * ld + b % cw] = src[b * s_row + i * s_col] for b < rows, i < cols:
+// the transpose of a strided (rows x cols) matrix, cut into panels of cw columns (cw a multiple
+// of the register width). Call inside an OpenMP parallel region (work-shared over column
+// blocks; ends with the implicit barrier).
 template <typename T>
 inline void transpose_into(const T* __restrict src, std::int64_t rows, std::int64_t cols, std::int64_t s_row,
-                           std::int64_t s_col, T* __restrict dst, std::int64_t ld) {
-  constexpr std::int64_t kBlock = 64;
+                           std::int64_t s_col, T* __restrict dst, std::int64_t ld, std::int64_t cw,
+                           std::int64_t panel) {
+#if defined(HF_SPARSE_AVX512)
+  if (s_col == 1) {
+    constexpr std::int64_t W = Simd<T>::W;
+    const std::int64_t cblocks = (cols + W - 1) / W;
+#pragma omp for schedule(static)
+    for (std::int64_t cb = 0; cb < cblocks; ++cb) {
+      const std::int64_t i0 = cb * W, nc = cols - i0 < W ? cols - i0 : W;
+      for (std::int64_t b0 = 0; b0 < rows; b0 += W)
+        transpose_block(src + b0 * s_row + i0, s_row, rows - b0 < W ? rows - b0 : W, nc,
+                        dst + (b0 / cw) * panel + i0 * ld + b0 % cw, ld, static_cast<const T*>(nullptr));
+    }
+    return;
+  }
+#endif
+  constexpr std::int64_t kBlock = 16;
   const std::int64_t blocks = (cols + kBlock - 1) / kBlock;
 #pragma omp for schedule(static)
   for (std::int64_t blk = 0; blk < blocks; ++blk) {
     const std::int64_t i0 = blk * kBlock, i1 = i0 + kBlock < cols ? i0 + kBlock : cols;
     for (std::int64_t b = 0; b < rows; ++b) {
       const T* __restrict s = src + b * s_row;
-      for (std::int64_t i = i0; i < i1; ++i) dst[i * ld + b] = s[i * s_col];
+      T* __restrict d = dst + (b / cw) * panel + b % cw;
+      for (std::int64_t i = i0; i < i1; ++i) d[i * ld] = s[i * s_col];
     }
   }
 }

@@ -15,7 +15,7 @@ from .benchmark import BENCHMARK_AUGMENTATIONS, SOURCE_SCRIPTS, TARGET_SCRIPTS, 
 from .dataset import ImageDataset
 from .digits import load_digits
 from .episodes import Episode, EpisodeSampler, episodes
-from .folder import IMAGE_SUFFIXES, load_folder
+from .folder import IMAGE_SUFFIXES, load_folder, load_images
 from .fonts import usable_fonts
 from .glyphs import MIN_CLASSES_PER_SCRIPT, glyph_cache_path, glyph_domains, render_glyphs
 from .scripts import SCRIPTS, Script
@@ -23,6 +23,6 @@ from .scripts import SCRIPTS, Script
 __all__ = [
     "ImageDataset", "load_digits", "render_glyphs", "glyph_domains", "glyph_cache_path",
     "benchmark_domains", "SOURCE_SCRIPTS", "TARGET_SCRIPTS", "BENCHMARK_AUGMENTATIONS",
-    "MIN_CLASSES_PER_SCRIPT", "SCRIPTS", "Script", "usable_fonts", "load_folder", "IMAGE_SUFFIXES",
+    "MIN_CLASSES_PER_SCRIPT", "SCRIPTS", "Script", "usable_fonts", "load_folder", "load_images", "IMAGE_SUFFIXES",
     "Episode", "EpisodeSampler", "episodes",
 ]

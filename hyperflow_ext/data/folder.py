@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from PIL import Image
 from ._checks import check_int
 from .dataset import ImageDataset
 
-__all__ = ["IMAGE_SUFFIXES", "load_folder"]
+__all__ = ["IMAGE_SUFFIXES", "load_folder", "load_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +94,29 @@ def _read_image(fn: str, file: Path, image_size: int) -> np.ndarray:
         raise ValueError(f"{fn}: cannot read image file {str(file)!r} "
                          f"({type(exc).__name__}: {exc})") from exc
     return np.asarray(gray, dtype=np.uint8)
+
+
+def load_images(path: os.PathLike, image_size: int = 28) -> Tuple[torch.Tensor, List[str]]:
+    """Load every image directly inside ``path`` (no class folders), sorted by file name.
+
+    Returns:
+        ``(images (n, 1, image_size, image_size) in [0, 1], file paths)``.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: ``path`` missing or not a folder.
+        ValueError: no image in the folder, or an unreadable image (named).
+    """
+    fn = "load_images"
+    image_size = check_int(fn, "image_size", image_size)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{fn}: path {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"{fn}: path {str(root)!r} must be a directory of images")
+    files = _image_files(root)
+    if not files:
+        raise ValueError(f"{fn}: folder {str(root)!r} holds no image (expected files ending in "
+                         f"{sorted(IMAGE_SUFFIXES)})")
+    arrays = [_read_image(fn, f, image_size) for f in files]
+    tensor = torch.from_numpy(np.stack(arrays)).unsqueeze(1).to(torch.float32).div_(255.0)
+    return tensor, [str(f) for f in files]

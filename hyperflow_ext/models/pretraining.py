@@ -149,7 +149,7 @@ def _warmup_cosine(total: int):
     return factor
 
 
-def pretrain(backbone: nn.Module, datasets: Any, epochs: int = 15, batch_size: int = 128,
+def pretrain(backbone: nn.Module, datasets: Any, epochs: int = 6, batch_size: int = 32,
              lr: float = 2e-3, weight_decay: float = 5e-4, head: str = "linear",
              max_shift: int = 2, label_smoothing: float = 0.0, seed: int = 0,
              progress: bool = True, device: Union[str, torch.device] = "cpu",

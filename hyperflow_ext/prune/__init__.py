@@ -1,5 +1,23 @@
-"""Hyperflows: pruning by flow. Differentiable masked layers and the fused flow step."""
+"""Hyperflows: pruning by flow. Differentiable masked layers and the fused flow step.
+
+* :class:`Pruner` — wrap a model's Linear/Conv2d layers, prune to a target sparsity (pressure
+  scheduler) or at a constant pressure, read per-weight flow, :meth:`Pruner.export` to sparse
+  kernels, :meth:`Pruner.remove` to restore plain layers.
+* :class:`MaskedLinear` / :class:`MaskedConv2d` — score-gated layers (STE scaled by 0.25).
+* :class:`PressureScheduler`, :func:`keep_trajectory` — the pressure controller.
+* :class:`PowerLaw`, :func:`fit_power_law` — ``S(γ) = c·γ^-(α0 + α1 ln γ)`` and ``pressure_for``.
+* :func:`magnitude_prune` — the global magnitude (L1) baseline with fine-tuning.
+* :func:`run_pruning_experiment`, :func:`run_power_law_study` — the embedded experiment.
+"""
 from .flow_ops import flow_step, flow_step_reference
 from .functional import masked_conv2d, masked_linear
+from .layers import MaskedConv2d, MaskedLinear
+from .magnitude import magnitude_prune
+from .power_law import PowerLaw, fit_power_law
+from .pruner import Pruner
+from .schedule import PressureScheduler, keep_trajectory
+from .experiment import run_power_law_study, run_pruning_experiment
 
-__all__ = ["flow_step", "flow_step_reference", "masked_conv2d", "masked_linear"]
+__all__ = ["flow_step", "flow_step_reference", "masked_conv2d", "masked_linear",
+           "MaskedLinear", "MaskedConv2d", "Pruner", "PressureScheduler", "keep_trajectory",
+           "PowerLaw", "fit_power_law", "magnitude_prune", "run_pruning_experiment", "run_power_law_study"]

@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._checks import FLOAT_CODES, check_tensor
 from ..sparse.masked import _masked_weight, masked_matmul, masked_matmul_grad_input, score_mask
 
 __all__ = ["masked_linear", "masked_conv2d", "STE_SCALE", "SPARSE_MAX_DENSITY"]
@@ -33,8 +34,8 @@ _Pair = Union[int, Tuple[int, int]]
 
 
 def _check_scores(op: str, weight: torch.Tensor, scores: torch.Tensor) -> None:
-    if not isinstance(scores, torch.Tensor):
-        raise TypeError(f"{op}: scores must be a torch.Tensor, got {type(scores).__name__}")
+    check_tensor(op, "weight", weight, dtypes=FLOAT_CODES)
+    check_tensor(op, "scores", scores, dtypes=FLOAT_CODES)
     if scores.shape != weight.shape:
         raise ValueError(f"{op}: scores must have the weight's shape {tuple(weight.shape)}, got {tuple(scores.shape)}")
     if scores.device != weight.device:
@@ -120,8 +121,15 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor,
     """
     _check_scores("masked_linear", weight, scores)
     _sink("masked_linear", grad_eff_sink, weight)
-    if x.dim() < 1:
-        raise ValueError(f"masked_linear: x must have at least 1 dimension, got shape {tuple(x.shape)}")
+    op = "masked_linear"
+    check_tensor(op, "x", x, dtypes=(weight.dtype,), device=weight.device)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: x must have {weight.shape[1]} columns (= in_features) in its last dimension, "
+                         f"got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(weight.shape[0],), device=weight.device)
     return _MaskedLinear.apply(x, weight, scores, bias, grad_eff_sink)
 
 
@@ -129,18 +137,19 @@ class _MaskedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, bias, stride, padding, dilation, groups, sink):
         mask, _ = score_mask(scores)
-        ctx.save_for_backward(x, weight, mask)
+        w_eff = _masked_weight(weight, mask)
+        ctx.save_for_backward(x, weight, mask, w_eff)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.sink = sink
-        return F.conv2d(x, weight * mask, bias, stride, padding, dilation, groups)
+        return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, mask = ctx.saved_tensors
+        x, weight, mask, w_eff = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         grad_x = grad_w = grad_s = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.nn.grad.conv2d_input(x.shape, weight * mask, grad_out, stride, padding, dilation, groups)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, w_eff, grad_out, stride, padding, dilation, groups)
         if ctx.sink is not None or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             G = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, stride, padding, dilation, groups)
             grad_w, grad_s = _weight_side_grads(ctx, G, weight, mask)

@@ -22,6 +22,7 @@ from torch import nn
 from .. import native
 from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
 from .csr import CSRMatrix
+from .masked import _pick_backend
 
 __all__ = ["csr_linear", "csr_linear_reference", "csr_conv2d", "csr_conv2d_reference", "SparseLinear",
            "SparseConv2d"]
@@ -80,25 +81,25 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
                          f"got shape {tuple(x.shape)}")
     _no_grad_input(op, x)
     bias = _check_bias(op, bias, out_f, weight)
-    chosen = native.resolve_backend(backend, weight.device, op, triton_ok=False)
-    lead = x.shape[:-1]
-    with torch.no_grad():
-        if chosen == "torch":
+    device = weight.device
+    if _pick_backend(backend, device, op) == "torch":
+        with torch.no_grad():
             return csr_linear_reference(x, weight, bias)
-        x2 = x.reshape(-1, in_f)
-        batch = x2.shape[0]
-        y = torch.empty((batch, out_f), dtype=x.dtype, device=x.device)
-        if weight.device.type == "cuda":
-            x2 = x2.t().contiguous().t()  # (in, batch) storage: threads over the batch read coalesced
-            mod = native.cuda_module()
-        else:
-            mod = native.cpu_module()
-        mod.csr_linear(rowptr=weight.crow_indices.data_ptr(), col=weight.col_indices.data_ptr(),
-                       val=weight.values.data_ptr(), x=x2.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
-                       y=y.data_ptr(), batch=batch, in_=in_f, out=out_f, nnz=weight.nnz, x_sb=x2.stride(0),
-                       x_si=x2.stride(1), ldy=max(1, out_f), dtype=FLOAT_CODES[weight.dtype],
-                       itype=INDEX_CODES[weight.crow_indices.dtype], stream=stream_handle(weight.device))
-    return y.reshape(*lead, out_f)
+    x2 = x.detach() if x.dim() == 2 else x.detach().reshape(-1, in_f)
+    batch = x2.shape[0]
+    y = torch.empty((batch, out_f), dtype=x.dtype, device=device)
+    if device.type == "cuda":
+        x2 = x2.t().contiguous().t()  # (in, batch) storage: threads over the batch read coalesced
+        mod = native.cuda_module()
+    else:
+        mod = native.cpu_module()
+    rowptr = weight.crow_indices
+    mod.csr_linear(rowptr=rowptr.data_ptr(), col=weight.col_indices.data_ptr(), val=weight.values.data_ptr(),
+                   x=x2.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(), batch=batch,
+                   in_=in_f, out=out_f, nnz=weight.col_indices.shape[0], x_sb=x2.stride(0), x_si=x2.stride(1),
+                   ldy=max(1, out_f), dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[rowptr.dtype],
+                   stream=stream_handle(device))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -159,7 +160,7 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: Tuple[int, int],
     if hout < 1 or wout < 1:
         raise ValueError(f"{op}: input {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with "
                          f"padding {padding} and dilation {dilation}")
-    chosen = native.resolve_backend(backend, weight.device, op, triton_ok=False)
+    chosen = _pick_backend(backend, weight.device, op)
     with torch.no_grad():
         if chosen == "torch":
             y = csr_conv2d_reference(x, weight, (kh, kw), bias, stride, padding, dilation)
@@ -196,8 +197,10 @@ class _CSRBuffers(nn.Module):
         self._csr_cache: Optional[Tuple[tuple, CSRMatrix]] = (self._csr_key(), csr)
 
     def _csr_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape)
-                     for t in (self.crow_indices, self.col_indices, self.values))
+        # Identity + in-place version of each array: any replacement or in-place edit (to(),
+        # load_state_dict, user code) changes it.
+        c, i, v = self.crow_indices, self.col_indices, self.values
+        return (id(c), c._version, id(i), i._version, id(v), v._version)
 
     def csr(self) -> CSRMatrix:
         """The weight as a validated :class:`CSRMatrix` (cached until a buffer changes)."""
@@ -209,6 +212,20 @@ class _CSRBuffers(nn.Module):
 
     def density(self) -> float:
         return self.csr().density()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Another checkpoint of the same layer usually has another nnz: adopt its arrays (on our
+        # device) instead of copying into ours; the next forward validates the new structure.
+        device = self.values.device
+        for name in ("crow_indices", "col_indices", "values", "bias"):
+            t = state_dict.get(prefix + name)
+            cur = self._buffers.get(name)
+            if isinstance(t, torch.Tensor) and (cur is None or cur.shape != t.shape):
+                dtype = self.values.dtype if name in ("values", "bias") else t.dtype
+                self._buffers[name] = t.detach().to(device=device, dtype=dtype, copy=True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 class SparseLinear(_CSRBuffers):

@@ -11,6 +11,7 @@ back-end; a ``uint8`` mask counts any nonzero byte as active.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -22,6 +23,14 @@ __all__ = ["masked_matmul", "masked_matmul_grad_input", "masked_matmul_reference
            "masked_matmul_grad_input_reference", "score_mask"]
 
 MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def _pick_backend(backend: Optional[str], device: torch.device, op: str) -> str:
+    """:func:`native.resolve_backend` with a fast path for the common call (CPU, no override):
+    these ops run per training step / inference call, where microseconds of dispatch count."""
+    if backend is None and device.type == "cpu" and "HYPERFLOW_BACKEND" not in os.environ and native.available():
+        return "native"
+    return native.resolve_backend(backend, device, op, triton_ok=False)
 
 
 def _masked_weight(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,7 +58,7 @@ def _check_weight_mask(op: str, weight: torch.Tensor, mask: torch.Tensor, device
 
 
 def _native_operands(op: str, weight: torch.Tensor, mask: torch.Tensor):
-    weight, ldw = row_major(op, "weight", weight)
+    weight, ldw = row_major(op, "weight", weight.detach())
     mask = mask.contiguous()  # an input: copied once if it is a strided view
     mod = native.cuda_module() if weight.device.type == "cuda" else native.cpu_module()
     return mod, weight, ldw, mask
@@ -89,19 +98,18 @@ def masked_matmul(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     same_dtype(op, x=x, weight=weight)
     if bias is not None:
         check_tensor(op, "bias", bias, dtypes=(x.dtype,), shape=(weight.shape[0],), device=x.device)
-    chosen = native.resolve_backend(backend, x.device, op, triton_ok=False)
-    with torch.no_grad():
-        if chosen == "torch":
+    if _pick_backend(backend, x.device, op) == "torch":
+        with torch.no_grad():
             return masked_matmul_reference(x, weight, mask, bias)
-        mod, weight, ldw, mask = _native_operands(op, weight, mask)
-        batch, (out_f, in_f) = x.shape[0], weight.shape
-        y = torch.empty((batch, out_f), dtype=x.dtype, device=x.device)
-        if bias is not None:
-            bias = bias.contiguous()  # bound to a name: alive across the call
-        bias_ptr = 0 if bias is None else bias.data_ptr()
-        mod.masked_matmul(x=x.data_ptr(), w=weight.data_ptr(), mask=mask.data_ptr(), bias=bias_ptr, y=y.data_ptr(),
-                          batch=batch, in_=in_f, out=out_f, x_sb=x.stride(0), x_si=x.stride(1), ldw=ldw,
-                          ldy=max(1, out_f), dtype=FLOAT_CODES[x.dtype], stream=stream_handle(x.device))
+    mod, weight, ldw, mask = _native_operands(op, weight, mask)
+    batch, (out_f, in_f) = x.shape[0], weight.shape
+    y = torch.empty((batch, out_f), dtype=x.dtype, device=x.device)
+    if bias is not None:
+        bias = bias.contiguous()  # bound to a name: alive across the call
+    mod.masked_matmul(x=x.data_ptr(), w=weight.data_ptr(), mask=mask.data_ptr(),
+                      bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(), batch=batch, in_=in_f, out=out_f,
+                      x_sb=x.stride(0), x_si=x.stride(1), ldw=ldw, ldy=max(1, out_f), dtype=FLOAT_CODES[x.dtype],
+                      stream=stream_handle(x.device))
     return y
 
 
@@ -125,17 +133,16 @@ def masked_matmul_grad_input(grad_out: torch.Tensor, weight: torch.Tensor, mask:
         raise ValueError(f"{op}: grad_out must have {weight.shape[0]} columns (= out_features of weight), "
                          f"got {grad_out.shape[1]}")
     same_dtype(op, grad_out=grad_out, weight=weight)
-    chosen = native.resolve_backend(backend, grad_out.device, op, triton_ok=False)
-    with torch.no_grad():
-        if chosen == "torch":
+    if _pick_backend(backend, grad_out.device, op) == "torch":
+        with torch.no_grad():
             return masked_matmul_grad_input_reference(grad_out, weight, mask)
-        mod, weight, ldw, mask = _native_operands(op, weight, mask)
-        batch, (out_f, in_f) = grad_out.shape[0], weight.shape
-        gx = torch.empty((batch, in_f), dtype=grad_out.dtype, device=grad_out.device)
-        mod.masked_matmul_grad_input(g=grad_out.data_ptr(), w=weight.data_ptr(), mask=mask.data_ptr(),
-                                     gx=gx.data_ptr(), batch=batch, in_=in_f, out=out_f, g_sb=grad_out.stride(0),
-                                     g_so=grad_out.stride(1), ldw=ldw, ldgx=max(1, in_f),
-                                     dtype=FLOAT_CODES[grad_out.dtype], stream=stream_handle(grad_out.device))
+    mod, weight, ldw, mask = _native_operands(op, weight, mask)
+    batch, (out_f, in_f) = grad_out.shape[0], weight.shape
+    gx = torch.empty((batch, in_f), dtype=grad_out.dtype, device=grad_out.device)
+    mod.masked_matmul_grad_input(g=grad_out.data_ptr(), w=weight.data_ptr(), mask=mask.data_ptr(), gx=gx.data_ptr(),
+                                 batch=batch, in_=in_f, out=out_f, g_sb=grad_out.stride(0), g_so=grad_out.stride(1),
+                                 ldw=ldw, ldgx=max(1, in_f), dtype=FLOAT_CODES[grad_out.dtype],
+                                 stream=stream_handle(grad_out.device))
     return gx
 
 
@@ -152,15 +159,14 @@ def score_mask(scores: torch.Tensor, backend: Optional[str] = None) -> Tuple[tor
     """
     op = "score_mask"
     check_tensor(op, "scores", scores, dtypes=FLOAT_CODES)
-    chosen = native.resolve_backend(backend, scores.device, op, triton_ok=False)
-    with torch.no_grad():
-        if chosen == "torch":
+    if _pick_backend(backend, scores.device, op) == "torch":
+        with torch.no_grad():
             mask = scores >= 0
             return mask, int(mask.sum())
-        scores = scores.contiguous()
-        mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
-        count = torch.empty((1,), dtype=torch.int64, device=scores.device)
-        mod = native.cuda_module() if scores.device.type == "cuda" else native.cpu_module()
-        mod.score_mask(scores=scores.data_ptr(), mask=mask.data_ptr(), count=count.data_ptr(), n=scores.numel(),
-                       dtype=FLOAT_CODES[scores.dtype], stream=stream_handle(scores.device))
-        return mask, int(count.item())
+    scores = scores.detach().contiguous()
+    mask = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    count = torch.empty((1,), dtype=torch.int64, device=scores.device)
+    mod = native.cuda_module() if scores.device.type == "cuda" else native.cpu_module()
+    mod.score_mask(scores=scores.data_ptr(), mask=mask.data_ptr(), count=count.data_ptr(), n=scores.numel(),
+                   dtype=FLOAT_CODES[scores.dtype], stream=stream_handle(scores.device))
+    return mask, int(count.item())

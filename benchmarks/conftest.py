@@ -1,0 +1,32 @@
+"""Shared benchmark plumbing: a terminal summary of the speedups that benchmarks record.
+
+A benchmark that compares a kernel with a baseline stores ``benchmark.extra_info["speedup_vs_<name>"]``
+(baseline median / kernel median, both timed interleaved in the same run); this prints them
+per group with the median and minimum over the group.
+"""
+import statistics
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not getattr(session, "benchmarks", None):
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        ratios = {k[len("speedup_vs_"):]: v for k, v in bench.extra_info.items() if k.startswith("speedup_vs_")}
+        if ratios:
+            groups.setdefault(bench.group or "(no group)", []).append((bench.name, bench.extra_info, ratios))
+    if not groups:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "speedups (baseline median / kernel median, timed interleaved)")
+    for group, rows in groups.items():
+        tr.write_line(f"[{group}]")
+        for name, info, ratios in rows:
+            kernel = info.get("kernel_median_ms")
+            cols = "  ".join(f"vs {k}: {v:6.2f}x" for k, v in ratios.items())
+            tr.write_line(f"  {name:<60} kernel {kernel:9.4f} ms  {cols}" if kernel is not None else f"  {name:<60} {cols}")
+        for key in sorted({k for _, _, r in rows for k in r}):
+            vals = [r[key] for _, _, r in rows if key in r]
+            tr.write_line(f"  -> vs {key}: median {statistics.median(vals):.2f}x, min {min(vals):.2f}x, "
+                          f"max {max(vals):.2f}x over {len(vals)} cases")

@@ -1,0 +1,212 @@
+"""The main job: the whole pipeline on embedded data, written up as a report folder.
+
+pretrain (cached) → record fine-tuning trajectories → train HyperFlow-L/-PL/-C → cross-domain
+few-shot table → loss along the flow vs fine-tuning → prune with Hyperflows (vs magnitude
+pruning) and fit the power law → export → sparse-kernel timing → ``report.md`` and PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from . import __version__, native
+from ._io import atomic_path
+from .data import EpisodeSampler, benchmark_domains
+from .flow import DriftTrainConfig, HyperFlow, fused_adapt
+from .flow.baselines import direct_transfer, finetune_adapt
+from .flow.evaluate import FewShotResult, evaluate_few_shot, summarise
+from .flow.functional import features_with, finetune, support_loss
+from .flow.integrate import drift_integrate_reference
+from .flow.solvers import get_tableau
+from .models import load_pretrained
+
+__all__ = ["DemoConfig", "run_demo"]
+
+logger = logging.getLogger("hyperflow.demo")
+
+INTERPOLATION_LABELS = {"linear": "HyperFlow-L", "piecewise": "HyperFlow-PL", "cubic": "HyperFlow-C"}
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage; :meth:`quick` gives the small version (``hyperflow demo --quick``)."""
+
+    seed: int = 0
+    pretrain_epochs: Optional[int] = None        # None: the architecture's default
+    pretrain_scripts: Optional[List[str]] = None  # None: every source script
+    traj_tasks: int = 96
+    traj_steps: int = 50
+    perturbations: int = 2
+    finetune_lr: float = 1e-2
+    drift_iters: int = 2000
+    adapt_steps: int = 50
+    episodes: int = 100
+    shots: List[int] = field(default_factory=lambda: [1, 5])
+    domains: Optional[List[str]] = None         # None: every target domain
+    loss_curve_episodes: int = 10
+    prune_quick: bool = False
+    power_law_gammas: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    kernel_sparsities: List[float] = field(default_factory=lambda: [0.9, 0.95, 0.98, 0.99])
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> "DemoConfig":
+        return cls(seed=seed, pretrain_epochs=1, pretrain_scripts=["Latin", "Greek"], traj_tasks=12, traj_steps=20,
+                   perturbations=1, drift_iters=150, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
+                   loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
+                   kernel_sparsities=[0.9, 0.98])
+
+
+class _Stages:
+    """Times each stage and logs a one-line summary when it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: Dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any], summary: Callable[[Any], str]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[name] = time.perf_counter() - t0
+        logger.info("[%s] %s (%.1f s)", name, summary(out), self.seconds[name])
+        return out
+
+
+def _mixed_episodes(domains, seed: int, shots: List[int]):
+    samplers = [EpisodeSampler(domains, way=5, shot=s, query=0, seed=seed + s).episodes() for s in shots]
+    while True:
+        for it in samplers:
+            yield next(it)
+
+
+def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig) -> Dict[str, List[float]]:
+    """Mean support loss after each step: along each HyperFlow path and along real bias tuning."""
+    curves: Dict[str, List[float]] = {}
+    name = "digits" if "digits" in domains else next(iter(domains))
+    eps = list(EpisodeSampler(domains[name], way=5, shot=5, query=0, seed=cfg.seed + 7).episodes(cfg.loss_curve_episodes))
+    any_flow = next(iter(flows.values()))
+    subset = any_flow.subset
+    theta_pre = subset.vector(backbone)
+    tab = get_tableau("euler")
+    for label, flow in list(flows.items()) + [("bias tuning (Adam)", None)]:
+        total = torch.zeros(cfg.adapt_steps + 1)
+        for ep in eps:
+            if flow is None:
+                _, path, _ = finetune(backbone, subset, ep.support_x, ep.support_y, theta_pre, cfg.adapt_steps, 5,
+                                      lr=cfg.finetune_lr, record=True)
+                states = path[0]
+            else:
+                with torch.no_grad():
+                    z = flow.encoder(ep.support_x, ep.support_y)
+                    net = flow.net
+                    table = net.time_table(cfg.adapt_steps, 1.0, tab)
+                    _, _, states = drift_integrate_reference(
+                        flow.packed(torch.float32, theta_pre.device), torch.zeros(1, subset.numel),
+                        net.task_bias(z).contiguous(), table, 1.0 / cfg.adapt_steps, "euler", return_path=True)
+                    states = theta_pre + torch.cat(states)
+            with torch.no_grad():
+                feats = features_with(backbone, subset, states, ep.support_x, shared_x=True)
+                for k in range(states.shape[0]):
+                    total[k] += float(support_loss(feats[k], ep.support_y, 5, "cosine", 10.0))
+        curves[label] = (total / len(eps)).tolist()
+    return curves
+
+
+def _kernel_speed(sparsities: List[float], seed: int) -> List[Dict[str, float]]:
+    """CSR linear kernel vs dense matmul and torch.sparse, 1024x1024, batch 32 (median of 20)."""
+    from .measure import wall_time
+    from .sparse import CSRMatrix, csr_linear
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    x = torch.randn(32, 1024, generator=g)
+    for s in sparsities:
+        w = torch.randn(1024, 1024, generator=g) * (torch.rand(1024, 1024, generator=g) >= s)
+        csr = CSRMatrix.from_dense(w)
+        ts = csr.to_torch()
+        with torch.inference_mode():
+            _, t_native = wall_time(lambda: csr_linear(x, csr), repeat=20)
+            _, t_dense = wall_time(lambda: x @ w.T, repeat=20)
+            _, t_sparse = wall_time(lambda: (ts @ x.T).T, repeat=20)
+        rows.append({"sparsity": s, "native_ms": 1e3 * t_native, "dense_ms": 1e3 * t_dense,
+                     "torch_sparse_ms": 1e3 * t_sparse, "vs_dense": t_dense / t_native,
+                     "vs_torch_sparse": t_sparse / t_native})
+    return rows
+
+
+def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progress: bool = True,
+             command: str = "") -> Path:
+    """Run every stage and write ``out/report.md`` plus plots; returns the report path."""
+    from . import report
+    from .prune.experiment import run_power_law_study, run_pruning_experiment
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    st = _Stages()
+    source, target = st.run("data", lambda: benchmark_domains(cache_dir, progress=progress),
+                            lambda d: f"{len(d[0])} source scripts, {len(d[1])} target domains")
+    if cfg.domains:
+        missing = [d for d in cfg.domains if d not in target]
+        if missing:
+            raise ValueError(f"demo: unknown target domains {missing}; available: {list(target)}")
+        target = {d: target[d] for d in cfg.domains}
+    pre_data = {k: source[k] for k in cfg.pretrain_scripts} if cfg.pretrain_scripts else None
+    train_kw = {"epochs": cfg.pretrain_epochs} if cfg.pretrain_epochs else {}
+    backbone = st.run("pretrain", lambda: load_pretrained("conv4-glyphs", cache_dir=cache_dir, progress=progress,
+                                                          datasets=pre_data, seed=cfg.seed, **train_kw),
+                      lambda b: f"conv4 backbone, {sum(p.numel() for p in b.parameters())} parameters")
+    recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
+    store = Path(cache_dir or __import__("hyperflow_ext").cache_dir()) / "trajectories"
+    trajs = st.run("trajectories", lambda: recorder.record(
+        _mixed_episodes(source, cfg.seed, cfg.shots), tasks=cfg.traj_tasks, trajectory_steps=cfg.traj_steps,
+        store=store, progress=progress, lr=cfg.finetune_lr, perturbations=cfg.perturbations),
+        lambda t: f"{t.episodes} tasks x {t.runs} runs x {cfg.traj_steps} steps, {recorder.subset.numel} biases")
+    flows: Dict[str, HyperFlow] = {}
+    for interp, label in INTERPOLATION_LABELS.items():
+        flows[label] = st.run(f"drift {label}", lambda: HyperFlow(backbone, params="bias", seed=cfg.seed).fit(
+            trajectories=trajs, interpolation=interp, progress=progress,
+            train_config=DriftTrainConfig(iters=cfg.drift_iters)),
+            lambda f: f"best validation loss {min(f.history['val']) if f.history['val'] else float('nan'):.4f}")
+        flows[label].save(out / f"drift-{interp}.safetensors")
+
+    methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
+               "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", cfg.adapt_steps, cfg.finetune_lr),
+               "full fine-tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "all", cfg.adapt_steps, 1e-3)}
+    for label, flow in flows.items():
+        methods[label] = (lambda f: lambda sx, sy: fused_adapt(backbone, sx, sy, flow=f, steps=cfg.adapt_steps))(flow)
+    results: List[FewShotResult] = st.run(
+        "few-shot", lambda: evaluate_few_shot(methods, target, shots=cfg.shots, episodes=cfg.episodes,
+                                              seed=cfg.seed, progress=progress),
+        lambda r: f"{len(r)} (method, domain, shot) cells, {cfg.episodes} episodes each")
+    pooled = summarise(results, target)
+    curves = st.run("loss curves", lambda: _loss_curves(backbone, flows, target, cfg),
+                    lambda c: "final support loss " + ", ".join(f"{k}: {v[-1]:.3f}" for k, v in c.items()))
+    pruning = st.run("pruning", lambda: run_pruning_experiment(seed=cfg.seed, quick=cfg.prune_quick, progress=progress),
+                     lambda p: "; ".join(f"{r['target']:.0%}: HF {r['hyperflows']['acc']:.3f} vs mag "
+                                         f"{r['magnitude']['acc']:.3f}" for r in p["rows"]))
+    law = st.run("power law", lambda: run_power_law_study(gammas=cfg.power_law_gammas, seed=cfg.seed,
+                                                          quick=cfg.prune_quick, progress=progress),
+                 lambda p: f"{p['law']['formula']}, held-out error {p['held_out']['error_points']:.2f} points")
+    kernels = st.run("sparse kernels", lambda: _kernel_speed(cfg.kernel_sparsities, cfg.seed),
+                     lambda k: ", ".join(f"{r['sparsity']:.0%}: {r['vs_dense']:.1f}x dense" for r in k))
+
+    meta = {"command": command or " ".join(sys.argv), "seed": cfg.seed, "config": asdict(cfg),
+            "hyperflow": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                       f"{torch.get_num_threads()} torch threads, {platform.platform()}",
+            "native": native.diagnostics(), "stage_seconds": st.seconds}
+    data = {"meta": meta, "fewshot": [dict(method=r.method, domain=r.domain, shot=r.shot, mean=r.mean, ci95=r.ci95,
+                                           median_seconds=r.median_seconds, peak_bytes=r.peak_bytes) for r in results],
+            "pooled": [dict(method=r.method, shot=r.shot, mean=r.mean, ci95=r.ci95, median_seconds=r.median_seconds,
+                            peak_bytes=r.peak_bytes) for r in pooled.values()],
+            "loss_curves": curves, "pruning": pruning, "power_law": law, "kernels": kernels}
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+    return report.write_report(out, data)
