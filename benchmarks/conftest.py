@@ -1,8 +1,9 @@
 """Shared benchmark plumbing: a terminal summary of the speedups that benchmarks record.
 
 A benchmark that compares a kernel with a baseline stores ``benchmark.extra_info["speedup_vs_<name>"]``
-(baseline median / kernel median, both timed interleaved in the same run); this prints them
-per group with the median and minimum over the group.
+(baseline median / kernel median, both timed interleaved in the same run) and optionally
+``min_speedup_vs_<name>`` (the same from the fastest rounds); this prints them per group with
+the median and minimum over the group.
 """
 import statistics
 
@@ -13,7 +14,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups = {}
     for bench in session.benchmarks:
-        ratios = {k[len("speedup_vs_"):]: v for k, v in bench.extra_info.items() if k.startswith("speedup_vs_")}
+        ratios = {}
+        for k, v in bench.extra_info.items():
+            if k.startswith("speedup_vs_"):
+                ratios[k[len("speedup_vs_"):]] = v
+            elif k.startswith("min_speedup_vs_"):
+                ratios[k[len("min_speedup_vs_"):] + " (min)"] = v
         if ratios:
             groups.setdefault(bench.group or "(no group)", []).append((bench.name, bench.extra_info, ratios))
     if not groups:
@@ -24,7 +30,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         tr.write_line(f"[{group}]")
         for name, info, ratios in rows:
             kernel = info.get("kernel_median_ms")
-            cols = "  ".join(f"vs {k}: {v:6.2f}x" for k, v in ratios.items())
+            cols = "  ".join(f"vs {k}: {v:6.2f}x" for k, v in sorted(ratios.items()))
             tr.write_line(f"  {name:<60} kernel {kernel:9.4f} ms  {cols}" if kernel is not None else f"  {name:<60} {cols}")
         for key in sorted({k for _, _, r in rows for k in r}):
             vals = [r[key] for _, _, r in rows if key in r]

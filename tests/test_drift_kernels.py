@@ -1,5 +1,8 @@
 """The fused drift integration: native (C++/CUDA) and Triton back-ends against the torch reference."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,6 +76,37 @@ def test_native_many_tasks_long_reduction(solver, dtype):
     # strips at H=40); P=1100 > the 1024-long reduction blocks.
     w, d, tb, tt = make_problem(19, 1100, 40, 3, solver, dtype)
     check_against_reference(w, d, tb, tt, 0.05, solver, "native", TOL[dtype])
+
+
+_THREADS_SCRIPT = """
+import sys
+import torch
+torch.set_num_threads({threads})  # torch and the extension share one OpenMP runtime
+sys.path.insert(0, {tests!r})
+from test_drift_kernels import make_problem, check_against_reference, explosive, scaled_rows, TOL
+from hyperflow_ext import native
+assert native.diagnostics()["openmp_threads"] == {threads}
+for solver in ("euler", "rk4"):
+    for tasks, p, h in ((1, 300, 256), (3, 1100, 40), (6, 37, 16)):
+        w, d, tb, tt = make_problem(tasks, p, h, 4, solver)
+        check_against_reference(w, d, tb, tt, 0.1, solver, "native", TOL[torch.float32])
+torch.manual_seed(0)
+w, d = explosive(37, 90.0), scaled_rows(4, 37, [1e-2, 1.0, 0.3, 1e-3])
+done = check_against_reference(w, d, torch.zeros(4, 74), torch.zeros(7, 1, 74), 0.1, "euler", "native",
+                               TOL[torch.float32], max_increment=500.0)
+assert len(set(done.tolist())) >= 3
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_native_other_thread_counts(threads):
+    # 4 threads put 1 and 3 tasks in team mode (3: several tasks sharing the row split, sizes
+    # large enough to use the team); 1 thread runs every task in one block. A subprocess, so the
+    # thread count of this one stays as it is.
+    code = _THREADS_SCRIPT.format(tests=os.path.dirname(__file__), threads=threads)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 def test_native_delta0_untouched_and_repeatable():

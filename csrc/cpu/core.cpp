@@ -3,6 +3,8 @@
 
 #include <cstring>
 
+#include "hf_sparse_cpu.h"
+
 namespace hf {
 
 void euler_axpy(CpuTag, const EulerParams& p) {
@@ -37,14 +39,10 @@ void csr_spmm(CpuTag, const CsrSpmmParams& p) {
           o[0] = csr_dot(rowptr, col, val, b, p.ldb, r, 0);
           continue;
         }
-        // Row-axpy form: each nonzero scales one row of B into the output row (unit stride).
-        for (std::int64_t c = 0; c < n; ++c) o[c] = T(0);
-        for (I j = rowptr[r]; j < rowptr[r + 1]; ++j) {
-          const T v = val[j];
-          const T* brow = b + static_cast<std::int64_t>(col[j]) * p.ldb;
-#pragma omp simd
-          for (std::int64_t c = 0; c < n; ++c) o[c] += v * brow[c];
-        }
+        // Row-combination form: the output row is sum_j val[j] * B[col[j], :], accumulated in
+        // registers a column chunk at a time (hf_sparse_cpu.h).
+        const I j0 = rowptr[r];
+        cpu::gather_row(col + j0, val + j0, static_cast<std::int64_t>(rowptr[r + 1] - j0), b, p.ldb, n, o);
       }
     });
   });

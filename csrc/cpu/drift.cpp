@@ -6,10 +6,15 @@
 // are cut into one block per thread and each thread integrates its block with no barrier.
 //
 // Mat-vec forms: one task → blocked dot products over the rows of W (four rows share each load
-// of the vector); several tasks → outer-product tiles over W transposed (a 32-row strip of W^T
-// times up to eight task vectors, the accumulators in registers), so each weight loaded serves
-// every task of the block. Both are `omp simd` loops. Scratch (the transposed weights, and
+// of the vector); several tasks → outer-product tiles over W transposed (a strip of 128 bytes
+// of W^T per reduction index times up to eight task vectors, the accumulators in registers, the
+// reduction blocked for L2), so each weight loaded serves every task of the block. All are
+// `omp simd` loops, the epilogues (bias, silu, increment) too. Scratch (the transposed weights;
 // stages x P, P, H, H per task) is allocated once per call.
+//
+// Rounding: sums run in the input dtype in a different order than torch's GEMMs, and silu uses
+// the shared polynomial exp of hf_drift.h, so results match the torch reference to float
+// rounding, not bit for bit.
 #include "hf_drift.h"
 
 #include <algorithm>
@@ -136,8 +141,8 @@ inline void matvec(const Mat<T>& m, const T* const* xs, int nx, T* tile, Epi&& e
   const std::int64_t rows = m.rows, n = m.n;
   if (nx == 1 || m.wt == nullptr) {
     constexpr int R = 16;
-    for_rows<Team>((rows + R - 1) / R, [&](std::int64_t tile) {
-      const std::int64_t r0 = tile * R;
+    for_rows<Team>((rows + R - 1) / R, [&](std::int64_t rt) {
+      const std::int64_t r0 = rt * R;
       const std::int64_t nr = std::min<std::int64_t>(R, rows - r0);
       T out[R];
       for (int t = 0; t < nx; ++t) {
@@ -170,14 +175,17 @@ inline void matvec(const Mat<T>& m, const T* const* xs, int nx, T* tile, Epi&& e
   });
 }
 
-// w (rows x n) → w^T (n x ldt), columns [rows, ldt) zero.
+// w (rows x n) → w^T (n x ldt), columns [rows, ldt) zero; 32 x 32 blocks.
 template <typename T>
 void transpose_padded(const T* w, std::int64_t rows, std::int64_t n, std::int64_t ldt, std::vector<T>& out) {
   out.assign(static_cast<std::size_t>(n * ldt), T(0));
   T* o = out.data();
-#pragma omp parallel for schedule(static) if (rows * n > (1 << 16))
-  for (std::int64_t i = 0; i < n; ++i)
-    for (std::int64_t r = 0; r < rows; ++r) o[i * ldt + r] = w[r * n + i];
+  constexpr std::int64_t K = 32;
+#pragma omp parallel for schedule(static) if (rows * n > (1 << 18))
+  for (std::int64_t i0 = 0; i0 < n; i0 += K)
+    for (std::int64_t r0 = 0; r0 < rows; r0 += K)
+      for (std::int64_t i = i0; i < std::min(n, i0 + K); ++i)
+        for (std::int64_t r = r0; r < std::min(rows, r0 + K); ++r) o[i * ldt + r] = w[r * n + i];
 }
 
 // ---- The integration -------------------------------------------------------------------------

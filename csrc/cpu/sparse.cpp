@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "hf_sparse_cpu.h"
 
@@ -105,9 +106,11 @@ void masked_matmul(CpuTag, const MaskedMatmulParams& p) {
         for (std::int64_t i = 0; i < in; ++i) buf[i] = x[i * p.x_si];
         xc = buf;
       }
-#pragma omp parallel for schedule(static, 16) if (par)
-      for (std::int64_t o = 0; o < out; ++o)
-        y[o] = cpu::masked_dot(mask + o * in, w + o * p.ldw, xc, in) + (bias ? bias[o] : T(0));
+      constexpr std::int64_t W = vec_width<T>();
+      const std::int64_t groups = (out + W - 1) / W;
+#pragma omp parallel for schedule(static, 2) if (par)
+      for (std::int64_t gi = 0; gi < groups; ++gi)
+        cpu::masked_matvec_rows(mask, w, p.ldw, xc, in, gi * W, std::min(W, out - gi * W), bias, y);
       return;
     }
     const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in);
@@ -212,6 +215,18 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
       const std::int64_t batch = p.batch, in = p.in, out = p.out;
       const bool par = (p.nnz + out) * batch > kParallelWork;
       if (batch == 1) {
+#if defined(HF_SPARSE_AVX512)
+        if constexpr (std::is_same_v<I, std::int32_t>) {
+          if (p.x_si == 1) {  // vectorised mat-vec, a register of rows at a time
+            constexpr std::int64_t W = cpu::Simd<T>::W;
+            const std::int64_t groups = (out + W - 1) / W;
+#pragma omp parallel for schedule(static, 8) if (par)
+            for (std::int64_t gi = 0; gi < groups; ++gi)
+              cpu::csr_spmv_rows(rowptr, col, val, x, gi * W, std::min(W, out - gi * W), bias, y);
+            return;
+          }
+        }
+#endif
         // Sparse matrix-vector product: the shared element body, one row per iteration.
 #pragma omp parallel for schedule(static, 64) if (par)
         for (std::int64_t o = 0; o < out; ++o)

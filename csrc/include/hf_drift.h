@@ -193,7 +193,8 @@ inline void check(const DriftParams& p) {
               std::to_string(p.hidden) + ", steps=" + std::to_string(p.steps) + ", stages=" +
               std::to_string(p.stages));
   require(p.stages <= kDriftMaxStages,
-          std::string(op) + ": at most " + std::to_string(kDriftMaxStages) + " stages, got " + std::to_string(p.stages));
+          std::string(op) + ": at most " + std::to_string(kDriftMaxStages) + " stages, got " +
+              std::to_string(p.stages));
   require(static_cast<std::int64_t>(p.a.size()) == p.stages * p.stages,
           std::string(op) + ": a must hold stages*stages = " + std::to_string(p.stages * p.stages) +
               " coefficients, got " + std::to_string(p.a.size()));

@@ -77,6 +77,11 @@ struct Simd<float> {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
     return _mm_test_epi8_mask(v, v);
   }
+  // base[idx[k]] for the lanes in m (zero elsewhere); idx lanes outside m are not read.
+  static R gather(M m, const std::int32_t* idx, const float* base) {
+    const __m512i i = _mm512_maskz_loadu_epi32(m, idx);
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, base, 4);
+  }
 };
 
 template <>
@@ -107,6 +112,10 @@ struct Simd<double> {
   static M active(const std::uint8_t* m) {
     const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m));
     return static_cast<M>(_mm_test_epi8_mask(v, v));
+  }
+  static R gather(M m, const std::int32_t* idx, const double* base) {
+    const __m256i i = _mm256_maskz_loadu_epi32(m, idx);
+    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, i, base, 8);
   }
 };
 
@@ -172,6 +181,40 @@ inline void transpose_block(const T* __restrict src, std::int64_t lds, std::int6
 #pragma GCC unroll 16
   for (int i = 0; i < W; ++i)
     if (i < nc) S::store(rm, dst + i * ldd, S::add(r[i], a));
+}
+
+// y[r0 + i] = sum_j val[j] * x[col[j]] (+ bias) for the nr <= W rows starting at r0 (CSR
+// mat-vec, int32 indices, x contiguous): each row is a few masked gathers with no
+// data-dependent branch for rows of up to W nonzeros, and the W row sums come out of one
+// register transpose instead of W horizontal reductions.
+template <typename T>
+inline void csr_spmv_rows(const std::int32_t* __restrict rowptr, const std::int32_t* __restrict col,
+                          const T* __restrict val, const T* __restrict x, std::int64_t r0, std::int64_t nr,
+                          const T* __restrict bias, T* __restrict y) {
+  using S = Simd<T>;
+  constexpr int W = S::W;
+  typename S::R acc[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) {
+    acc[i] = S::zero();
+    if (i < nr) {
+      std::int64_t j = rowptr[r0 + i];
+      const std::int64_t end = rowptr[r0 + i + 1];
+      for (; j + W <= end; j += W)
+        acc[i] = S::fma(S::load(val + j), S::gather(static_cast<typename S::M>(~0u), col + j, x), acc[i]);
+      if (j < end) {
+        const typename S::M m = S::tail(end - j);
+        acc[i] = S::fma(S::loadz(m, val + j), S::gather(m, col + j, x), acc[i]);
+      }
+    }
+  }
+  transpose_regs(acc);
+  typename S::R sum = acc[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < W; ++i) sum = S::add(sum, acc[i]);
+  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
+  if (bias) sum = S::add(sum, S::loadz(rm, bias + r0));
+  S::store(rm, y + r0, sum);
 }
 
 // out[0 : NV*W] (the last register masked by `last` when TAIL) =
@@ -240,10 +283,12 @@ inline void gather_row(const I* idx, const T* val, std::int64_t nnz, const T* d,
   if (c < ncols) gather_chunk<1, 4, true>(idx, val, nnz, d + c, ld, out + c, S::tail(ncols - c));
 }
 
-// sum_j (m[j] ? w[j] * x[j] : 0) over j < n: one masked FMA per register of columns that holds
-// any active entry (masked-out entries are never loaded). x contiguous.
+// Lane-wise partial sums of sum_j (m[j] ? w[j] * x[j] : 0) over j < n: one masked FMA per
+// register of columns that holds any active entry (masked-out entries are never loaded).
+// x contiguous.
 template <typename T>
-inline T masked_dot(const std::uint8_t* __restrict m, const T* __restrict w, const T* __restrict x, std::int64_t n) {
+inline typename Simd<T>::R masked_dot_lanes(const std::uint8_t* __restrict m, const T* __restrict w,
+                                            const T* __restrict x, std::int64_t n) {
   using S = Simd<T>;
   constexpr int V = S::W;
   typename S::R a0 = S::zero(), a1 = S::zero();
@@ -257,7 +302,28 @@ inline T masked_dot(const std::uint8_t* __restrict m, const T* __restrict w, con
     const typename S::M k = S::active(m + j, n - j >= V ? static_cast<typename S::M>(~0u) : S::tail(n - j));
     if (k) a0 = S::fma(S::loadz(k, w + j), S::loadz(k, x + j), a0);
   }
-  return S::sum(S::add(a0, a1));
+  return S::add(a0, a1);
+}
+
+// y[r0 + i] = sum over active j of w[(r0 + i) * ldw + j] * x[j] (+ bias) for nr <= W rows of a
+// masked matrix; the W row sums come out of one register transpose.
+template <typename T>
+inline void masked_matvec_rows(const std::uint8_t* __restrict mask, const T* __restrict w, std::int64_t ldw,
+                               const T* __restrict x, std::int64_t n, std::int64_t r0, std::int64_t nr,
+                               const T* __restrict bias, T* __restrict y) {
+  using S = Simd<T>;
+  constexpr int W = S::W;
+  typename S::R acc[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i)
+    acc[i] = i < nr ? masked_dot_lanes(mask + (r0 + i) * n, w + (r0 + i) * ldw, x, n) : S::zero();
+  transpose_regs(acc);
+  typename S::R sum = acc[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < W; ++i) sum = S::add(sum, acc[i]);
+  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
+  if (bias) sum = S::add(sum, S::loadz(rm, bias + r0));
+  S::store(rm, y + r0, sum);
 }
 
 // acc[c] += s * (m[c] ? w[c] : 0) for c < n (masked axpy of one weight row into acc).
@@ -308,11 +374,15 @@ inline void gather_row(const I* idx, const T* val, std::int64_t nnz, const T* d,
 }
 
 template <typename T>
-inline T masked_dot(const std::uint8_t* __restrict m, const T* __restrict w, const T* __restrict x, std::int64_t n) {
-  T acc = T(0);
-  for (std::int64_t j = 0; j < n; ++j)
-    if (m[j]) acc += w[j] * x[j];
-  return acc;
+inline void masked_matvec_rows(const std::uint8_t* __restrict mask, const T* __restrict w, std::int64_t ldw,
+                               const T* __restrict x, std::int64_t n, std::int64_t r0, std::int64_t nr,
+                               const T* __restrict bias, T* __restrict y) {
+  for (std::int64_t r = r0; r < r0 + nr; ++r) {
+    T acc = T(0);
+    for (std::int64_t j = 0; j < n; ++j)
+      if (mask[r * n + j]) acc += w[r * ldw + j] * x[j];
+    y[r] = acc + (bias ? bias[r] : T(0));
+  }
 }
 
 template <typename T>

@@ -3,6 +3,7 @@
 Architecture (``P`` adapted parameters, ``H`` hidden units)::
 
     u  = (θ − θ_0) / state_scale                       # per-parameter input normalisation
+                                                       # (z is standardised the same way)
     h1 = silu(W_in u + W_t e(t) + g(z))                # e(t): sinusoidal time features
     h2 = silu(W_mid h1 + b_mid)                        # g(z): small MLP on the task embedding
     f  = (W_out h2 + b_out) * drift_scale              # per-parameter output scale
@@ -85,6 +86,8 @@ class DriftNetwork(nn.Module):
         self.out = nn.Linear(hidden, num_params)
         self.register_buffer("state_scale", torch.ones(num_params))
         self.register_buffer("drift_scale", torch.ones(num_params))
+        self.register_buffer("task_mean", torch.zeros(task_dim))
+        self.register_buffer("task_scale", torch.ones(task_dim))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,8 +98,8 @@ class DriftNetwork(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def task_bias(self, z: torch.Tensor) -> torch.Tensor:
-        """``g(z)``: ``(tasks, task_dim)`` → ``(tasks, H)``."""
-        return self.task(z)
+        """``g(z)``: ``(tasks, task_dim)`` → ``(tasks, H)`` (``z`` standardised first)."""
+        return self.task((z - self.task_mean) / self.task_scale)
 
     def time_bias(self, t: torch.Tensor) -> torch.Tensor:
         """``W_t e(t)``: ``(...)`` → ``(..., H)``."""

@@ -60,7 +60,7 @@ class HyperFlow:
                  seed: int = 0) -> None:
         self.subset = ParamSubset(backbone, params)
         self.metric, self.scale, self.seed = metric, float(scale), seed
-        self.encoder = TaskEncoder(encoder if encoder is not None else backbone, _feature_dim(backbone))
+        self.encoder = TaskEncoder(encoder if encoder is not None else backbone, _feature_dim(backbone), self.scale)
         torch.manual_seed(seed)
         self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=hidden)
         self.max_rate = math.inf          # largest drift rate seen in training (for the guard)

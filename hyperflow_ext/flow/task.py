@@ -9,47 +9,69 @@ from torch import nn
 
 from ..models import prototypes
 
-__all__ = ["TaskEncoder"]
+__all__ = ["TaskEncoder", "ENCODER_VERSION"]
+
+ENCODER_VERSION = "stats+headgrad/2"  # part of the trajectory-store key: z changes when this does
 
 
 class TaskEncoder(nn.Module):
     """Summarises a support set with a frozen feature extractor.
 
-    ``z = [mean feature, std of the class prototypes, mean within-class std, 1/shots]`` over
-    L2-normalised features: which feature directions separate this task's classes and which
-    vary inside them. Every statistic is a mean over classes and shots, so ``z`` does not depend
-    on the order of classes or of shots.
+    With ``f_i`` the encoder's features of support example ``i``, ``p_c`` the class prototypes and
+    ``g_i`` the gradient of the cosine-ProtoNet support loss with respect to ``f_i`` (prototypes
+    held fixed; closed form, so no backward pass through any network)::
+
+        z = [mean f̂, std over classes of p̂, mean within-class std of f̂,
+             mean g, mean |g|, 1 / shots]
+
+    (``^`` = L2-normalised). The first three say which feature directions separate this task's
+    classes and which vary inside them; the gradient terms say where the loss pushes the
+    features, the signal fine-tuning follows. Every statistic is a mean over classes and shots,
+    so ``z`` does not depend on their order.
 
     Args:
         encoder: the frozen feature extractor (by default the backbone at its pretrained
-            parameters; the encoder is run once per task, never during integration).
+            parameters; run once per task, never during integration).
         feature_dim: output size of ``encoder``.
+        scale: cosine logit scale of the ProtoNet loss.
 
     Shape:
         - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
         - support_y: ``(shots,)`` or ``(tasks, shots)``.
-        - Output: ``(tasks, 3 * feature_dim + 1)``.
+        - Output: ``(tasks, 5 * feature_dim + 1)``.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0) -> None:
         super().__init__()
         self.encoder = encoder
         self.feature_dim = feature_dim
+        self.scale = scale
 
     @property
     def dim(self) -> int:
-        return 3 * self.feature_dim + 1
+        return 5 * self.feature_dim + 1
 
     @torch.no_grad()
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None) -> torch.Tensor:
         if support_x.dim() == 4:
             support_x, support_y = support_x[None], support_y[None]
         tasks, shots = support_y.shape
-        feats = F.normalize(self.encoder(support_x.flatten(0, 1)), dim=-1).unflatten(0, (tasks, shots))
+        raw = self.encoder(support_x.flatten(0, 1)).unflatten(0, (tasks, shots))
         way = int(support_y.max()) + 1 if way is None else way
-        protos = prototypes(feats, support_y, way)                         # (tasks, way, d)
+        feats = F.normalize(raw, dim=-1)
+        protos = prototypes(feats, support_y, way)                          # (tasks, way, d)
         centred = feats - torch.gather(protos, 1, support_y[..., None].expand_as(feats))
         within = centred.pow(2).mean(dim=1).sqrt()
-        per_class = shots / way
-        inv_shots = torch.full((tasks, 1), 1.0 / per_class, dtype=feats.dtype, device=feats.device)
-        return torch.cat([feats.mean(dim=1), protos.std(dim=1, unbiased=False), within, inv_shots], dim=-1)
+        grad = self._head_gradient(raw, feats, support_y, way)
+        inv_shots = torch.full((tasks, 1), way / shots, dtype=feats.dtype, device=feats.device)
+        return torch.cat([feats.mean(dim=1), protos.std(dim=1, unbiased=False), within,
+                          grad.mean(dim=1), grad.abs().mean(dim=1), inv_shots], dim=-1)
+
+    def _head_gradient(self, raw: torch.Tensor, unit: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
+        """``∂ CE(scale · cos(f_i, p_c)) / ∂ f_i`` with the prototypes held fixed: ``(tasks, shots, d)``."""
+        p_hat = F.normalize(prototypes(raw, labels, way), dim=-1)          # (tasks, way, d)
+        cos = unit @ p_hat.transpose(1, 2)                                  # (tasks, shots, way)
+        resid = torch.softmax(self.scale * cos, dim=-1) - F.one_hot(labels, way).to(cos.dtype)
+        # d cos(f, p) / d f = (p̂ - cos · f̂) / |f|
+        g = resid @ p_hat - (resid * cos).sum(-1, keepdim=True) * unit
+        return self.scale * g / raw.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -24,8 +24,8 @@ class DriftTrainConfig:
     iters: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
-    weight_decay: float = 1e-4
-    eval_every: int = 250
+    weight_decay: float = 1e-2
+    eval_every: int = 100
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_every < 1:
@@ -38,7 +38,7 @@ def _flat(ts: TrajectorySet) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_normalisation(net: DriftNetwork, ts: TrajectorySet) -> float:
-    """Set ``state_scale`` and ``drift_scale`` from the data; return the largest drift rate seen.
+    """Set the input/output/task normalisation from the data; return the largest drift rate seen.
 
     Scales are per-parameter standard deviations (floored at 1% of their mean, so parameters
     that never move do not blow up the input).
@@ -50,6 +50,10 @@ def fit_normalisation(net: DriftNetwork, ts: TrajectorySet) -> float:
     drift = rates.reshape(-1, pts.shape[-1]).pow(2).mean(dim=0).sqrt()
     net.state_scale.copy_(state.clamp_min(0.01 * float(state.mean()) + 1e-12))
     net.drift_scale.copy_(drift.clamp_min(0.01 * float(drift.mean()) + 1e-12))
+    z_std = ts.z.std(dim=0) if ts.episodes > 1 else torch.ones_like(ts.z[0])
+    net.task_mean.copy_(ts.z.mean(dim=0))
+    # A generous floor: task statistics that barely vary in training must not explode on new domains.
+    net.task_scale.copy_(z_std.clamp_min(0.1 * float(z_std.mean()) + 1e-12))
     return float(rates.abs().max())
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .._io import load_tensors, save_tensors
 from .functional import OPTIMIZERS, finetune
 from .params import ParamSubset
-from .task import TaskEncoder
+from .task import ENCODER_VERSION, TaskEncoder
 
 __all__ = ["TrajectoryConfig", "TrajectorySet", "record_trajectories"]
 
@@ -49,7 +49,8 @@ class TrajectoryConfig:
             raise ValueError(f"TrajectoryConfig: lr must be > 0, got {self.lr}")
 
     def digest(self, subset: ParamSubset, seed: int) -> str:
-        blob = json.dumps({**asdict(self), "names": subset.names, "seed": seed}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "names": subset.names, "seed": seed, "encoder": ENCODER_VERSION},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -77,7 +77,8 @@ class Conv4(nn.Module):
         self.norm = norm
         blocks = []
         for i in range(4):
-            blocks += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1, bias=True),
+            c_in = in_channels if i == 0 else hidden
+            blocks += [nn.Conv2d(c_in, hidden, 3, padding=1, bias=True),
                        _norm("Conv4", norm, hidden, groups), nn.ReLU(inplace=True),
                        nn.MaxPool2d(2)]
         self.features = nn.Sequential(*blocks)
@@ -163,11 +164,12 @@ class ResNet8(nn.Module):
         for s in self.strides:
             check_int("ResNet8", "strides[i]", s)
         self.norm, self.groups = norm, check_int("ResNet8", "groups", groups)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, self.widths[0], 3, 1, 1, bias=True),
-                                  _norm("ResNet8", norm, self.widths[0], groups), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, self.widths[0], 3, 1, 1, bias=True),
+            _norm("ResNet8", norm, self.widths[0], groups), nn.ReLU(inplace=True))
         chans = (self.widths[0],) + self.widths
-        self.stages = nn.Sequential(*[BasicBlock(chans[i], chans[i + 1], self.strides[i], norm, groups)
-                                      for i in range(3)])
+        self.stages = nn.Sequential(*[
+            BasicBlock(chans[i], chans[i + 1], self.strides[i], norm, groups) for i in range(3)])
         self.feature_dim = self.widths[-1]
         self.reset_parameters()
 

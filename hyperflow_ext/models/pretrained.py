@@ -77,9 +77,9 @@ def _config(fn: str, arch: str, datasets: Any, seed: int, backbone_kw: Mapping[s
     train.update(_ARCH_DEFAULTS.get(arch, {}))
     train.update(train_kw)
     from .. import __version__
+    data = "benchmark_domains" if datasets is None else "custom:" + _fingerprint(datasets)
     config = {"arch": arch, "backbone_kw": dict(backbone_kw), "seed": seed, "train": train,
-              "data": "benchmark_domains" if datasets is None else "custom:" + _fingerprint(datasets),
-              "version": __version__}
+              "data": data, "version": __version__}
     try:
         json.dumps(config, sort_keys=True)
     except TypeError as exc:

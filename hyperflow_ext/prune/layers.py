@@ -110,8 +110,9 @@ class MaskedLinear(_ScoredWeight):
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_features, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
             self.register_parameter("bias", None)
         self._init_scored(score_init)
         self.reset_parameters()
@@ -176,8 +177,9 @@ class MaskedConv2d(_ScoredWeight):
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((self.out_channels, self.in_channels // self.groups,
                                                 *self.kernel_size), **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
             self.register_parameter("bias", None)
         self._init_scored(score_init)
         self.reset_parameters()

@@ -42,6 +42,9 @@ __all__ = ["Pruner"]
 logger = logging.getLogger(__name__)
 
 Rule = Union[str, Type[nn.Module], Callable[[str, nn.Module], bool]]
+#: The paper's score learning rate, and the per-epoch score travel it gives on CIFAR (~390 steps).
+PAPER_SCORE_LR = 1e-3
+SCORE_TRAVEL = 0.4
 _FLOATS = (torch.float32, torch.float64)
 
 
@@ -128,7 +131,11 @@ class Pruner:
         layer_types: the prunable module types (``nn.Linear``, ``nn.Conv2d``).
         lr, momentum, weight_decay: SGD of the weights (cosine schedule over each phase).
         regrowth_lr: initial weight learning rate of the regrowth phase (default ``lr``).
-        score_lr, score_betas: Adam of the scores.
+        score_lr: Adam learning rate of the scores. ``None`` (default): the paper's ``1e-3`` when an
+            epoch has at least 400 steps, else ``0.4 / steps_per_epoch``, so that a score can
+            travel about 0.4 per epoch as in the paper's CIFAR setting (Adam moves a score by at
+            most about ``lr`` per step, and scores start in ``[0.2, 0.5]``).
+        score_betas: Adam betas of the scores.
         regrowth_score_decay: per-epoch factor of the geometric decay of the score learning rate
             during regrowth (the mask freezes as it goes to 0).
         label_smoothing: of the cross-entropy.
@@ -137,10 +144,14 @@ class Pruner:
         scheduler_step, scheduler_exponent, aggressivity, scheduler_damping: see
             :class:`~hyperflow_ext.prune.schedule.PressureScheduler` (``damping=1``: the
             authors' controller).
-        land: target mode only — at the end of the pruning phase, shift every score by one
-            common constant so that exactly the target density is active (an instantaneous
-            pressure impulse that removes the controller's residual; it re-ranks nothing). The
-            shift is logged in :attr:`landings`. Regrowth may then add a little density back.
+        land: target mode only. ``"start"`` (or ``True``): at the end of the pruning phase shift
+            every score by one common constant so that exactly the target density is active (an
+            instantaneous pressure impulse that removes the controller's residual; it re-ranks
+            nothing; logged in :attr:`landings`). ``"hold"`` (default): also, during regrowth,
+            whenever more than the target count is active after a step, shift the scores down
+            again — weights with flow still regrow, the weakest active ones make room, and the
+            run ends at the target. ``False``: the authors' behaviour (free regrowth, which on our
+            CNN ends 0.2–0.7 points below the target sparsity).
         backend: back-end of the fused flow step (``"auto" | "native" | "torch"``).
 
     Raises:
@@ -163,12 +174,12 @@ class Pruner:
                  exclude: Union[None, Rule, Iterable[Rule]] = None,
                  layer_types: Sequence[Type[nn.Module]] = (nn.Linear, nn.Conv2d),
                  lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 regrowth_lr: Optional[float] = None, score_lr: float = 1e-3,
-                 score_betas: Tuple[float, float] = (0.9, 0.999), regrowth_score_decay: float = 0.2,
+                 regrowth_lr: Optional[float] = None, score_lr: Optional[float] = None,
+                 score_betas: Tuple[float, float] = (0.9, 0.999), regrowth_score_decay: float = 0.05,
                  label_smoothing: float = 0.1, flow_decay: float = 0.9,
                  score_init: Tuple[float, float] = SCORE_INIT, scheduler_step: float = 0.2,
                  scheduler_exponent: float = 1.5, aggressivity: float = 6.0, scheduler_damping: float = 1.0,
-                 land: bool = True, backend: Optional[str] = None) -> None:
+                 land: Union[bool, str] = "hold", backend: Optional[str] = None) -> None:
         op = "Pruner"
         if not isinstance(model, nn.Module):
             raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -187,7 +198,8 @@ class Pruner:
                                                                               positive=True)
         self.momentum = _finite_number(op, "momentum", momentum, minimum=0.0)
         self.weight_decay = _finite_number(op, "weight_decay", weight_decay, minimum=0.0)
-        self.score_lr = _finite_number(op, "score_lr", score_lr, positive=True)
+        self.score_lr = None if score_lr is None else _finite_number(op, "score_lr", score_lr, positive=True)
+        self._score_lr = self.score_lr or PAPER_SCORE_LR  # the rate in use (resolved per fit)
         self.score_betas = tuple(float(b) for b in score_betas)
         self.regrowth_score_decay = _finite_number(op, "regrowth_score_decay", regrowth_score_decay, positive=True)
         if self.regrowth_score_decay > 1.0:
@@ -197,7 +209,9 @@ class Pruner:
         self.scheduler_kw = {"step": scheduler_step, "exponent": scheduler_exponent, "aggressivity": aggressivity,
                              "damping": scheduler_damping}
         self.backend = backend
-        self.land = bool(land)
+        if land not in (True, False, None, "start", "hold"):
+            raise ValueError(f"{op}: land must be True/'start', 'hold' or False/None, got {land!r}")
+        self.land = "start" if land is True else (land or None)
         self.landings: List[Dict[str, float]] = []
         self.model = model
         self.scheduler: Optional[PressureScheduler] = None
@@ -332,18 +346,24 @@ class Pruner:
         return self._layer("scores", name).scores.detach().clone()
 
     # ----------------------------------------------------------------------------- training
-    def _score_hook(self, pressure_per_score: Callable[[], float], score_lr: Callable[[int], float]):
+    def _score_hook(self, pressure_per_score: Callable[[], float], score_lr: Callable[[int], float],
+                    cap: Optional[int] = None):
         betas = self.score_betas
 
         def hook(step: int) -> None:
             self._score_step += 1
             lr, pressure = score_lr(step), pressure_per_score()
+            active = 0
             for name, m in self._layers.items():
                 st = self._state[name]
-                flow_step(m.weight.detach(), m.grad_eff, m.scores.data, m.flow, st.exp_avg, st.exp_avg_sq,
-                          step=self._score_step, pressure=pressure, lr=lr, betas=betas, flow_decay=self.flow_decay,
-                          ste_scale=STE_SCALE, grad_weight_out=st.grad_weight, mask_out=st.mask,
-                          backend=self.backend)
+                _, mask = flow_step(m.weight.detach(), m.grad_eff, m.scores.data, m.flow, st.exp_avg, st.exp_avg_sq,
+                                    step=self._score_step, pressure=pressure, lr=lr, betas=betas,
+                                    flow_decay=self.flow_decay, ste_scale=STE_SCALE, grad_weight_out=st.grad_weight,
+                                    mask_out=st.mask, backend=self.backend)
+                if cap is not None:
+                    active += int(mask.sum())
+            if cap is not None and active > cap:
+                self._shift_scores(cap)
         return hook
 
     def _zero_sinks(self, step: int) -> None:
@@ -391,6 +411,14 @@ class Pruner:
             steps_per_epoch = 0
         if self.target_sparsity is not None and epochs > 0:
             self.scheduler = PressureScheduler(self.target_sparsity, epochs, **self.scheduler_kw)
+        if self.score_lr is None:
+            self._score_lr = max(PAPER_SCORE_LR, SCORE_TRAVEL / steps_per_epoch) if steps_per_epoch else PAPER_SCORE_LR
+        elif epochs and steps_per_epoch and self.score_lr * steps_per_epoch < 0.1:
+            logger.warning("Pruner.fit: with score_lr=%g and %d steps per epoch a score moves at most %.3g per "
+                           "epoch, but scores start in [%.2g, %.2g]: pruning will lag the schedule; consider "
+                           "score_lr >= %.2g (or None)", self.score_lr, steps_per_epoch,
+                           self.score_lr * steps_per_epoch, *next(iter(self._layers.values())).score_init,
+                           SCORE_TRAVEL / steps_per_epoch)
         for m in self._layers.values():
             m.track_grad_eff(True)
         records: List[Dict[str, Any]] = []
@@ -414,17 +442,24 @@ class Pruner:
         return records
 
     @torch.no_grad()
-    def _land(self, target_density: float) -> None:
-        """Shift all scores by one constant so that ``round(target_density·N)`` are ``>= 0``."""
+    def _shift_scores(self, keep: int) -> float:
+        """Subtract one constant from every score so that ``keep`` of them are ``>= 0``; returns it."""
         flat = torch.cat([m.scores.detach().reshape(-1) for m in self._layers.values()])
-        keep = int(round(target_density * flat.numel()))
-        before = self.density()
         if keep <= 0:
             shift = float(flat.max()) + 1e-6  # everything pruned
         else:
             shift = float(torch.kthvalue(flat.cpu(), flat.numel() - keep + 1).values)
         for m in self._layers.values():
             m.scores.sub_(shift)
+        return shift
+
+    def _keep_count(self) -> int:
+        return int(round((1.0 - float(self.target_sparsity)) * self.num_scores))
+
+    def _land(self, target_density: float) -> None:
+        """Shift all scores by one constant so that ``round(target_density·N)`` are ``>= 0``."""
+        before = self.density()
+        shift = self._shift_scores(int(round(target_density * self.num_scores)))
         rec = {"shift": shift, "density_before": before, "density_after": self.density()}
         self.landings.append(rec)
         if abs(rec["density_after"] - before) > 0.02:
@@ -437,9 +472,8 @@ class Pruner:
         base_lr = self.regrowth_lr if regrow else self.lr
         optimizer = torch.optim.SGD(self._weight_params(), lr=base_lr, momentum=self.momentum,
                                     weight_decay=self.weight_decay)
-        if regrow:  # learning rates reset: fresh weight momentum and fresh score moments
-            self._reset_score_optimizer()
-            self.gamma = 0.0
+        if regrow:  # learning rates reset (fresh weight optimiser); the score moments are kept, so the
+            self.gamma = 0.0  # scores do not all take a full-size first Adam step around the threshold
         elif self.pressure is not None:
             self.gamma = self.pressure
         total = steps_per_epoch * n_epochs
@@ -450,11 +484,12 @@ class Pruner:
 
         def score_lr(step: int) -> float:
             if not regrow:
-                return self.score_lr
+                return self._score_lr
             per_epoch = steps_per_epoch or 1
-            return self.score_lr * self.regrowth_score_decay ** (step / per_epoch)
+            return self._score_lr * self.regrowth_score_decay ** (step / per_epoch)
 
-        hook = self._score_hook(lambda: self.gamma / self.num_scores, score_lr)
+        cap = self._keep_count() if regrow and self.land == "hold" and self.target_sparsity is not None else None
+        hook = self._score_hook(lambda: self.gamma / self.num_scores, score_lr, cap)
         out, step = [], 0
         for e in range(n_epochs):
             if self.scheduler is not None and not regrow:

@@ -11,11 +11,10 @@ Two pieces:
   by ``step + inertia_up`` (``inertia_up`` growing by ``step/4`` per consecutive rise); otherwise it
   falls by ``step + inertia_down`` (same growth), never below 0.
 
-  Our addition (``damping``): each change of direction multiplies the base step by ``damping``,
-  so the controller settles on the trajectory instead of oscillating around it — with a per-epoch
-  controller the authors' fixed step of 0.2 overshoots by several points when the needed
-  pressure is small (``γ ≈ 0.1`` for 90% on our CNN, while one step of ``g`` already gives
-  0.09). ``damping=1`` is the authors' controller.
+  Optional addition (``damping < 1``): each change of direction multiplies the base step by
+  ``damping`` (the inertia still grows by ``step/4``), so the controller settles instead of
+  oscillating when the needed pressure is small compared with one step of ``g``. The default
+  ``damping=1`` is the authors' controller.
 """
 from __future__ import annotations
 
@@ -118,7 +117,7 @@ class PressureScheduler:
     """
 
     def __init__(self, target_sparsity: float, epochs: int, step: float = 0.2, exponent: float = 1.5,
-                 aggressivity: float = 6.0, damping: float = 0.5) -> None:
+                 aggressivity: float = 6.0, damping: float = 1.0) -> None:
         op = "PressureScheduler"
         self.target_sparsity = _check_fraction(op, "target_sparsity", target_sparsity, closed_low=True)
         self.epochs = _positive_int(op, "epochs", epochs)

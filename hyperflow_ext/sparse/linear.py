@@ -75,31 +75,36 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
     if not isinstance(weight, CSRMatrix):
         raise TypeError(f"{op}: weight must be a CSRMatrix, got {type(weight).__name__}")
     out_f, in_f = weight.shape
-    check_tensor(op, "x", x, dtypes=(weight.dtype,), device=weight.device)
-    if x.dim() < 1 or x.shape[-1] != in_f:
+    values = weight.values
+    device = values.device
+    if not (isinstance(x, torch.Tensor) and x.dtype == values.dtype and x.device == device
+            and x.layout == torch.strided):
+        check_tensor(op, "x", x, dtypes=(values.dtype,), device=device)  # raises the precise error
+    ndim = x.dim()
+    if ndim < 1 or x.shape[-1] != in_f:
         raise ValueError(f"{op}: x must have {in_f} features in its last dimension (= columns of the weight), "
                          f"got shape {tuple(x.shape)}")
-    _no_grad_input(op, x)
-    bias = _check_bias(op, bias, out_f, weight)
-    device = weight.device
+    if x.requires_grad:
+        _no_grad_input(op, x)
+    if bias is not None:
+        bias = _check_bias(op, bias, out_f, weight)
     if _pick_backend(backend, device, op) == "torch":
         with torch.no_grad():
             return csr_linear_reference(x, weight, bias)
-    x2 = x.detach() if x.dim() == 2 else x.detach().reshape(-1, in_f)
+    x2 = x if ndim == 2 else x.reshape(-1, in_f)
     batch = x2.shape[0]
-    y = torch.empty((batch, out_f), dtype=x.dtype, device=device)
+    y = torch.empty((batch, out_f), dtype=values.dtype, device=device)
     if device.type == "cuda":
         x2 = x2.t().contiguous().t()  # (in, batch) storage: threads over the batch read coalesced
-        mod = native.cuda_module()
+        mod, stream = native.cuda_module(), stream_handle(device)
     else:
-        mod = native.cpu_module()
-    rowptr = weight.crow_indices
-    mod.csr_linear(rowptr=rowptr.data_ptr(), col=weight.col_indices.data_ptr(), val=weight.values.data_ptr(),
-                   x=x2.data_ptr(), bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(), batch=batch,
-                   in_=in_f, out=out_f, nnz=weight.col_indices.shape[0], x_sb=x2.stride(0), x_si=x2.stride(1),
-                   ldy=max(1, out_f), dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[rowptr.dtype],
-                   stream=stream_handle(device))
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+        mod, stream = native.cpu_module(), 0
+    rowptr, col = weight.crow_indices, weight.col_indices
+    mod.csr_linear(rowptr=rowptr.data_ptr(), col=col.data_ptr(), val=values.data_ptr(), x=x2.data_ptr(),
+                   bias=0 if bias is None else bias.data_ptr(), y=y.data_ptr(), batch=batch, in_=in_f, out=out_f,
+                   nnz=col.shape[0], x_sb=x2.stride(0), x_si=x2.stride(1), ldy=max(1, out_f),
+                   dtype=FLOAT_CODES[values.dtype], itype=INDEX_CODES[rowptr.dtype], stream=stream)
+    return y if ndim == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 def _conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:

@@ -25,10 +25,13 @@ __all__ = ["masked_matmul", "masked_matmul_grad_input", "masked_matmul_reference
 MASK_DTYPES = (torch.bool, torch.uint8)
 
 
+_ENV = "HYPERFLOW_BACKEND"
+
+
 def _pick_backend(backend: Optional[str], device: torch.device, op: str) -> str:
     """:func:`native.resolve_backend` with a fast path for the common call (CPU, no override):
     these ops run per training step / inference call, where microseconds of dispatch count."""
-    if backend is None and device.type == "cpu" and "HYPERFLOW_BACKEND" not in os.environ and native.available():
+    if backend is None and device.type == "cpu" and _ENV not in os.environ and native.available():
         return "native"
     return native.resolve_backend(backend, device, op, triton_ok=False)
 
