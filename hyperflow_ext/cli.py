@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", type=int, default=50, help="fine-tuning steps per trajectory")
             p.add_argument("--perturbations", type=int, default=2, help="perturbed extra runs per episode")
             p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (Adam)")
-            p.add_argument("--iters", type=int, default=2000, help="drift-network training iterations")
+            p.add_argument("--iters", type=int, default=600, help="drift-network training iterations")
         if name == "adapt":
             p.add_argument("--flow", required=True, help="drift network from `hyperflow meta-train`")
             p.add_argument("--support", required=True, help="folder of class folders (the support set)")

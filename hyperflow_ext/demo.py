@@ -46,11 +46,11 @@ class DemoConfig:
     traj_steps: int = 50
     perturbations: int = 2
     finetune_lr: float = 1e-2
-    drift_iters: int = 2000
+    drift_iters: int = 600
     adapt_steps: int = 50
-    episodes: int = 100
+    episodes: int = 40
     shots: List[int] = field(default_factory=lambda: [1, 5])
-    domains: Optional[List[str]] = None         # None: every target domain
+    domains: Optional[List[str]] = field(default_factory=lambda: ["Arabic", "Hebrew", "Lao", "digits"])
     loss_curve_episodes: int = 10
     prune_quick: bool = False
     power_law_gammas: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
@@ -58,8 +58,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
-        return cls(seed=seed, pretrain_epochs=1, pretrain_scripts=["Latin", "Greek"], traj_tasks=12, traj_steps=20,
-                   perturbations=1, drift_iters=150, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
+        return cls(seed=seed, pretrain_epochs=1, pretrain_scripts=["Latin", "Greek"], traj_tasks=8, traj_steps=20,
+                   perturbations=1, drift_iters=100, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
                    kernel_sparsities=[0.9, 0.98])
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Tuple
+import statistics
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["peak_memory", "wall_time"]
+__all__ = ["peak_memory", "wall_time", "interleaved_medians"]
 
 
 def peak_memory(fn: Callable[[], Any]) -> Tuple[Any, int]:
@@ -48,3 +49,21 @@ def wall_time(fn: Callable[[], Any], repeat: int = 1) -> Tuple[Any, float]:
         times.append(time.perf_counter() - t0)
     times.sort()
     return out, times[len(times) // 2]
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], rounds: int = 7, warmup: int = 1) -> List[float]:
+    """Median seconds of each callable, timed round-robin so that all see the same machine load.
+
+    This is how benchmarks report a ratio against a baseline from the same run on a noisy,
+    shared machine.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for _ in range(max(1, rounds)):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]

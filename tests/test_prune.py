@@ -145,6 +145,22 @@ def test_bad_inputs_raise_clear_errors():
         Pruner(mlp(), pressure=-1.0)
 
 
+def test_fit_argument_errors_and_default_score_lr():
+    x, y = blobs(n=64)
+    p = Pruner(mlp(), pressure=0.5)
+    loader = TensorLoader(x, y, 16)
+    with pytest.raises(ValueError, match="epochs"):
+        p.fit(loader, epochs=-1)
+    with pytest.raises(ValueError, match=">= 1"):
+        p.fit(loader, epochs=0, regrowth_epochs=0)
+    with pytest.raises(TypeError, match="int"):
+        p.fit(loader, epochs=1.5)
+    with pytest.raises(TypeError, match="pairs"):
+        p.fit([torch.randn(4, 16)], epochs=1, progress=False)
+    hist = p.fit(loader, epochs=1, progress=False)
+    assert hist[0]["score_lr"] == pytest.approx(0.4 / 4)  # short epochs: ~0.4 of score travel per epoch
+
+
 def test_nan_weights_raise_and_leave_model_untouched():
     model = mlp()
     with torch.no_grad():

@@ -77,7 +77,8 @@ template <typename T>
 HF_HD T masked_value(std::uint8_t m, T w) { return m ? w : T(0); }
 
 // One output of the CSR linear layer: sum_j val[j] * x[b, col[j]] over row r, x strided.
-// The CUDA kernel runs exactly this per output; the CPU runs it for batch 1.
+// The CUDA kernel runs exactly this per output; the CPU runs it for batch 1 (except int32
+// indices with contiguous x on AVX-512, where the gathered csr_spmv_rows does the same sum).
 template <typename T, typename I>
 HF_HD T csr_row_dot(const I* rowptr, const I* col, const T* val, const T* x, std::int64_t x_si,
                     std::int64_t r) {

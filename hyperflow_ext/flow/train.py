@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DriftTrainConfig:
-    iters: int = 3000
+    iters: int = 600
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    eval_every: int = 100
+    eval_every: int = 50
 
     def __post_init__(self) -> None:
         if self.iters < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_every < 1:

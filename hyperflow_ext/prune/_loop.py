@@ -42,6 +42,10 @@ class TensorLoader:
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self._epoch = 0
 
+    def fresh(self) -> "TensorLoader":
+        """A copy that starts again from the first epoch's order (same data, same seed)."""
+        return TensorLoader(self.x, self.y, self.batch_size, self.shuffle, self.seed, self.drop_last)
+
     def __len__(self) -> int:
         n = self.x.shape[0]
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

@@ -201,7 +201,7 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
         torch.manual_seed(seed + 1)
         model = copy.deepcopy(dense)
         pruner = Pruner(model, target_sparsity=float(target), lr=cfg["lr"], score_lr=cfg["score_lr"])
-        history = pruner.fit(train, epochs=cfg["epochs"], regrowth_epochs=cfg["regrowth_epochs"], progress=progress)
+        history = pruner.fit(train.fresh(), epochs=cfg["epochs"], regrowth_epochs=cfg["regrowth_epochs"], progress=progress)
         hf_sparsity = pruner.sparsity()
         exported = pruner.export()
         agreement, max_diff = _agreement(model, exported, test)
@@ -213,7 +213,7 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
             hf["sparsity_before_landing"] = 1.0 - hf["sparsity_before_landing"]
         torch.manual_seed(seed + 1)
         baseline = copy.deepcopy(dense)
-        mag = magnitude_prune(baseline, hf["sparsity"], train, budget, rounds=magnitude_rounds, lr=cfg["lr"],
+        mag = magnitude_prune(baseline, hf["sparsity"], train.fresh(), budget, rounds=magnitude_rounds, lr=cfg["lr"],
                               progress=progress)
         mg = {"acc": evaluate(baseline, test), "sparsity": mag["sparsity"]}
         out["rows"].append({"target": float(target), "hyperflows": hf, "magnitude": mg, "gap": hf["acc"] - mg["acc"]})
@@ -254,7 +254,7 @@ def run_power_law_study(gammas: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.
         torch.manual_seed(seed + 1)
         model = copy.deepcopy(dense)
         pruner = Pruner(model, pressure=gamma, lr=cfg["lr"], score_lr=cfg["score_lr"])
-        pruner.fit(train, epochs=cfg["power_law_epochs"], progress=progress)
+        pruner.fit(train.fresh(), epochs=cfg["power_law_epochs"], progress=progress)
         return pruner.density()
 
     densities = [density_at(g) for g in gammas]

@@ -28,7 +28,7 @@ __all__ = ["masked_linear", "masked_conv2d", "STE_SCALE", "SPARSE_MAX_DENSITY"]
 
 STE_SCALE = 0.25
 #: Above this fraction of active weights ``masked_linear`` uses the dense product on ``W⊙m``.
-SPARSE_MAX_DENSITY = 0.3
+SPARSE_MAX_DENSITY = 0.25
 
 _Pair = Union[int, Tuple[int, int]]
 

@@ -7,12 +7,18 @@ that shares the original weight and bias, then trains weights and scores togethe
 * loss ``CE(label_smoothing=0.1) + γ·mean(t)`` (mean over all ``N`` scores of the network); the
   pressure enters as the constant score gradient ``γ/N`` inside the fused
   :func:`~hyperflow_ext.prune.flow_ops.flow_step`, which also updates the flow EMA and takes the
-  Adam step on the scores (lr ``1e-3``) — one native pass per layer per step;
+  Adam step on the scores (the paper's lr ``1e-3``, raised automatically for short epochs) — one
+  native pass per layer per step;
 * weights: SGD with momentum 0.9 and a cosine schedule;
 * ``γ`` either constant (``pressure=``, for power-law studies) or steered by the
   :class:`~hyperflow_ext.prune.schedule.PressureScheduler` toward ``target_sparsity``;
 * a regrowth phase: pressure 0, learning rates reset, the score learning rate decaying
   geometrically so the mask freezes while the network fine-tunes.
+
+Our additions in target mode (``land=``): the controller's residual at the end of the pruning
+phase is removed by one common shift of all scores, and during regrowth the active count is
+capped at the target (weights with flow still regrow; the weakest active ones make room), so a
+run ends at the requested sparsity. ``land=False`` reproduces the paper's free regrowth.
 
 Like ``torch.nn.utils.prune``, the originals stay recoverable: :meth:`Pruner.remove` puts the
 plain layers back with their weights multiplied by the mask, and a failed setup is rolled back.
@@ -488,7 +494,8 @@ class Pruner:
             per_epoch = steps_per_epoch or 1
             return self._score_lr * self.regrowth_score_decay ** (step / per_epoch)
 
-        cap = self._keep_count() if regrow and self.land == "hold" and self.target_sparsity is not None else None
+        hold = regrow and self.land == "hold" and self.target_sparsity is not None and bool(self.landings)
+        cap = self._keep_count() if hold else None
         hook = self._score_hook(lambda: self.gamma / self.num_scores, score_lr, cap)
         out, step = [], 0
         for e in range(n_epochs):

@@ -4,7 +4,9 @@
 fit). Layout choice: for a batch, the native kernel transposes ``x`` once into a
 ``(in_features, batch)`` buffer and forms every output row as a sparse combination of its rows
 (unit-stride SIMD over the batch, accumulators in registers), then writes a 16-row tile of the
-result back as ``(batch, out_features)``; for batch 1 it is a plain CSR mat-vec. CSR of ``W``
+result back as ``(batch, out_features)`` (register transposes); the transposed operand is cut
+into panels of batch columns that stay in L2. For batch 1 it is a CSR mat-vec with AVX-512
+gathers, a register of rows at a time. CSR of ``W``
 (rows = output features) is exactly what this row-wise form needs, so no other format is kept.
 
 ``SparseConv2d`` lowers the convolution with ``F.unfold`` (im2col) and multiplies the CSR

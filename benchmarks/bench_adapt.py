@@ -1,0 +1,63 @@
+"""Few-shot adaptation: HyperFlow's fused_adapt vs autograd fine-tuning, time and peak memory.
+
+A 5-way 5-shot task on a Conv4 backbone (28x28 inputs), 50 steps for every method. The drift
+network is fitted on a handful of synthetic trajectories: its speed does not depend on how well
+it was trained. Each test records, from the same run:
+
+* ``speedup_vs_bias_tuning`` — median time of bias tuning / median time of this method, timed
+  interleaved (``hyperflow_ext.measure.interleaved_medians``);
+* ``peak_kib`` and ``memory_ratio_vs_bias_tuning`` — peak tensor memory allocated during one
+  adaptation (``hyperflow_ext.measure.peak_memory``), relative to bias tuning's.
+
+Run: ``python -m pytest benchmarks/bench_adapt.py --benchmark-enable -q``
+"""
+import pytest
+import torch
+
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, fused_adapt
+from hyperflow_ext.flow.baselines import finetune_adapt
+from hyperflow_ext.measure import interleaved_medians, peak_memory
+from hyperflow_ext.models import Conv4
+
+STEPS, WAY, SHOT = 50, 5, 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    backbone = Conv4().eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    sx = torch.rand(WAY * SHOT, 1, 28, 28)
+    sy = torch.arange(WAY).repeat_interleave(SHOT)
+    flow = HyperFlow(backbone, params="bias")
+    eps = [(sx + 0.05 * torch.randn_like(sx), sy) for _ in range(4)]
+    flow.fit(eps, tasks=4, trajectory_steps=5, progress=False, perturbations=0,
+             train_config=DriftTrainConfig(iters=10, eval_every=5))
+    return backbone, sx, sy, flow
+
+
+METHODS = {
+    "bias_tuning": lambda b, sx, sy, f: finetune_adapt(b, sx, sy, "bias", STEPS, 1e-2),
+    "full_finetuning": lambda b, sx, sy, f: finetune_adapt(b, sx, sy, "all", STEPS, 1e-3),
+    "fused_adapt_native": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="native"),
+    "fused_adapt_torch": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="torch"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_adaptation(benchmark, setup, method):
+    backbone, sx, sy, flow = setup
+    run = lambda m: (lambda: METHODS[m](backbone, sx, sy, flow))  # noqa: E731
+    benchmark.group = "adaptation (5-way 5-shot, 50 steps)"
+    model = benchmark.pedantic(run(method), rounds=3, warmup_rounds=1)
+    assert model(sx).shape == (WAY * SHOT, WAY)
+    if getattr(benchmark, "disabled", False):
+        return
+    _, peak = peak_memory(run(method))
+    _, base_peak = peak_memory(run("bias_tuning"))
+    t_base, t_method = interleaved_medians([run("bias_tuning"), run(method)], rounds=3)
+    benchmark.extra_info.update(steps=STEPS, peak_kib=peak / 1024, bias_tuning_peak_kib=base_peak / 1024,
+                                memory_ratio_vs_bias_tuning=peak / max(1, base_peak),
+                                time_ratio_vs_bias_tuning=t_method / t_base,
+                                speedup_vs_bias_tuning=t_base / t_method, kernel_median_ms=1e3 * t_method)
