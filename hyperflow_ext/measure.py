@@ -1,7 +1,10 @@
 """Measuring wall time and peak extra memory of a call (counted from tensor allocations)."""
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
+import sys
 import time
 import statistics
 from typing import Any, Callable, List, Sequence, Tuple
@@ -9,6 +12,25 @@ from typing import Any, Callable, List, Sequence, Tuple
 import torch
 
 __all__ = ["peak_memory", "wall_time", "interleaved_medians"]
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to silence
+        yield
+        return
+    saved = os.dup(fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def peak_memory(fn: Callable[[], Any]) -> Tuple[Any, int]:
@@ -28,8 +50,14 @@ def peak_memory(fn: Callable[[], Any]) -> Tuple[Any, int]:
         return out, max(0, torch.cuda.max_memory_allocated() - start)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():  # the profiler's C++ side logs every start/stop on fd 2
+        prof.__enter__()
+    try:
         out = fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
     events = []
     for e in prof.events():
         amount = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage

@@ -46,7 +46,7 @@ def _plot_fewshot(data: Dict[str, Any], path: Path) -> None:
         ax.set_title(f"5-way {shot}-shot, per target domain (95% CI)")
         lo = min(100 * r["mean"] for r in rows if r["shot"] == shot)
         ax.set_ylim(max(0, lo - 10), 100)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 

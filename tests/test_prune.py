@@ -94,6 +94,13 @@ def test_masked_layers_construct_like_torch_nn():
     assert "flow" in m.state_dict() and "grad_eff" not in m.state_dict()
 
 
+@pytest.mark.parametrize("shape", [(2, 4), (3, 2, 4)])
+def test_masked_linear_output_supports_inplace_activation(shape):
+    model = nn.Sequential(MaskedLinear(4, 3), nn.ReLU(inplace=True))
+    model(torch.randn(*shape)).sum().backward()
+    assert model[0].scores.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_ste_gradients_reach_pruned_scores(kind):
     if kind == "linear":

@@ -41,11 +41,12 @@ class TaskEncoder(nn.Module):
         - Output: ``(tasks, 5 * feature_dim + 1)``.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0, chunk: int = 5) -> None:
         super().__init__()
         self.encoder = encoder
         self.feature_dim = feature_dim
         self.scale = scale
+        self.chunk = chunk  # images per encoder call: bounds the activation memory of adaptation
 
     @property
     def dim(self) -> int:
@@ -56,7 +57,8 @@ class TaskEncoder(nn.Module):
         if support_x.dim() == 4:
             support_x, support_y = support_x[None], support_y[None]
         tasks, shots = support_y.shape
-        raw = self.encoder(support_x.flatten(0, 1)).unflatten(0, (tasks, shots))
+        flat = support_x.flatten(0, 1)
+        raw = torch.cat([self.encoder(part) for part in flat.split(self.chunk)]).unflatten(0, (tasks, shots))
         way = int(support_y.max()) + 1 if way is None else way
         feats = F.normalize(raw, dim=-1)
         protos = prototypes(feats, support_y, way)                          # (tasks, way, d)

@@ -78,7 +78,9 @@ class _MaskedLinear(torch.autograd.Function):
             ctx.save_for_backward(x2, weight, mask, w_eff)
         ctx.sink = sink
         ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        # A view of y as the output would forbid in-place ops after the layer (nn.ReLU(inplace=True)).
+        return y if tuple(y.shape) == out_shape else y.reshape(out_shape).clone()
 
     @staticmethod
     def backward(ctx, grad_out):

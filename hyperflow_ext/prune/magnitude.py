@@ -9,7 +9,6 @@ the default is one-shot pruning followed by fine-tuning for all ``epochs``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
