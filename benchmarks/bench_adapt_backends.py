@@ -10,15 +10,13 @@ medians and their ratio go to ``benchmark.extra_info`` (``speedup_vs_torch``). R
     python -m pytest benchmarks/bench_adapt_backends.py --benchmark-enable -q
 """
 import math
-import statistics
-import time
-
 import pytest
 import torch
 
 from hyperflow_ext import native
 from hyperflow_ext.flow.drift import PackedDrift
 from hyperflow_ext.flow.integrate import drift_integrate
+from hyperflow_ext.measure import interleaved_medians
 
 HIDDEN, STEPS, DT = 256, 50, 0.02
 CASES = {  # name: (tasks, P, alternating timing rounds)
@@ -37,19 +35,6 @@ def problem(tasks, p, h=HIDDEN, steps=STEPS):
     w = PackedDrift(w_in=rand(h, p, fan_in=p), w_mid=rand(h, h, fan_in=h), b_mid=rand(h),
                     w_out=rand(p, h, fan_in=h), b_out=rand(p))
     return w, rand(tasks, p), rand(tasks, h), rand(steps, 1, h)
-
-
-def alternating_medians(fns, rounds):
-    """Median seconds of each callable, timed round-robin after one warm-up call each."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [statistics.median(ts) for ts in times]
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
@@ -74,6 +59,6 @@ def test_drift_integrate(benchmark, case, backend):
     if backend == "torch":
         benchmark.extra_info["speedup_vs_torch"] = 1.0
         return
-    t_torch, t_backend = alternating_medians([run("torch"), fn], rounds)
+    t_torch, t_backend = interleaved_medians([run("torch"), fn], rounds)
     benchmark.extra_info.update(torch_median_s=t_torch, backend_median_s=t_backend,
                                 speedup_vs_torch=t_torch / t_backend)

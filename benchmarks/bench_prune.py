@@ -15,36 +15,21 @@ Groups:
 """
 import copy
 import statistics
-import time
 
 import pytest
 import torch
 from torch import nn
 
+from hyperflow_ext.measure import interleaved_times
 from hyperflow_ext.prune import Pruner
 from hyperflow_ext.prune._loop import TensorLoader, train_epoch
 from hyperflow_ext.prune.experiment import DigitsCNN
 
 
-def _interleaved(fns, budget_s=1.0, min_rounds=5, max_rounds=100):
-    for f in fns:
-        f()
-    t0 = time.perf_counter()
-    for f in fns:
-        f()
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / max(time.perf_counter() - t0, 1e-6))))
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    return times
-
-
 def compare(benchmark, measured, baselines, budget_s=1.0, min_rounds=5, pedantic_rounds=None, **info):
     names = list(baselines)
-    times = _interleaved([measured] + [baselines[n] for n in names], budget_s, min_rounds=min_rounds)
+    times, _ = interleaved_times([measured] + [baselines[n] for n in names], budget_s, min_rounds=min_rounds,
+                                 max_rounds=100)
     med = [statistics.median(t) for t in times]
     benchmark.extra_info.update(info, kernel_median_ms=1e3 * med[0])
     for name, m, ts in zip(names, med[1:], times[1:]):

@@ -22,28 +22,11 @@ import warnings
 import pytest
 import torch
 
+from hyperflow_ext.measure import interleaved_times
 from hyperflow_ext.prune.flow_ops import flow_step, flow_step_reference
 from hyperflow_ext.sparse import CSRMatrix, csr_linear, masked_matmul, masked_matmul_grad_input
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-
-
-def _times(fns, budget_s=1.0, min_rounds=7, max_rounds=200):
-    """Per-round seconds of each callable, run round-robin after one warm-up call each."""
-    for f in fns:
-        f()
-    t0 = time.perf_counter()
-    for f in fns:
-        f()
-    per_round = max(time.perf_counter() - t0, 1e-6)
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    return times, rounds
 
 
 def _median(ts):
@@ -56,7 +39,7 @@ def compare(benchmark, kernel, baselines, budget_s=1.0, **info):
     machine noise only adds time, so the minimum is the steadier estimate); then time the
     kernel with pytest-benchmark."""
     names = list(baselines)
-    times, rounds = _times([kernel] + [baselines[n] for n in names], budget_s)
+    times, rounds = interleaved_times([kernel] + [baselines[n] for n in names], budget_s, min_rounds=7)
     k_med, k_min = _median(times[0]), min(times[0])
     benchmark.extra_info.update(info)
     benchmark.extra_info["rounds"] = rounds
@@ -72,7 +55,7 @@ def compare(benchmark, kernel, baselines, budget_s=1.0, **info):
 
 def _fastest(benchmark_fns):
     """The faster of several equivalent torch formulations (timed once, interleaved)."""
-    times, _ = _times(list(benchmark_fns.values()), budget_s=0.3, min_rounds=3)
+    times, _ = interleaved_times(list(benchmark_fns.values()), budget_s=0.3, min_rounds=3)
     meds = [_median(ts) for ts in times]
     best = min(range(len(meds)), key=meds.__getitem__)
     return list(benchmark_fns)[best], list(benchmark_fns.values())[best]

@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["peak_memory", "wall_time", "interleaved_medians"]
+__all__ = ["peak_memory", "wall_time", "interleaved_times", "interleaved_medians"]
 
 
 @contextlib.contextmanager
@@ -79,19 +79,34 @@ def wall_time(fn: Callable[[], Any], repeat: int = 1) -> Tuple[Any, float]:
     return out, times[len(times) // 2]
 
 
-def interleaved_medians(fns: Sequence[Callable[[], Any]], rounds: int = 7, warmup: int = 1) -> List[float]:
-    """Median seconds of each callable, timed round-robin so that all see the same machine load.
+def interleaved_times(fns: Sequence[Callable[[], Any]], budget_s: float = 1.0, min_rounds: int = 5,
+                      max_rounds: int = 200) -> Tuple[List[List[float]], int]:
+    """Per-round seconds of each callable, run round-robin after one warm-up call each.
 
-    This is how benchmarks report a ratio against a baseline from the same run on a noisy,
-    shared machine.
+    Timing the callables in turn means all of them see the same machine load, which is how the
+    benchmarks report a ratio against a baseline from the same run on a noisy, shared machine.
+    The number of rounds fills ``budget_s`` (within ``[min_rounds, max_rounds]``).
+
+    Returns:
+        ``(times, rounds)``: ``times[i]`` lists the seconds of ``fns[i]`` per round.
     """
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
+    for fn in fns:
+        fn()
+    t0 = time.perf_counter()
+    for fn in fns:
+        fn()
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     times: List[List[float]] = [[] for _ in fns]
-    for _ in range(max(1, rounds)):
+    for _ in range(rounds):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+            t = time.perf_counter()
             fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(time.perf_counter() - t)
+    return times, rounds
+
+
+def interleaved_medians(fns: Sequence[Callable[[], Any]], rounds: int = 7) -> List[float]:
+    """Median seconds of each callable over exactly ``rounds`` interleaved rounds."""
+    times, _ = interleaved_times(fns, budget_s=0.0, min_rounds=rounds, max_rounds=rounds)
     return [statistics.median(ts) for ts in times]
