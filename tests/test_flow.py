@@ -239,3 +239,33 @@ def test_param_subset_selection():
     vec = torch.arange(ParamSubset(m, "bias").numel, dtype=torch.float32)
     parts = ParamSubset(m, "bias").unflatten(vec)
     assert torch.equal(torch.cat([v.reshape(-1) for v in parts.values()]), vec)
+
+
+def test_trajectory_store_resumes_and_is_keyed_by_backbone(tmp_path, monkeypatch):
+    from hyperflow_ext.flow import TrajectoryConfig, record_trajectories
+    from hyperflow_ext.flow import trajectories as traj_mod
+
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    subset = ParamSubset(backbone, "bias")
+    enc = TaskEncoder(backbone, backbone.feature_dim)
+    cfg = TrajectoryConfig(steps=3, perturbations=1)
+    first = record_trajectories(backbone, subset, enc, _episodes(5), 5, cfg, store=tmp_path, chunk_size=2,
+                                progress=False)
+    assert len(list(tmp_path.glob("traj-*.safetensors"))) == 3
+
+    real_finetune = traj_mod.finetune
+    with monkeypatch.context() as m:  # everything is stored: nothing may be fine-tuned again
+        m.setattr(traj_mod, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+        again = record_trajectories(backbone, subset, enc, _episodes(5), 5, cfg, store=tmp_path, chunk_size=2,
+                                    progress=False)
+    assert traj_mod.finetune is real_finetune
+    torch.testing.assert_close(again.deltas, first.deltas)
+    more = record_trajectories(backbone, subset, enc, _episodes(7), 7, cfg, store=tmp_path, chunk_size=2,
+                               progress=False)
+    torch.testing.assert_close(more.deltas[:5], first.deltas)
+    assert more.episodes == 7
+    other = Conv4(hidden=8, groups=2).eval()  # other weights: a different store key
+    record_trajectories(other, ParamSubset(other, "bias"), TaskEncoder(other, 8), _episodes(2), 2, cfg,
+                        store=tmp_path, progress=False)
+    assert len({p.name.split("-")[1] for p in tmp_path.glob("traj-*.safetensors")}) == 2

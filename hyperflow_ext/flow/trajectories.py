@@ -48,10 +48,14 @@ class TrajectoryConfig:
         if not self.lr > 0:
             raise ValueError(f"TrajectoryConfig: lr must be > 0, got {self.lr}")
 
-    def digest(self, subset: ParamSubset, seed: int) -> str:
-        blob = json.dumps({**asdict(self), "names": subset.names, "seed": seed, "encoder": ENCODER_VERSION},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module) -> str:
+        """Key of a trajectory store: the settings, the seed and the backbone's exact weights."""
+        h = hashlib.sha256(json.dumps({**asdict(self), "names": subset.names, "seed": seed,
+                                       "encoder": ENCODER_VERSION}, sort_keys=True).encode())
+        for name, tensor in backbone.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
 
 
 @dataclass
@@ -115,7 +119,7 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     """
     if tasks < 1:
         raise ValueError(f"record_trajectories: tasks must be >= 1, got {tasks}")
-    digest = config.digest(subset, seed)
+    digest = config.digest(subset, seed, backbone)
     store_path = Path(store) if store is not None else None
     done: List[TrajectorySet] = _load_chunks(store_path, digest) if store_path and store_path.is_dir() else []
     have = sum(c.episodes for c in done)
