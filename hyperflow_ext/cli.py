@@ -223,6 +223,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import os
     import subprocess
     import tempfile
     from pathlib import Path
@@ -236,7 +237,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                "-p", "no:cacheprovider", f"--benchmark-json={report}", "-o", "addopts="]
         if args.filter:
             cmd += ["-k", args.filter]
-        res = subprocess.run(cmd, capture_output=args.quiet)
+        # PYTHONSAFEPATH: run against the installed package, not a source tree in the cwd (Python >= 3.11)
+        res = subprocess.run(cmd, capture_output=args.quiet, env={**os.environ, "PYTHONSAFEPATH": "1"})
         if res.returncode != 0 or not report.exists():
             raise CLIError(f"benchmarks failed (pytest exit code {res.returncode})")
         data = json.loads(report.read_text())

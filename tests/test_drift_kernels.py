@@ -2,6 +2,7 @@
 import math
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -105,7 +106,9 @@ def test_native_other_thread_counts(threads):
     # large enough to use the team); 1 thread runs every task in one block. A subprocess, so the
     # thread count of this one stays as it is.
     code = _THREADS_SCRIPT.format(tests=os.path.dirname(__file__), threads=threads)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree has no build
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 

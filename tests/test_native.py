@@ -27,9 +27,10 @@ def test_cuda_module_imports_without_gpu():
     assert native.cuda_available() == torch.cuda.is_available()
 
 
-def test_import_works_in_a_fresh_interpreter_without_gpu():
+def test_import_works_in_a_fresh_interpreter_without_gpu(tmp_path):
     code = "import hyperflow_ext as hf; print(hf.__version__, hf.native.available(), hf.native.cuda_built())"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert res.stdout.split() == [hf.__version__, "True", "True"]
     assert res.stderr == ""
 
