@@ -41,7 +41,7 @@ class TaskEncoder(nn.Module):
         - Output: ``(tasks, 5 * feature_dim + 1)``.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0, chunk: int = 5) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0, chunk: int = 3) -> None:
         super().__init__()
         self.encoder = encoder
         self.feature_dim = feature_dim
