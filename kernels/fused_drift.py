@@ -30,6 +30,17 @@ def _silu(x):
 
 
 @triton.jit
+def _increment(k_row, coef_ptr, offs_p, mask_p, P, STAGES: tl.constexpr, BLOCK_P: tl.constexpr,
+               acc_ty: tl.constexpr):
+    """``Σ_s b_s k_s`` on one tile of parameters (``b`` is stored after the ``a`` matrix)."""
+    inc = tl.zeros([BLOCK_P], dtype=acc_ty)
+    for s in tl.static_range(STAGES):
+        b_s = tl.load(coef_ptr + STAGES * STAGES + s)
+        inc += b_s * tl.load(k_row + s * P + offs_p, mask=mask_p, other=0.0)
+    return inc
+
+
+@triton.jit
 def fused_drift_kernel(
     # pointers: packed drift (H, P), (H, H), (H,), (P, H), (P,)
     w_in_ptr, w_mid_ptr, b_mid_ptr, w_out_ptr, b_out_ptr,
@@ -105,10 +116,7 @@ def fused_drift_kernel(
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_p0
             mask_p = offs_p < P
-            inc = tl.zeros([BLOCK_P], dtype=acc_ty)
-            for s in tl.static_range(STAGES):
-                b_s = tl.load(coef_ptr + STAGES * STAGES + s)
-                inc += b_s * tl.load(k_row + s * P + offs_p, mask=mask_p, other=0.0)
+            inc = _increment(k_row, coef_ptr, offs_p, mask_p, P, STAGES, BLOCK_P, acc_ty)
             out_of_bounds = tl.where(tl.abs(inc) <= max_increment, 0, 1)  # NaN compares false
             bad += tl.sum(tl.where(mask_p, out_of_bounds, 0), axis=0)
         running = tl.where(bad == 0, 1, 0)
@@ -116,10 +124,7 @@ def fused_drift_kernel(
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_p0
             mask_p = offs_p < P
-            inc = tl.zeros([BLOCK_P], dtype=acc_ty)
-            for s in tl.static_range(STAGES):
-                b_s = tl.load(coef_ptr + STAGES * STAGES + s)
-                inc += b_s * tl.load(k_row + s * P + offs_p, mask=mask_p, other=0.0)
+            inc = _increment(k_row, coef_ptr, offs_p, mask_p, P, STAGES, BLOCK_P, acc_ty)
             y = tl.load(y_row + offs_p, mask=mask_p, other=0.0)
             accepted = (offs_p0 * 0 + running) != 0  # broadcast explicitly (the interpreter needs it)
             tl.store(y_row + offs_p, y + inc, mask=mask_p & accepted)
