@@ -214,6 +214,10 @@ def test_fused_adapt_bad_input(tiny):
         fused_adapt(backbone, sx, sy, flow=flow, solver="midpoint")
     with pytest.raises(TypeError, match="flow must be a HyperFlow"):
         fused_adapt(backbone, sx, sy, flow="drift.safetensors")
+    with pytest.raises(ValueError, match="was trained for"):
+        fused_adapt(Conv4(hidden=16, groups=2), sx, sy, flow=flow)
+    with pytest.raises(ValueError, match="the flow is not trained"):
+        fused_adapt(backbone, sx, sy, flow=HyperFlow(backbone, hidden=8))
 
 
 def test_baselines_run_and_finetuning_lowers_support_loss(tiny):

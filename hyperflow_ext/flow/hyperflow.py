@@ -58,6 +58,7 @@ class HyperFlow:
     def __init__(self, backbone: nn.Module, params: ParamSpec = "bias", metric: str = "cosine",
                  scale: float = 10.0, hidden: int = 256, encoder: Optional[nn.Module] = None,
                  seed: int = 0) -> None:
+        self.backbone = backbone  # referenced, never modified or copied
         self.subset = ParamSubset(backbone, params)
         self.metric, self.scale, self.seed = metric, float(scale), seed
         self.encoder = TaskEncoder(encoder if encoder is not None else backbone, _feature_dim(backbone), self.scale)
@@ -74,7 +75,7 @@ class HyperFlow:
                store: Optional[os.PathLike] = None, progress: bool = True, **config) -> TrajectorySet:
         """Record fine-tuning trajectories on ``tasks`` episodes (see :func:`record_trajectories`)."""
         cfg = TrajectoryConfig(steps=trajectory_steps, metric=self.metric, scale=self.scale, **config)
-        return record_trajectories(self._backbone, self.subset, self.encoder, episodes, tasks, cfg, store,
+        return record_trajectories(self.backbone, self.subset, self.encoder, episodes, tasks, cfg, store,
                                    seed=self.seed, progress=progress)
 
     def fit(self, episodes: Optional[Iterable] = None, tasks: int = 200, trajectory_steps: int = 50,
@@ -113,9 +114,15 @@ class HyperFlow:
         return self
 
     # -- adaptation ----------------------------------------------------------------------
-    @property
-    def _backbone(self) -> nn.Module:
-        return self.encoder.encoder
+    def check_backbone(self, op: str, backbone: nn.Module) -> None:
+        """Raise ValueError unless ``backbone`` has every adapted parameter with the trained shape."""
+        named = dict(backbone.named_parameters())
+        for name, shape in zip(self.subset.names, self.subset.shapes):
+            if name not in named:
+                raise ValueError(f"{op}: the backbone has no parameter {name!r} that this flow adapts")
+            if named[name].shape != shape:
+                raise ValueError(f"{op}: parameter {name!r} has shape {tuple(named[name].shape)}, the flow was "
+                                 f"trained for {tuple(shape)}")
 
     def packed(self, dtype: torch.dtype, device: torch.device) -> PackedDrift:
         key = (dtype, device)
@@ -205,6 +212,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         raise TypeError(f"{op}: flow must be a HyperFlow, got {type(flow).__name__}")
     if flow.interpolation is None:
         raise ValueError(f"{op}: the flow is not trained; call flow.fit(...) or HyperFlow.load(...)")
+    flow.check_backbone(op, backbone)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{op}: steps must be a positive int, got {steps!r}")
     if not (math.isfinite(horizon) and horizon > 0):
