@@ -243,7 +243,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CLIError(f"benchmarks failed (pytest exit code {res.returncode})")
         data = json.loads(report.read_text())
     rows = [(b["group"] or "", b["name"], 1e3 * b["stats"]["median"],
-             ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in b["extra_info"].items()))
+             ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in b["extra_info"].items()))
             for b in data["benchmarks"]]
     if args.out:
         Path(args.out).write_text(json.dumps(data, indent=2))
