@@ -273,3 +273,14 @@ def test_trajectory_store_resumes_and_is_keyed_by_backbone(tmp_path, monkeypatch
     record_trajectories(other, ParamSubset(other, "bias"), TaskEncoder(other, 8), _episodes(2), 2, cfg,
                         store=tmp_path, progress=False)
     assert len({p.name.split("-")[1] for p in tmp_path.glob("traj-*.safetensors")}) == 2
+
+
+def test_separate_task_encoder_is_used_for_z_and_backbone_for_finetuning():
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    encoder = Conv4(hidden=16, groups=2).eval()
+    flow = HyperFlow(backbone, params="bias", hidden=16, encoder=encoder)
+    assert flow.backbone is backbone and flow.encoder.encoder is encoder
+    assert flow.encoder.dim == 5 * 16 + 1
+    ts = flow.record(_episodes(2), tasks=2, trajectory_steps=2, perturbations=0, progress=False)
+    assert ts.deltas.shape[-1] == ParamSubset(backbone, "bias").numel and ts.z.shape == (2, flow.encoder.dim)
