@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 def _feature_dim(backbone: nn.Module) -> int:
     dim = getattr(backbone, "feature_dim", None)
     if not isinstance(dim, int):
-        raise ValueError("HyperFlow: the backbone needs an integer `feature_dim` attribute (its output size)")
+        raise ValueError("HyperFlow: the backbone (and a separate task encoder) need an integer `feature_dim` "
+                         "attribute (their output size)")
     return dim
 
 
@@ -61,7 +62,8 @@ class HyperFlow:
         self.backbone = backbone  # referenced, never modified or copied
         self.subset = ParamSubset(backbone, params)
         self.metric, self.scale, self.seed = metric, float(scale), seed
-        self.encoder = TaskEncoder(encoder if encoder is not None else backbone, _feature_dim(backbone), self.scale)
+        enc = encoder if encoder is not None else backbone
+        self.encoder = TaskEncoder(enc, _feature_dim(enc), self.scale)
         torch.manual_seed(seed)
         self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=hidden)
         self.max_rate = math.inf          # largest drift rate seen in training (for the guard)
