@@ -1,9 +1,6 @@
 // CPU kernels for the core ops (OpenMP over rows / elements, vectorisable inner loops).
 #include "hf_core.h"
-
-#include <cstring>
-
-#include "hf_sparse_cpu.h"
+#include "hf_sparse.h"
 
 namespace hf {
 
@@ -22,30 +19,7 @@ void euler_axpy(CpuTag, const EulerParams& p) {
 
 void csr_spmm(CpuTag, const CsrSpmmParams& p) {
   check(p);
-  dispatch_float(p.dtype, "csr_spmm", [&](auto zero) {
-    using T = decltype(zero);
-    dispatch_index(p.itype, "csr_spmm", [&](auto izero) {
-      using I = decltype(izero);
-      const I* rowptr = ptr<const I>(p.rowptr);
-      const I* col = ptr<const I>(p.col);
-      const T* val = ptr<const T>(p.val);
-      const T* b = ptr<const T>(p.b);
-      T* out = ptr<T>(p.out);
-      const std::int64_t n = p.n;
-#pragma omp parallel for schedule(dynamic, 16) if (p.rows * n > 4096)
-      for (std::int64_t r = 0; r < p.rows; ++r) {
-        T* o = out + r * p.ldo;
-        if (n == 1) {
-          o[0] = csr_dot(rowptr, col, val, b, p.ldb, r, 0);
-          continue;
-        }
-        // Row-combination form: the output row is sum_j val[j] * B[col[j], :], accumulated in
-        // registers a column chunk at a time (hf_sparse_cpu.h).
-        const I j0 = rowptr[r];
-        cpu::gather_row(col + j0, val + j0, static_cast<std::int64_t>(rowptr[r + 1] - j0), b, p.ldb, n, o);
-      }
-    });
-  });
+  csr_spmm_batched(CpuTag{}, as_batched(p));
 }
 
 }  // namespace hf

@@ -35,8 +35,7 @@ struct CsrSpmmParams {
   std::uintptr_t stream;
 };
 
-// out[r, c] for one CSR row; the CUDA kernel runs exactly this per thread and the CPU path
-// runs it for skinny B (n == 1).
+// out[r, c] for one CSR row: the per-thread body of the CUDA SpMM kernels.
 template <typename T, typename I>
 HF_HD T csr_dot(const I* rowptr, const I* col, const T* val, const T* b, std::int64_t ldb,
                 std::int64_t r, std::int64_t c) {

@@ -58,6 +58,12 @@ struct CsrSpmmBatchedParams {
   std::uintptr_t stream;
 };
 
+// CSR SpMM of one matrix pair is the batch-1 case of the batched op; both back-ends forward to it.
+inline CsrSpmmBatchedParams as_batched(const CsrSpmmParams& p) {
+  return CsrSpmmBatchedParams{p.rowptr, p.col, p.val, p.b, p.out, 1, p.rows, p.k, p.n, p.nnz,
+                              0, p.ldb, 0, p.ldo, p.dtype, p.itype, p.stream};
+}
+
 // ---- score mask:  mask = scores >= 0, and the number of active entries ------------------
 struct ScoreMaskParams {
   std::uintptr_t scores;  // n, contiguous
