@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from . import __version__, native
-from ._io import atomic_path
+from ._io import atomic_path, cache_dir as resolve_cache_dir
 from .data import EpisodeSampler, benchmark_domains
 from .flow import DriftTrainConfig, HyperFlow, fused_adapt
 from .flow.baselines import direct_transfer, finetune_adapt
@@ -163,7 +163,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
                                                           datasets=pre_data, seed=cfg.seed, **train_kw),
                       lambda b: f"conv4 backbone, {sum(p.numel() for p in b.parameters())} parameters")
     recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
-    store = Path(cache_dir or __import__("hyperflow_ext").cache_dir()) / "trajectories"
+    store = resolve_cache_dir(cache_dir) / "trajectories"
     trajs = st.run("trajectories", lambda: recorder.record(
         _mixed_episodes(source, cfg.seed, cfg.shots), tasks=cfg.traj_tasks, trajectory_steps=cfg.traj_steps,
         store=store, progress=progress, lr=cfg.finetune_lr, perturbations=cfg.perturbations),
