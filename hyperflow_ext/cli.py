@@ -73,7 +73,7 @@ def _pretrain_kw(args: argparse.Namespace) -> dict:
         quick = DemoConfig.quick()
         from .data import benchmark_domains
 
-        source, _ = benchmark_domains(args.cache_dir, progress=not args.quiet)
+        source = benchmark_domains(args.cache_dir, progress=not args.quiet).source
         kw = {"datasets": {k: source[k] for k in quick.pretrain_scripts}, "epochs": quick.pretrain_epochs}
     if getattr(args, "epochs", None):
         kw["epochs"] = args.epochs
@@ -100,20 +100,25 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import cache_dir
-    from .data import benchmark_domains
+    from .data import EpisodeSampler, benchmark_domains
     from .demo import _mixed_episodes
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
     backbone = _backbone(args)
-    source, _ = benchmark_domains(args.cache_dir, progress=not args.quiet)
+    meta = benchmark_domains(args.cache_dir, progress=not args.quiet).meta
     flow = HyperFlow(backbone, params=args.params, seed=args.seed)
-    flow.fit(_mixed_episodes(source, args.seed, [1, 5]), tasks=args.tasks, trajectory_steps=args.steps,
+    query = 5 if args.objective == "query" else 0
+    flow.fit(_mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,
              interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
              train_config=DriftTrainConfig(iters=args.iters), progress=not args.quiet, lr=args.lr,
-             perturbations=args.perturbations)
+             perturbations=args.perturbations, objective=args.objective)
+    if args.horizon_tasks > 0:
+        held_out = EpisodeSampler(meta, way=5, shot=5, query=15, seed=args.seed + 99).episodes()
+        flow.tune_horizon(held_out, args.horizon_tasks, progress=not args.quiet)
     flow.save(out)
-    print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters) -> {out}")
+    print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters, "
+          f"horizon {flow.horizon:g}) -> {out}")
     return 0
 
 
@@ -303,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--perturbations", type=int, default=2, help="perturbed extra runs per episode")
             p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (Adam)")
             p.add_argument("--iters", type=int, default=600, help="drift-network training iterations")
+            p.add_argument("--objective", default="query", choices=["query", "support"],
+                           help="loss the recorded fine-tuning follows")
+            p.add_argument("--horizon-tasks", type=int, default=60,
+                           help="held-out episodes that choose the integration horizon (0: keep 1.0)")
         if name == "adapt":
             p.add_argument("--flow", required=True, help="drift network from `hyperflow meta-train`")
             p.add_argument("--support", required=True, help="folder of class folders (the support set)")

@@ -1,6 +1,7 @@
 """The main job: the whole pipeline on embedded data, written up as a report folder.
 
-pretrain (cached) → record fine-tuning trajectories → train HyperFlow-L/-PL/-C → cross-domain
+pretrain (cached, source scripts) → record fine-tuning trajectories (meta-training scripts) → train
+HyperFlow-L/-PL/-C and tune their horizon on held-out meta-training episodes → cross-domain
 few-shot table → loss along the flow vs fine-tuning → prune with Hyperflows (vs magnitude
 pruning) and fit the power law → export → sparse-kernel timing → ``report.md`` and PNG plots.
 """
@@ -44,9 +45,13 @@ class DemoConfig:
     pretrain_scripts: Optional[List[str]] = None  # None: every source script
     traj_tasks: int = 96
     traj_steps: int = 50
+    traj_objective: str = "query"    # fine-tune toward the query loss (see TrajectoryConfig)
+    traj_query: int = 5              # queries per class in trajectory episodes
     perturbations: int = 2
     finetune_lr: float = 1e-2
     drift_iters: int = 600
+    horizons: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    horizon_tasks: int = 60          # held-out meta-training episodes that pick the horizon
     adapt_steps: int = 50
     episodes: int = 40
     shots: List[int] = field(default_factory=lambda: [1, 5])
@@ -59,7 +64,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
         return cls(seed=seed, pretrain_epochs=1, pretrain_scripts=["Latin", "Greek"], traj_tasks=8, traj_steps=20,
-                   perturbations=1, drift_iters=100, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
+                   traj_query=2, perturbations=1, drift_iters=100,
+                   horizons=[0.5, 1.0], horizon_tasks=4, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
                    kernel_sparsities=[0.9, 0.98])
 
@@ -78,8 +84,8 @@ class _Stages:
         return out
 
 
-def _mixed_episodes(domains, seed: int, shots: List[int]):
-    samplers = [EpisodeSampler(domains, way=5, shot=s, query=0, seed=seed + s).episodes() for s in shots]
+def _mixed_episodes(domains, seed: int, shots: List[int], query: int = 0):
+    samplers = [EpisodeSampler(domains, way=5, shot=s, query=query, seed=seed + s).episodes() for s in shots]
     while True:
         for it in samplers:
             yield next(it)
@@ -105,10 +111,11 @@ def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig
                 with torch.no_grad():
                     z = flow.encoder(ep.support_x, ep.support_y)
                     net = flow.net
-                    table = net.time_table(cfg.adapt_steps, 1.0, tab)
+                    table = net.time_table(cfg.adapt_steps, flow.horizon, tab)
                     _, _, states = drift_integrate_reference(
                         flow.packed(torch.float32, theta_pre.device), torch.zeros(1, subset.numel),
-                        net.task_bias(z).contiguous(), table, 1.0 / cfg.adapt_steps, "euler", return_path=True)
+                        net.task_bias(z).contiguous(), table, flow.horizon / cfg.adapt_steps, "euler",
+                        return_path=True)
                     states = theta_pre + torch.cat(states)
             with torch.no_grad():
                 feats = features_with(backbone, subset, states, ep.support_x, shared_x=True)
@@ -150,8 +157,9 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     st = _Stages()
-    source, target = st.run("data", lambda: benchmark_domains(cache_dir, progress=progress),
-                            lambda d: f"{len(d[0])} source scripts, {len(d[1])} target domains")
+    source, meta, target = st.run("data", lambda: benchmark_domains(cache_dir, progress=progress),
+                                  lambda d: f"{len(d.source)} source scripts, {len(d.meta)} meta-training "
+                                            f"scripts, {len(d.target)} target domains")
     if cfg.domains:
         missing = [d for d in cfg.domains if d not in target]
         if missing:
@@ -165,15 +173,24 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
     store = resolve_cache_dir(cache_dir) / "trajectories"
     trajs = st.run("trajectories", lambda: recorder.record(
-        _mixed_episodes(source, cfg.seed, cfg.shots), tasks=cfg.traj_tasks, trajectory_steps=cfg.traj_steps,
-        store=store, progress=progress, lr=cfg.finetune_lr, perturbations=cfg.perturbations),
+        _mixed_episodes(meta, cfg.seed, cfg.shots, cfg.traj_query), tasks=cfg.traj_tasks,
+        trajectory_steps=cfg.traj_steps, store=store, progress=progress, lr=cfg.finetune_lr,
+        perturbations=cfg.perturbations, objective=cfg.traj_objective),
         lambda t: f"{t.episodes} tasks x {t.runs} runs x {cfg.traj_steps} steps, {recorder.subset.numel} biases")
     flows: Dict[str, HyperFlow] = {}
+    horizon_scores: Dict[str, Dict[str, float]] = {}
     for interp, label in INTERPOLATION_LABELS.items():
-        flows[label] = st.run(f"drift {label}", lambda: HyperFlow(backbone, params="bias", seed=cfg.seed).fit(
-            trajectories=trajs, interpolation=interp, progress=progress,
-            train_config=DriftTrainConfig(iters=cfg.drift_iters)),
-            lambda f: f"best validation loss {min(f.history['val']) if f.history['val'] else float('nan'):.4f}")
+        def meta_train(interp=interp, label=label) -> HyperFlow:
+            flow = HyperFlow(backbone, params="bias", seed=cfg.seed).fit(
+                trajectories=trajs, interpolation=interp, progress=progress,
+                train_config=DriftTrainConfig(iters=cfg.drift_iters))
+            held_out = EpisodeSampler(meta, way=5, shot=5, query=15, seed=cfg.seed + 99).episodes()
+            horizon_scores[label] = flow.tune_horizon(held_out, cfg.horizon_tasks, cfg.horizons, cfg.adapt_steps,
+                                                      progress=False)
+            return flow
+        flows[label] = st.run(f"drift {label}", meta_train,
+                              lambda f: f"best validation loss {min(f.history['val']) if f.history['val'] else float('nan'):.4f}, "
+                                        f"horizon {f.horizon:g}")
         flows[label].save(out / f"drift-{interp}.safetensors")
 
     methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
@@ -206,6 +223,8 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
                                            median_seconds=r.median_seconds, peak_bytes=r.peak_bytes) for r in results],
             "pooled": [dict(method=r.method, shot=r.shot, mean=r.mean, ci95=r.ci95, median_seconds=r.median_seconds,
                             peak_bytes=r.peak_bytes) for r in pooled.values()],
+            "horizons": {label: {"chosen": f.horizon, "meta_val_accuracy": horizon_scores[label]}
+                         for label, f in flows.items()},
             "loss_curves": curves, "pruning": pruning, "power_law": law, "kernels": kernels}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))

@@ -64,7 +64,7 @@ def test_demo_quick_writes_report_and_every_plot(demo_report):
 def _glyph_folders(root: Path, cache: Path, n_classes=3, per_class=4):
     from hyperflow_ext.data import benchmark_domains
 
-    _, target = benchmark_domains(cache, progress=False)
+    target = benchmark_domains(cache, progress=False).target
     ds = target["Arabic"]
     support, query = root / "support", root / "query"
     for c in range(n_classes):
@@ -117,8 +117,8 @@ def test_pretrain_and_meta_train_quick(cache, tmp_path):
     assert "pretrained conv4" in res.stdout
     out = tmp_path / "drift.safetensors"
     res = run("meta-train", "--quick", "--tasks", "4", "--steps", "5", "--iters", "20", "--perturbations", "0",
-              "--interpolation", "linear", "--out", out, "-q", cache=cache, check_rc=0)
-    assert out.exists() and "drift network (linear" in res.stdout
+              "--interpolation", "linear", "--horizon-tasks", "3", "--out", out, "-q", cache=cache, check_rc=0)
+    assert out.exists() and "drift network (linear" in res.stdout and "horizon" in res.stdout
 
 
 def test_bench_missing_folder(tmp_path):

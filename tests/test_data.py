@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from hyperflow_ext.data import (
-    SOURCE_SCRIPTS, TARGET_SCRIPTS, Episode, EpisodeSampler, ImageDataset, benchmark_domains,
+    META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS, Episode, EpisodeSampler, ImageDataset, benchmark_domains,
     episodes, glyph_cache_path, glyph_domains, load_digits, load_folder, render_glyphs, usable_fonts,
 )
 from hyperflow_ext.data import glyphs as glyphs_module
@@ -201,16 +201,17 @@ def test_render_glyphs_checks_arguments(tmp_path):
 
 
 def test_split_constants_are_disjoint_rendered_scripts(glyphs):
-    assert not set(SOURCE_SCRIPTS) & set(TARGET_SCRIPTS)
-    assert set(SOURCE_SCRIPTS) | set(TARGET_SCRIPTS) <= set(glyphs)
+    groups = [set(SOURCE_SCRIPTS), set(META_SCRIPTS), set(TARGET_SCRIPTS)]
+    assert all(not a & b for i, a in enumerate(groups) for b in groups[i + 1:])
+    assert set().union(*groups) <= set(glyphs)
 
 
 @pytest.mark.slow
 def test_benchmark_domains_support_5way_5shot_15query(tmp_path):
-    source, target = benchmark_domains(cache_dir=tmp_path, progress=False)
-    assert tuple(source) == SOURCE_SCRIPTS
+    source, meta, target = benchmark_domains(cache_dir=tmp_path, progress=False)
+    assert tuple(source) == SOURCE_SCRIPTS and tuple(meta) == META_SCRIPTS
     assert tuple(target) == TARGET_SCRIPTS + ("digits",)
-    EpisodeSampler({**source, **target}, way=5, shot=5, query=15)  # raises if any class is short
+    EpisodeSampler({**source, **meta, **target}, way=5, shot=5, query=15)  # raises if any class is short
 
 
 # ----------------------------------------------------------------------------- folders

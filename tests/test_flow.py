@@ -99,13 +99,17 @@ def test_drift_integrate_triton_matches_reference():
 
 
 # -- end to end on a tiny backbone ------------------------------------------------------------
-def _episodes(n, way=3, shot=2, seed=0):
+def _episodes(n, way=3, shot=2, seed=0, query=0):
+    """Tiny episodes ``(support_x, support_y)``, or with ``query`` > 0 also ``(query_x, query_y)``."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.rand(8, 1, 16, 16, generator=g)
     for _ in range(n):
         cls = torch.randperm(8, generator=g)[:way]
-        x = centres[cls].repeat_interleave(shot, 0) + 0.1 * torch.rand(way * shot, 1, 16, 16, generator=g)
-        yield x, torch.arange(way).repeat_interleave(shot)
+        sets = []
+        for k in (shot, query) if query else (shot,):
+            x = centres[cls].repeat_interleave(k, 0) + 0.1 * torch.rand(way * k, 1, 16, 16, generator=g)
+            sets += [x, torch.arange(way).repeat_interleave(k)]
+        yield tuple(sets)
 
 
 @pytest.fixture(scope="module")
@@ -284,3 +288,85 @@ def test_separate_task_encoder_is_used_for_z_and_backbone_for_finetuning():
     assert flow.encoder.dim == 5 * 16 + 1
     ts = flow.record(_episodes(2), tasks=2, trajectory_steps=2, perturbations=0, progress=False)
     assert ts.deltas.shape[-1] == ParamSubset(backbone, "bias").numel and ts.z.shape == (2, flow.encoder.dim)
+
+
+# -- query objective, horizon tuning, task clipping, store keys ------------------------------
+def test_query_objective_follows_the_query_loss_and_needs_queries():
+    from hyperflow_ext.flow.functional import finetune, query_loss, features_with
+
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    subset = ParamSubset(backbone, "bias")
+    sx, sy, qx, qy = next(_episodes(1, query=4, seed=3))
+    theta0 = subset.vector(backbone)
+
+    def qloss(theta):
+        with torch.no_grad():
+            return float(query_loss(features_with(backbone, subset, theta, sx), sy,
+                                    features_with(backbone, subset, theta, qx), qy, 3, "cosine", 10.0))
+
+    on_query, _, losses = finetune(backbone, subset, sx, sy, theta0, 15, 3, lr=2e-2, query=(qx, qy))
+    on_support, _, _ = finetune(backbone, subset, sx, sy, theta0, 15, 3, lr=2e-2)
+    assert losses[-1] < losses[0] and qloss(on_query) < qloss(theta0)
+    assert not torch.equal(on_query, on_support)  # a different objective moves the parameters elsewhere
+    flow = HyperFlow(backbone, params="bias", hidden=16)
+    ts = flow.record(_episodes(2, query=3), tasks=2, trajectory_steps=3, perturbations=0, progress=False,
+                     objective="query")
+    assert ts.deltas.shape == (2, 1, 4, subset.numel)
+    with pytest.raises(ValueError, match="objective='query' needs episodes with queries"):
+        flow.record(_episodes(1), tasks=1, trajectory_steps=2, progress=False, objective="query")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        flow.record(_episodes(1), tasks=1, trajectory_steps=2, progress=False, objective="loss")
+
+
+def test_tune_horizon_picks_the_most_accurate_and_is_saved(tiny, tmp_path):
+    backbone, flow, _ = tiny
+    eps = list(_episodes(6, query=3, seed=11))
+    scores = flow.tune_horizon(iter(eps), tasks=6, horizons=(0.25, 1.0), steps=4, progress=False)
+    assert set(scores) == {"none", "h=0.25", "h=1"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert scores[f"h={flow.horizon:g}"] == max(scores["h=0.25"], scores["h=1"])
+    # each score is the query accuracy of fused_adapt at that horizon
+    models = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=4, horizon=0.25)
+    acc = torch.stack([(m(e[2]).argmax(-1) == e[3]).float().mean() for m, e in zip(models, eps)]).mean()
+    assert abs(float(acc) - scores["h=0.25"]) < 1e-6
+    # fused_adapt's default horizon is the tuned one, and it survives save/load
+    flow.horizon = 0.5
+    sx, sy = eps[0][0], eps[0][1]
+    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=flow, steps=4).theta,
+                               fused_adapt(backbone, sx, sy, flow=flow, steps=4, horizon=0.5).theta)
+    flow.save(tmp_path / "f.safetensors")
+    assert HyperFlow.load(tmp_path / "f.safetensors", backbone).horizon == 0.5
+    flow.horizon = 1.0
+    with pytest.raises(ValueError, match="needs episodes with query sets"):
+        flow.tune_horizon(_episodes(2), tasks=2, progress=False)
+    with pytest.raises(ValueError, match="horizons must be finite and > 0"):
+        flow.tune_horizon(iter(eps), horizons=(0.0, 1.0), progress=False)
+    with pytest.raises(ValueError, match="fit the flow first"):
+        HyperFlow(backbone, params="bias", hidden=8).tune_horizon(iter(eps), progress=False)
+
+
+def test_task_embedding_is_clipped_to_the_training_range():
+    net = DriftNetwork(5, 3, hidden=8)
+    net.task_mean.copy_(torch.tensor([1.0, 0.0, -1.0]))
+    net.task_scale.copy_(torch.tensor([2.0, 1.0, 0.5]))
+    far = torch.tensor([[1.0 + 2.0 * 50, 0.0, -1.0 - 0.5 * 9]])   # +50 and -9 standard deviations
+    edge = torch.tensor([[1.0 + 2.0 * 3, 0.0, -1.0 - 0.5 * 3]])   # clipped to +3 and -3
+    torch.testing.assert_close(net.task_bias(far), net.task_bias(edge))
+    inside = torch.tensor([[1.5, 0.2, -1.1]])
+    assert not torch.allclose(net.task_bias(inside), net.task_bias(edge))
+
+
+def test_trajectory_store_is_keyed_by_the_episodes(tmp_path):
+    from hyperflow_ext.flow import TrajectoryConfig, record_trajectories
+
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    subset, enc = ParamSubset(backbone, "bias"), TaskEncoder(backbone, backbone.feature_dim)
+    cfg = TrajectoryConfig(steps=2, perturbations=0)
+    a = record_trajectories(backbone, subset, enc, _episodes(2, seed=0), 2, cfg, store=tmp_path, progress=False)
+    b = record_trajectories(backbone, subset, enc, _episodes(2, seed=1), 2, cfg, store=tmp_path, progress=False)
+    assert len({p.name.split("-")[1] for p in tmp_path.glob("traj-*.safetensors")}) == 2
+    assert not torch.equal(a.z, b.z)  # other episodes were recorded, not resumed from the first store
+    with pytest.raises(ValueError, match="episode iterable is empty"):
+        record_trajectories(backbone, subset, enc, iter([]), 1, cfg, progress=False)

@@ -458,7 +458,7 @@ def test_load_pretrained_builds_source_domains_lazily(tmp_path, monkeypatch):
     def benchmark_domains(cache_dir=None, progress=True):
         calls.append((cache_dir, progress))
         source = dict(zip(["A", "B"], _two_domains(6)))
-        return source, {"T": _two_domains(2)[0]}
+        return types.SimpleNamespace(source=source, meta={}, target={"T": _two_domains(2)[0]})
 
     fake = types.ModuleType("hyperflow_ext.data")
     fake.benchmark_domains = benchmark_domains

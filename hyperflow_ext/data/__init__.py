@@ -4,14 +4,15 @@
 * :func:`load_digits` — scikit-learn's bundled handwritten digits.
 * :func:`render_glyphs` / :func:`glyph_domains` — letters of many Unicode scripts rendered from
   matplotlib's fonts, one domain per script, cached on disk.
-* :func:`benchmark_domains` — the fixed source/target split (:data:`SOURCE_SCRIPTS`,
-  :data:`TARGET_SCRIPTS` plus ``digits``).
+* :func:`benchmark_domains` — the fixed pretrain / meta-train / test split (:data:`SOURCE_SCRIPTS`,
+  :data:`META_SCRIPTS`, :data:`TARGET_SCRIPTS` plus ``digits``).
 * :func:`load_folder` — a user's folder of class folders.
 * :class:`EpisodeSampler` / :func:`episodes` — seeded N-way K-shot episodes.
 """
 from __future__ import annotations
 
-from .benchmark import BENCHMARK_AUGMENTATIONS, SOURCE_SCRIPTS, TARGET_SCRIPTS, benchmark_domains
+from .benchmark import (BENCHMARK_AUGMENTATIONS, META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS, BenchmarkSplit,
+                        benchmark_domains)
 from .dataset import ImageDataset
 from .digits import load_digits
 from .episodes import Episode, EpisodeSampler, episodes
@@ -22,7 +23,7 @@ from .scripts import SCRIPTS, Script
 
 __all__ = [
     "ImageDataset", "load_digits", "render_glyphs", "glyph_domains", "glyph_cache_path",
-    "benchmark_domains", "SOURCE_SCRIPTS", "TARGET_SCRIPTS", "BENCHMARK_AUGMENTATIONS",
+    "benchmark_domains", "BenchmarkSplit", "SOURCE_SCRIPTS", "META_SCRIPTS", "TARGET_SCRIPTS", "BENCHMARK_AUGMENTATIONS",
     "MIN_CLASSES_PER_SCRIPT", "SCRIPTS", "Script", "usable_fonts", "load_folder", "load_images", "IMAGE_SUFFIXES",
     "Episode", "EpisodeSampler", "episodes",
 ]

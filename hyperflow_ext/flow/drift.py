@@ -79,6 +79,7 @@ class DriftNetwork(nn.Module):
                              f"task_dim={task_dim}, hidden={hidden}, time_dim={time_dim}")
         self.num_params, self.task_dim, self.hidden, self.time_dim = num_params, task_dim, hidden, time_dim
         self.task_hidden = task_hidden
+        self.task_clip = 3.0
         self.inp = nn.Linear(num_params, hidden, bias=False)
         self.time = nn.Linear(time_dim, hidden, bias=False)
         self.task = nn.Sequential(nn.Linear(task_dim, task_hidden), nn.SiLU(), nn.Linear(task_hidden, hidden))
@@ -98,8 +99,14 @@ class DriftNetwork(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def task_bias(self, z: torch.Tensor) -> torch.Tensor:
-        """``g(z)``: ``(tasks, task_dim)`` → ``(tasks, H)`` (``z`` standardised first)."""
-        return self.task((z - self.task_mean) / self.task_scale)
+        """``g(z)``: ``(tasks, task_dim)`` → ``(tasks, H)``.
+
+        ``z`` is standardised with the training tasks' statistics and clipped to ``±task_clip``
+        standard deviations: a task from a far domain then conditions the drift like the most
+        extreme training task instead of extrapolating the MLP.
+        """
+        u = (z - self.task_mean) / self.task_scale
+        return self.task(u.clamp(-self.task_clip, self.task_clip))
 
     def time_bias(self, t: torch.Tensor) -> torch.Tensor:
         """``W_t e(t)``: ``(...)`` → ``(..., H)``."""

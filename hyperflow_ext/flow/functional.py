@@ -15,9 +15,10 @@ from torch.func import functional_call, vmap
 from ..models import proto_logits, prototypes
 from .params import ParamSubset
 
-__all__ = ["features_with", "support_loss", "finetune", "OPTIMIZERS"]
+__all__ = ["features_with", "support_loss", "query_loss", "finetune", "OPTIMIZERS", "OBJECTIVES"]
 
 OPTIMIZERS = ("adam", "sgd")
+OBJECTIVES = ("support", "query")
 
 
 def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, x: torch.Tensor,
@@ -44,13 +45,26 @@ def support_loss(feats: torch.Tensor, labels: torch.Tensor, way: int, metric: st
     return F.cross_entropy(logits.reshape(-1, way), labels.reshape(-1), reduction="sum") / labels.shape[-1]
 
 
+def query_loss(support_feats: torch.Tensor, support_y: torch.Tensor, query_feats: torch.Tensor,
+               query_y: torch.Tensor, way: int, metric: str, scale: float) -> torch.Tensor:
+    """ProtoNet loss of the queries against the support prototypes (sum over leading runs)."""
+    protos = prototypes(support_feats, support_y.expand(support_feats.shape[:-1]), way)
+    logits = proto_logits(query_feats, protos, metric, scale)
+    labels = query_y.expand(query_feats.shape[:-1])
+    return F.cross_entropy(logits.reshape(-1, way), labels.reshape(-1), reduction="sum") / query_y.shape[-1]
+
+
 def finetune(backbone: nn.Module, subset: ParamSubset, support_x: torch.Tensor, support_y: torch.Tensor,
              theta0: torch.Tensor, steps: int, way: int, metric: str = "cosine", scale: float = 10.0,
-             optimizer: str = "adam", lr: float = 1e-3, record: bool = False
+             optimizer: str = "adam", lr: float = 1e-3, record: bool = False,
+             query: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[float]]:
-    """Fine-tune the selected parameters on one support set with a ``torch.optim`` optimizer.
+    """Fine-tune the selected parameters on one episode with a ``torch.optim`` optimizer.
 
-    Several runs (e.g. from perturbed starts) share the support set and train independently:
+    The loss is the support set's ProtoNet loss against its own prototypes, or, when ``query``
+    ``(query_x, query_y)`` is given, the queries' loss against the support prototypes (the
+    episode objective: fine-tuning toward parameters that generalise past the support set).
+    Several runs (e.g. from perturbed starts) share the episode and train independently:
     the loss is a sum over runs and both optimizers act element-wise.
 
     Shape:
@@ -68,9 +82,14 @@ def finetune(backbone: nn.Module, subset: ParamSubset, support_x: torch.Tensor, 
     runs = theta.shape[0] if batched else 1
     path = [theta.detach().clone()] if record else None
     losses: List[float] = []
+    inputs = support_x if query is None else torch.cat([support_x, query[0]])
+    shots = support_x.shape[0]
     for _ in range(steps):
-        feats = features_with(backbone, subset, theta, support_x, shared_x=True)
-        loss = support_loss(feats, support_y, way, metric, scale)
+        feats = features_with(backbone, subset, theta, inputs, shared_x=True)
+        if query is None:
+            loss = support_loss(feats, support_y, way, metric, scale)
+        else:
+            loss = query_loss(feats[..., :shots, :], support_y, feats[..., shots:, :], query[1], way, metric, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
@@ -68,6 +69,7 @@ class HyperFlow:
         self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=hidden)
         self.max_rate = math.inf          # largest drift rate seen in training (for the guard)
         self.interpolation: Optional[str] = None
+        self.horizon = 1.0                # default integration time of fused_adapt (see tune_horizon)
         self.trajectory_config: Optional[TrajectoryConfig] = None
         self.history: Dict[str, List[float]] = {}
         self._packed: Dict[Tuple[torch.dtype, torch.device], PackedDrift] = {}
@@ -115,6 +117,52 @@ class HyperFlow:
         self._packed.clear()
         return self
 
+    @torch.no_grad()
+    def tune_horizon(self, episodes: Iterable, tasks: int = 40,
+                     horizons: Sequence[float] = (0.125, 0.25, 0.5, 0.75, 1.0), steps: int = 50,
+                     progress: bool = True) -> Dict[str, float]:
+        """Choose the integration horizon by query accuracy on held-out episodes.
+
+        The horizon is adaptation's step budget and is tuned like a learning rate: on episodes
+        (with queries) from the meta-training domains, never from the test domains. The best
+        horizon becomes :attr:`horizon`, the default of :func:`fused_adapt`.
+
+        Args:
+            episodes: iterable of episodes ``(support_x, support_y, query_x, query_y, ...)``.
+            tasks: how many episodes to score.
+            horizons: candidate integration times (each > 0).
+            steps: integration steps used for every candidate.
+
+        Returns:
+            Mean query accuracy per candidate (keys ``"h=<value>"``) and of the unadapted
+            backbone (key ``"none"``).
+        """
+        if self.interpolation is None:
+            raise ValueError("HyperFlow.tune_horizon: fit the flow first")
+        if not horizons or not all(math.isfinite(h) and h > 0 for h in horizons):
+            raise ValueError(f"HyperFlow.tune_horizon: horizons must be finite and > 0, got {list(horizons)}")
+        eps = list(itertools.islice(episodes, tasks))
+        if not eps or any(len(ep) < 4 or ep[2].numel() == 0 for ep in eps):
+            raise ValueError("HyperFlow.tune_horizon: needs episodes with query sets (EpisodeSampler(query > 0))")
+        sx, sy, qx, qy = ([ep[i] for ep in eps] for i in range(4))
+
+        def accuracy(models) -> float:
+            hits = [(m(q).argmax(-1) == y).float().mean() for m, q, y in zip(models, qx, qy)]
+            return float(torch.stack(hits).mean())
+
+        theta_pre = self.subset.vector(self.backbone)
+        scores = {"none": accuracy([AdaptedProtoNet(self.backbone, self.subset, theta_pre, x, y, int(y.max()) + 1,
+                                                    self.metric, self.scale) for x, y in zip(sx, sy)])}
+        for h in tqdm(horizons, desc="horizon", disable=not progress, unit="horizon"):
+            scores[f"h={h:g}"] = accuracy(fused_adapt(self.backbone, sx, sy, flow=self, steps=steps, horizon=h))
+        best = max(horizons, key=lambda h: scores[f"h={h:g}"])
+        self.horizon = float(best)
+        logger.info("HyperFlow.tune_horizon: %s -> horizon %g", scores, best)
+        if scores[f"h={best:g}"] < scores["none"]:
+            warnings.warn(f"HyperFlow.tune_horizon: no horizon beats the unadapted backbone on these episodes "
+                          f"({scores}); keeping the best, {best:g}", RuntimeWarning, stacklevel=2)
+        return scores
+
     # -- adaptation ----------------------------------------------------------------------
     def check_backbone(self, op: str, backbone: nn.Module) -> None:
         """Raise ValueError unless ``backbone`` has every adapted parameter with the trained shape."""
@@ -138,7 +186,7 @@ class HyperFlow:
                 "metric": self.metric, "scale": self.scale, "seed": self.seed, "hidden": self.net.hidden,
                 "task_dim": self.net.task_dim, "time_dim": self.net.time_dim, "task_hidden": self.net.task_hidden,
                 "max_rate": self.max_rate if math.isfinite(self.max_rate) else None,
-                "interpolation": self.interpolation}
+                "interpolation": self.interpolation, "horizon": self.horizon}
         return dict(self.net.state_dict()), meta
 
     def save(self, path: os.PathLike) -> None:
@@ -170,6 +218,7 @@ class HyperFlow:
         flow.net.eval()
         flow.max_rate = meta["max_rate"] if meta["max_rate"] is not None else math.inf
         flow.interpolation = meta["interpolation"]
+        flow.horizon = float(meta.get("horizon", 1.0))
         return flow
 
     def __repr__(self) -> str:
@@ -181,7 +230,7 @@ SupportSet = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSet, flow: HyperFlow,
-                steps: int = 50, solver: str = "euler", horizon: float = 1.0, backend: Optional[str] = None,
+                steps: int = 50, solver: str = "euler", horizon: Optional[float] = None, backend: Optional[str] = None,
                 guard: float = 10.0, way: Optional[int] = None
                 ) -> Union[AdaptedProtoNet, List[AdaptedProtoNet]]:
     """Adapt ``backbone`` to a support set by integrating the learned drift — no autograd.
@@ -197,7 +246,8 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         flow: a fitted :class:`HyperFlow`.
         steps: integration steps.
         solver: ``"euler"`` (the paper), ``"heun"`` or ``"rk4"``.
-        horizon: integration time; ``1.0`` is the length of a recorded trajectory.
+        horizon: integration time; ``1.0`` is the length of a recorded trajectory. Default:
+            ``flow.horizon`` (1.0 unless set by :meth:`HyperFlow.tune_horizon`).
         backend: ``"auto" | "triton" | "native" | "torch"``.
         guard: a task stops (with a warning) when a step's increment is non-finite or exceeds
             ``guard`` times the largest drift seen in training times ``dt``; ``math.inf`` disables it.
@@ -217,7 +267,8 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     flow.check_backbone(op, backbone)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{op}: steps must be a positive int, got {steps!r}")
-    if not (math.isfinite(horizon) and horizon > 0):
+    horizon = flow.horizon if horizon is None else horizon
+    if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
         raise ValueError(f"{op}: horizon must be finite and > 0, got {horizon}")
     if isinstance(support_x, (list, tuple)):
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:

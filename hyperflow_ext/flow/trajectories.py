@@ -7,19 +7,20 @@ perturbations of them — each recorded as ``θ_0 .. θ_K`` relative to the pret
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors
-from .functional import OPTIMIZERS, finetune
+from .functional import OBJECTIVES, OPTIMIZERS, finetune
 from .params import ParamSubset
 from .task import ENCODER_VERSION, TaskEncoder
 
@@ -30,7 +31,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrajectoryConfig:
-    """How trajectories are recorded. ``lr`` and ``optimizer`` are those of bias tuning."""
+    """How trajectories are recorded. ``lr`` and ``optimizer`` are those of bias tuning.
+
+    ``objective="support"`` fine-tunes on the support loss, exactly the bias-tuning baseline;
+    ``"query"`` on the episode's query loss against the support prototypes, so the recorded paths
+    lead where fine-tuning generalises (the drift is still conditioned on the support set only).
+    """
 
     steps: int = 50
     perturbations: int = 3
@@ -39,6 +45,7 @@ class TrajectoryConfig:
     lr: float = 1e-2
     metric: str = "cosine"
     scale: float = 10.0
+    objective: str = "support"
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.perturbations < 0:
@@ -47,12 +54,17 @@ class TrajectoryConfig:
             raise ValueError(f"TrajectoryConfig: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"TrajectoryConfig: lr must be > 0, got {self.lr}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"TrajectoryConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
-    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module) -> str:
-        """Key of a trajectory store: the settings, the seed and the backbone's exact weights."""
+    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module, first: Sequence[torch.Tensor] = ()) -> str:
+        """Key of a trajectory store: the settings, the seed, the backbone's exact weights and the
+        tensors of the first episode (so other episodes never resume from these chunks)."""
         h = hashlib.sha256(json.dumps({**asdict(self), "names": subset.names, "seed": seed,
                                        "encoder": ENCODER_VERSION}, sort_keys=True).encode())
-        for name, tensor in backbone.state_dict().items():
+        named = [(name, t) for name, t in backbone.state_dict().items()]
+        named += [(f"episode.{i}", t) for i, t in enumerate(first) if isinstance(t, torch.Tensor)]
+        for name, tensor in named:
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
@@ -119,7 +131,12 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     """
     if tasks < 1:
         raise ValueError(f"record_trajectories: tasks must be >= 1, got {tasks}")
-    digest = config.digest(subset, seed, backbone)
+    episodes = iter(episodes)
+    first = next(episodes, None)
+    if first is None:
+        raise ValueError("record_trajectories: the episode iterable is empty")
+    episodes = itertools.chain([first], episodes)
+    digest = config.digest(subset, seed, backbone, first)
     store_path = Path(store) if store is not None else None
     done: List[TrajectorySet] = _load_chunks(store_path, digest) if store_path and store_path.is_dir() else []
     have = sum(c.episodes for c in done)
@@ -139,9 +156,15 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
             continue  # stored already; the noise draw above keeps the generator in step
         sx, sy = ep[0], ep[1]
         way = int(sy.max()) + 1
+        query = None
+        if config.objective == "query":
+            if len(ep) < 4 or ep[2].numel() == 0:
+                raise ValueError(f"record_trajectories: objective='query' needs episodes with queries; episode {i} "
+                                 f"has none (sample them with EpisodeSampler(query > 0))")
+            query = (ep[2], ep[3])
         starts = torch.cat([theta_pre[None], theta_pre[None] + noise.to(theta_pre)])
         _, path, losses = finetune(backbone, subset, sx, sy, starts, config.steps, way, config.metric,
-                                   config.scale, config.optimizer, config.lr, record=True)
+                                   config.scale, config.optimizer, config.lr, record=True, query=query)
         pending_d.append((path - theta_pre).float())
         pending_z.append(encoder(sx, sy, way).float())
         bar.update(1)

@@ -182,7 +182,7 @@ def load_pretrained(name: str = "conv4-glyphs", cache_dir: Optional[os.PathLike]
     else:
         if datasets is None:
             from hyperflow_ext.data import benchmark_domains  # lazy: heavy, and optional here
-            datasets, _ = benchmark_domains(cache_dir=cache_dir, progress=progress)
+            datasets = benchmark_domains(cache_dir=cache_dir, progress=progress).source
         history: List[Dict[str, float]] = []
         start = time.perf_counter()
         pretrain(backbone, datasets, seed=seed, progress=progress, device=device,
