@@ -267,6 +267,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
     if args.episodes:
         cfg.episodes = args.episodes
+    if args.shots:
+        cfg.shots = args.shots
     report = run_demo(Path(args.out or "hyperflow-report"), cfg, cache_dir=args.cache_dir, progress=not args.quiet,
                       command="hyperflow " + " ".join(sys.argv[1:]))
     print(f"report -> {report}")
@@ -292,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the whole pipeline on embedded data; writes a report folder (--out, default hyperflow-report)")
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 cores)")
     p.add_argument("--episodes", type=int, default=None, help="few-shot episodes per domain and shot count")
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="shot counts to evaluate (default: 1 5)")
 
     for name, fn, text in (("pretrain", cmd_pretrain, "pretrain (or load the cached) backbone on the source scripts"),
                            ("meta-train", cmd_meta_train, "record fine-tuning trajectories and train a drift network"),

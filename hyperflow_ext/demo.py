@@ -21,12 +21,10 @@ import torch
 from . import __version__, native
 from ._io import atomic_path, cache_dir as resolve_cache_dir
 from .data import EpisodeSampler, benchmark_domains
-from .flow import DriftTrainConfig, HyperFlow, fused_adapt
+from .flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
 from .flow.baselines import direct_transfer, finetune_adapt
 from .flow.evaluate import FewShotResult, evaluate_few_shot, summarise
 from .flow.functional import features_with, finetune, support_loss
-from .flow.integrate import drift_integrate_reference
-from .flow.solvers import get_tableau
 from .models import load_pretrained
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -47,6 +45,7 @@ class DemoConfig:
     traj_steps: int = 50
     traj_objective: str = "query"    # fine-tune toward the query loss (see TrajectoryConfig)
     traj_query: int = 5              # queries per class in trajectory episodes
+    traj_shots: List[int] = field(default_factory=lambda: [1, 5])
     perturbations: int = 2
     finetune_lr: float = 1e-2
     drift_iters: int = 600
@@ -99,7 +98,6 @@ def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig
     any_flow = next(iter(flows.values()))
     subset = any_flow.subset
     theta_pre = subset.vector(backbone)
-    tab = get_tableau("euler")
     for label, flow in list(flows.items()) + [("bias tuning (Adam)", None)]:
         total = torch.zeros(cfg.adapt_steps + 1)
         for ep in eps:
@@ -108,15 +106,7 @@ def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig
                                       lr=cfg.finetune_lr, record=True)
                 states = path[0]
             else:
-                with torch.no_grad():
-                    z = flow.encoder(ep.support_x, ep.support_y)
-                    net = flow.net
-                    table = net.time_table(cfg.adapt_steps, flow.horizon, tab)
-                    _, _, states = drift_integrate_reference(
-                        flow.packed(torch.float32, theta_pre.device), torch.zeros(1, subset.numel),
-                        net.task_bias(z).contiguous(), table, flow.horizon / cfg.adapt_steps, "euler",
-                        return_path=True)
-                    states = theta_pre + torch.cat(states)
+                states = flow_path(backbone, ep.support_x, ep.support_y, flow, cfg.adapt_steps)[0]
             with torch.no_grad():
                 feats = features_with(backbone, subset, states, ep.support_x, shared_x=True)
                 for k in range(states.shape[0]):
@@ -173,7 +163,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
     store = resolve_cache_dir(cache_dir) / "trajectories"
     trajs = st.run("trajectories", lambda: recorder.record(
-        _mixed_episodes(meta, cfg.seed, cfg.shots, cfg.traj_query), tasks=cfg.traj_tasks,
+        _mixed_episodes(meta, cfg.seed, cfg.traj_shots, cfg.traj_query), tasks=cfg.traj_tasks,
         trajectory_steps=cfg.traj_steps, store=store, progress=progress, lr=cfg.finetune_lr,
         perturbations=cfg.perturbations, objective=cfg.traj_objective),
         lambda t: f"{t.episodes} tasks x {t.runs} runs x {cfg.traj_steps} steps, {recorder.subset.numel} biases")

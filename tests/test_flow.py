@@ -370,3 +370,17 @@ def test_trajectory_store_is_keyed_by_the_episodes(tmp_path):
     assert not torch.equal(a.z, b.z)  # other episodes were recorded, not resumed from the first store
     with pytest.raises(ValueError, match="episode iterable is empty"):
         record_trajectories(backbone, subset, enc, iter([]), 1, cfg, progress=False)
+
+
+def test_flow_path_ends_where_fused_adapt_does(tiny):
+    from hyperflow_ext.flow import flow_path
+
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1, seed=21))
+    path = flow_path(backbone, sx, sy, flow, steps=6, solver="heun", horizon=0.7)
+    theta_pre = flow.subset.vector(backbone)
+    assert path.shape == (1, 7, flow.subset.numel) and not path.requires_grad
+    torch.testing.assert_close(path[0, 0], theta_pre)
+    end = fused_adapt(backbone, sx, sy, flow=flow, steps=6, solver="heun", horizon=0.7, backend="torch").theta
+    torch.testing.assert_close(path[0, -1], end)
+    assert not torch.equal(path[0, 3], theta_pre)

@@ -2,6 +2,7 @@
 
 * :class:`HyperFlow` — records fine-tuning trajectories, trains the drift network, saves/loads.
 * :func:`fused_adapt` — adapts a backbone to support sets with a few fused ODE steps.
+* :func:`flow_path` — every state along that integration (for plots and analysis).
 * :func:`drift_integrate` — the fused integrator on the ``torch`` / ``native`` / ``triton`` back-ends.
 * Building blocks: :class:`DriftNetwork`, :class:`Interpolant`, :func:`odeint`, :class:`TaskEncoder`,
   :class:`ParamSubset`, :func:`record_trajectories`, :func:`train_drift`.
@@ -9,7 +10,7 @@
 from .adapted import AdaptedProtoNet
 from .drift import DriftNetwork, PackedDrift, time_features
 from .functional import features_with, finetune
-from .hyperflow import HyperFlow, fused_adapt
+from .hyperflow import HyperFlow, flow_path, fused_adapt
 from .integrate import drift_integrate, drift_integrate_reference
 from .interpolate import INTERPOLATIONS, Interpolant
 from .params import ParamSubset
@@ -20,7 +21,7 @@ from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
 from .update import euler_update, euler_update_reference
 
 __all__ = [
-    "HyperFlow", "fused_adapt", "AdaptedProtoNet", "DriftNetwork", "PackedDrift", "time_features",
+    "HyperFlow", "fused_adapt", "flow_path", "AdaptedProtoNet", "DriftNetwork", "PackedDrift", "time_features",
     "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
     "Interpolant", "ParamSubset", "TABLEAUS", "Tableau", "get_tableau", "odeint", "TaskEncoder",
     "DriftTrainConfig", "train_drift", "TrajectoryConfig", "TrajectorySet", "record_trajectories",

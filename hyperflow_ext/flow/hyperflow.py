@@ -18,7 +18,7 @@ from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
 from .checks import check_support
 from .drift import DriftNetwork, PackedDrift
-from .integrate import drift_integrate
+from .integrate import drift_integrate, drift_integrate_reference
 from .interpolate import INTERPOLATIONS
 from .params import ParamSpec, ParamSubset
 from .solvers import get_tableau
@@ -26,7 +26,7 @@ from .task import TaskEncoder
 from .train import DriftTrainConfig, fit_normalisation, train_drift
 from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
 
-__all__ = ["HyperFlow", "fused_adapt"]
+__all__ = ["HyperFlow", "fused_adapt", "flow_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -285,22 +285,46 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
                            flow.metric, flow.scale)
 
 
+def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow: HyperFlow,
+              steps: int = 50, solver: str = "euler", horizon: Optional[float] = None) -> torch.Tensor:
+    """Every state of :func:`fused_adapt`'s integration, for plots and analysis (torch reference).
+
+    Shape:
+        - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
+        - Returns: ``(tasks, steps + 1, P)`` adapted parameter vectors, ``θ_0`` first.
+    """
+    way, _ = check_support("flow_path", backbone, support_x, support_y, None)
+    horizon = flow.horizon if horizon is None else horizon
+    z = flow.encoder(support_x, support_y, way)
+    with torch.inference_mode():
+        theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
+        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=task_bias.dtype, device=task_bias.device)
+        _, _, states = drift_integrate_reference(w, delta0, task_bias, table, dt, solver, return_path=True)
+        return theta_pre + torch.stack(states, dim=1).to(theta_pre.dtype)
+
+
+def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str,
+                        horizon: float):
+    """``(θ_pre, packed weights, task term, time table, dt)`` in the backbone's float dtype."""
+    theta_pre = flow.subset.vector(backbone)
+    dtype, device = theta_pre.dtype, theta_pre.device
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    net = flow.net.to(device)
+    task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
+    table = net.time_table(steps, horizon, get_tableau(solver), dtype)
+    return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
+
+
 def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
                backend: Optional[str], guard: float) -> torch.Tensor:
-    tab = get_tableau(solver)
     with torch.inference_mode():
-        theta_pre = flow.subset.vector(backbone)
-        dtype, device = theta_pre.dtype, theta_pre.device
-        if dtype not in (torch.float32, torch.float64):
-            dtype = torch.float32
-        net = flow.net.to(device)
-        dt = horizon / steps
-        task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
-        table = net.time_table(steps, horizon, tab, dtype)
+        theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
+        dtype = task_bias.dtype
         limit = guard * flow.max_rate * dt if math.isfinite(guard) else math.inf
-        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=device)
-        delta, done = drift_integrate(flow.packed(dtype, device), delta0, task_bias, table, dt, solver,
-                                      limit if limit > 0 else math.inf, backend)
+        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=task_bias.device)
+        delta, done = drift_integrate(w, delta0, task_bias, table, dt, solver, limit if limit > 0 else math.inf,
+                                      backend)
         stopped = (done < steps).nonzero().flatten()
         if stopped.numel():
             warnings.warn(f"fused_adapt: the divergence guard stopped {stopped.numel()} task(s) early "
