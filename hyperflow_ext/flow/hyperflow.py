@@ -160,7 +160,7 @@ class HyperFlow:
         logger.info("HyperFlow.tune_horizon: %s -> horizon %g", scores, best)
         if scores[f"h={best:g}"] < scores["none"]:
             warnings.warn(f"HyperFlow.tune_horizon: no horizon beats the unadapted backbone on these episodes "
-                          f"({scores}); keeping the best, {best:g}", RuntimeWarning, stacklevel=2)
+                          f"({scores}); keeping the best, {best:g}", RuntimeWarning, stacklevel=3)
         return scores
 
     # -- adaptation ----------------------------------------------------------------------
