@@ -183,6 +183,22 @@ inline void transpose_block(const T* __restrict src, std::int64_t lds, std::int6
     if (i < nc) S::store(rm, dst + i * ldd, S::add(r[i], a));
 }
 
+// y[r0 + i] = (sum of the lanes of acc[i]) (+ bias[r0 + i]) for i < nr <= W: one register
+// transpose turns the W per-row accumulators into a single vector of row sums.
+template <typename T>
+inline void store_row_sums(typename Simd<T>::R acc[Simd<T>::W], std::int64_t r0, std::int64_t nr,
+                           const T* __restrict bias, T* __restrict y) {
+  using S = Simd<T>;
+  constexpr int W = S::W;
+  transpose_regs(acc);
+  typename S::R sum = acc[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < W; ++i) sum = S::add(sum, acc[i]);
+  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
+  if (bias) sum = S::add(sum, S::loadz(rm, bias + r0));
+  S::store(rm, y + r0, sum);
+}
+
 // y[r0 + i] = sum_j val[j] * x[col[j]] (+ bias) for the nr <= W rows starting at r0 (CSR
 // mat-vec, int32 indices, x contiguous): each row is a few masked gathers with no
 // data-dependent branch for rows of up to W nonzeros, and the W row sums come out of one
@@ -208,13 +224,7 @@ inline void csr_spmv_rows(const std::int32_t* __restrict rowptr, const std::int3
       }
     }
   }
-  transpose_regs(acc);
-  typename S::R sum = acc[0];
-#pragma GCC unroll 16
-  for (int i = 1; i < W; ++i) sum = S::add(sum, acc[i]);
-  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
-  if (bias) sum = S::add(sum, S::loadz(rm, bias + r0));
-  S::store(rm, y + r0, sum);
+  store_row_sums(acc, r0, nr, bias, y);
 }
 
 // out[0 : NV*W] (the last register masked by `last` when TAIL) =
@@ -317,13 +327,7 @@ inline void masked_matvec_rows(const std::uint8_t* __restrict mask, const T* __r
 #pragma GCC unroll 16
   for (int i = 0; i < W; ++i)
     acc[i] = i < nr ? masked_dot_lanes(mask + (r0 + i) * n, w + (r0 + i) * ldw, x, n) : S::zero();
-  transpose_regs(acc);
-  typename S::R sum = acc[0];
-#pragma GCC unroll 16
-  for (int i = 1; i < W; ++i) sum = S::add(sum, acc[i]);
-  const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
-  if (bias) sum = S::add(sum, S::loadz(rm, bias + r0));
-  S::store(rm, y + r0, sum);
+  store_row_sums(acc, r0, nr, bias, y);
 }
 
 // acc[c] += s * (m[c] ? w[c] : 0) for c < n (masked axpy of one weight row into acc).
