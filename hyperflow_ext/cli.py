@@ -100,8 +100,8 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import cache_dir
-    from .data import EpisodeSampler, benchmark_domains
-    from .demo import _mixed_episodes
+    from .data import benchmark_domains
+    from .demo import _held_out_episodes, _mixed_episodes
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
@@ -114,8 +114,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
              train_config=DriftTrainConfig(iters=args.iters), progress=not args.quiet, lr=args.lr,
              perturbations=args.perturbations, objective=args.objective)
     if args.horizon_tasks > 0:
-        held_out = EpisodeSampler(meta, way=5, shot=5, query=15, seed=args.seed + 99).episodes()
-        flow.tune_horizon(held_out, args.horizon_tasks, progress=not args.quiet)
+        flow.tune_horizon(_held_out_episodes(meta, args.seed), args.horizon_tasks, progress=not args.quiet)
     flow.save(out)
     print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters, "
           f"horizon {flow.horizon:g}) -> {out}")

@@ -90,6 +90,11 @@ def _mixed_episodes(domains, seed: int, shots: List[int], query: int = 0):
             yield next(it)
 
 
+def _held_out_episodes(domains, seed: int):
+    """5-way 5-shot episodes with 15 queries, seeded apart from the trajectory episodes (horizon search)."""
+    return EpisodeSampler(domains, way=5, shot=5, query=15, seed=seed + 99).episodes()
+
+
 def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig) -> Dict[str, List[float]]:
     """Mean support loss after each step: along each HyperFlow path and along real bias tuning."""
     curves: Dict[str, List[float]] = {}
@@ -174,9 +179,8 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
             flow = HyperFlow(backbone, params="bias", seed=cfg.seed).fit(
                 trajectories=trajs, interpolation=interp, progress=progress,
                 train_config=DriftTrainConfig(iters=cfg.drift_iters))
-            held_out = EpisodeSampler(meta, way=5, shot=5, query=15, seed=cfg.seed + 99).episodes()
-            horizon_scores[label] = flow.tune_horizon(held_out, cfg.horizon_tasks, cfg.horizons, cfg.adapt_steps,
-                                                      progress=False)
+            horizon_scores[label] = flow.tune_horizon(_held_out_episodes(meta, cfg.seed), cfg.horizon_tasks,
+                                                      cfg.horizons, cfg.adapt_steps, progress=False)
             return flow
         flows[label] = st.run(f"drift {label}", meta_train,
                               lambda f: f"best validation loss {min(f.history['val']) if f.history['val'] else float('nan'):.4f}, "
