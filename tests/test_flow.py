@@ -384,3 +384,16 @@ def test_flow_path_ends_where_fused_adapt_does(tiny):
     end = fused_adapt(backbone, sx, sy, flow=flow, steps=6, solver="heun", horizon=0.7, backend="torch").theta
     torch.testing.assert_close(path[0, -1], end)
     assert not torch.equal(path[0, 3], theta_pre)
+
+
+def test_flow_path_rejects_bad_support(tiny):
+    from hyperflow_ext.flow import flow_path
+
+    backbone, flow, _ = tiny
+    sx, sy = next(_episodes(1, seed=22))
+    with pytest.raises(ValueError, match="flow_path"):
+        flow_path(backbone, sx, sy[:-1], flow)
+    bad = sx.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="flow_path.*NaN"):
+        flow_path(backbone, bad, sy, flow)
