@@ -71,10 +71,12 @@ def _pretrain_kw(args: argparse.Namespace) -> dict:
     kw: dict = {}
     if getattr(args, "quick", False):
         quick = DemoConfig.quick()
-        from .data import benchmark_domains
+        kw = {"epochs": quick.pretrain_epochs}
+        if quick.pretrain_scripts:
+            from .data import benchmark_domains
 
-        source = benchmark_domains(args.cache_dir, progress=not args.quiet).source
-        kw = {"datasets": {k: source[k] for k in quick.pretrain_scripts}, "epochs": quick.pretrain_epochs}
+            source = benchmark_domains(args.cache_dir, progress=not args.quiet).source
+            kw["datasets"] = {k: source[k] for k in quick.pretrain_scripts}
     if getattr(args, "epochs", None):
         kw["epochs"] = args.epochs
     return kw
@@ -305,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "meta-train":
             p.add_argument("--interpolation", default="cubic", choices=["linear", "piecewise", "cubic"])
             p.add_argument("--params", default="bias", help="adapted parameters: bias, head or all")
-            p.add_argument("--tasks", type=int, default=96, help="meta-training episodes")
+            p.add_argument("--tasks", type=int, default=192, help="meta-training episodes")
             p.add_argument("--steps", type=int, default=50, help="fine-tuning steps per trajectory")
             p.add_argument("--perturbations", type=int, default=2, help="perturbed extra runs per episode")
             p.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (Adam)")

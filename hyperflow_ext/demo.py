@@ -41,7 +41,7 @@ class DemoConfig:
     seed: int = 0
     pretrain_epochs: Optional[int] = None        # None: the architecture's default
     pretrain_scripts: Optional[List[str]] = None  # None: every source script
-    traj_tasks: int = 96
+    traj_tasks: int = 192
     traj_steps: int = 50
     traj_objective: str = "query"    # fine-tune toward the query loss (see TrajectoryConfig)
     traj_query: int = 5              # queries per class in trajectory episodes
@@ -62,7 +62,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
-        return cls(seed=seed, pretrain_epochs=1, pretrain_scripts=["Latin", "Greek"], traj_tasks=8, traj_steps=20,
+        return cls(seed=seed, pretrain_epochs=1, traj_tasks=8, traj_steps=20,
                    traj_query=2, perturbations=1, drift_iters=100,
                    horizons=[0.5, 1.0], horizon_tasks=4, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],

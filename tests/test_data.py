@@ -209,7 +209,9 @@ def test_split_constants_are_disjoint_rendered_scripts(glyphs):
 @pytest.mark.slow
 def test_benchmark_domains_support_5way_5shot_15query(tmp_path):
     source, meta, target = benchmark_domains(cache_dir=tmp_path, progress=False)
-    assert tuple(source) == SOURCE_SCRIPTS and tuple(meta) == META_SCRIPTS
+    assert tuple(source) == SOURCE_SCRIPTS
+    assert tuple(meta) == META_SCRIPTS + tuple(f"{s}@8px" for s in META_SCRIPTS)
+    assert meta["Lisu@8px"].class_names == meta["Lisu"].class_names
     assert tuple(target) == TARGET_SCRIPTS + ("digits",)
     EpisodeSampler({**source, **meta, **target}, way=5, shot=5, query=15)  # raises if any class is short
 
@@ -358,3 +360,58 @@ def test_episode_sampler_on_real_domains(glyphs):
         assert episode.support_x.shape == (25, 1, GLYPH_SIZE, GLYPH_SIZE)
         assert episode.query_x.shape == (75, 1, GLYPH_SIZE, GLYPH_SIZE)
         assert set(episode.classes) <= set(glyphs[episode.domain].class_names)
+
+
+# ----------------------------------------------------------------------------- low resolution
+
+def test_coarse_scan_counts_ink_of_the_size_normalised_bitmap():
+    from hyperflow_ext.data.resolution import coarse_scan
+
+    small = torch.zeros(1, 1, 28, 28)
+    small[..., 2:8, 3:9] = 1.0           # a small square in a corner
+    large = torch.zeros(1, 1, 28, 28)
+    large[..., 5:25, 4:24] = 0.9         # a large square in the middle
+    scans = coarse_scan(torch.cat([small, large]), side=8)
+    assert scans.shape == (2, 1, 8, 8)
+    # Size and position are normalised away: both squares fill the whole grid.
+    torch.testing.assert_close(scans, torch.ones_like(scans))
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[..., 4:24, 10:14] = 1.0          # a tall bar keeps its aspect ratio, centred
+    scan = coarse_scan(bar, side=8)[0, 0]
+    assert torch.equal(scan * 16, torch.round(scan * 16))  # ink counts 0..16 of a 4x4 block
+    # 20x4 → 32x6 pixels at columns 13..18: 3 of 4 columns of blocks 3 and 4, nothing elsewhere.
+    assert torch.equal(scan[:, 3:5], torch.full((8, 2), 12 / 16))
+    assert scan[:, :3].max() == 0.0 and scan[:, 5:].max() == 0.0
+    assert torch.equal(coarse_scan(torch.zeros(1, 1, 28, 28)), torch.zeros(1, 1, 8, 8))  # blank stays blank
+
+
+def test_low_resolution_keeps_classes():
+    from hyperflow_ext.data import low_resolution
+    from hyperflow_ext.data.resolution import coarse_scan
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 1, 16, 16, generator=g)
+    ds = ImageDataset(images, torch.tensor([0, 1, 2, 0, 1, 2]), ["a", "b", "c"], "toy", {"fonts": ["x"]})
+    coarse = low_resolution(ds, side=4)
+    assert coarse.images.shape == images.shape and coarse.images.dtype == torch.float32
+    assert torch.equal(coarse.labels, ds.labels) and coarse.class_names == ds.class_names
+    assert coarse.domain == "toy@4px" and coarse.meta["fonts"] == ["x"]
+    assert coarse.meta["low_resolution"] == {"side": 4, "block": 4}
+    expected = torch.nn.functional.interpolate(coarse_scan(images, 4), size=(16, 16), mode="bilinear",
+                                               align_corners=False)
+    torch.testing.assert_close(coarse.images, expected.clamp(0, 1))
+
+
+def test_low_resolution_rejects_bad_arguments():
+    from hyperflow_ext.data import low_resolution
+
+    ds = ImageDataset(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), ["a", "b"], "toy")
+    with pytest.raises(ValueError, match="side must be <= the image side 8"):
+        low_resolution(ds, side=9)
+    with pytest.raises(ValueError, match="side must be >= 1"):
+        low_resolution(ds, side=0)
+    with pytest.raises(TypeError, match="dataset must be an ImageDataset"):
+        low_resolution(torch.rand(2, 1, 8, 8))
+    wide = ImageDataset(torch.rand(2, 1, 8, 6), torch.tensor([0, 1]), ["a", "b"], "toy")
+    with pytest.raises(ValueError, match="images must be square"):
+        low_resolution(wide)

@@ -2,10 +2,13 @@
 
 Three disjoint groups, as in any few-shot benchmark with a meta-training stage:
 
-* source scripts (the large ones, 597 letters in all) pretrain the backbone;
-* meta-training scripts (Armenian, Lisu, Old Italic), which the backbone never saw, provide the
-  episodes HyperFlow learns fine-tuning trajectories on: adapting to them is what adapting to a
-  new domain looks like, which fine-tuning on the backbone's own training classes is not;
+* the source script (Latin, 52 letters) pretrains the backbone;
+* meta-training scripts (Greek, Cyrillic, Georgian, Canadian Syllabics, Armenian, Lisu, Old
+  Italic), which the backbone never saw, provide the episodes HyperFlow learns fine-tuning
+  trajectories on: adapting to them is what adapting to a new domain looks like, which
+  fine-tuning on the backbone's own training classes is not. Each is also seen as 8x8 coarse
+  scans (:func:`~hyperflow_ext.data.low_resolution`), the capture process of the far target,
+  so meta-training covers a change of capture as well as a change of alphabet;
 * target scripts (Hebrew, Arabic, Lao) plus scikit-learn's handwritten ``digits`` (the farthest
   domain) are only ever tested on.
 
@@ -21,16 +24,19 @@ from typing import Dict, NamedTuple, Optional, Tuple
 from .dataset import ImageDataset
 from .digits import load_digits
 from .glyphs import glyph_domains
+from .resolution import low_resolution
 
-__all__ = ["SOURCE_SCRIPTS", "META_SCRIPTS", "TARGET_SCRIPTS", "BENCHMARK_AUGMENTATIONS", "BenchmarkSplit",
-           "benchmark_domains"]
+__all__ = ["SOURCE_SCRIPTS", "META_SCRIPTS", "TARGET_SCRIPTS", "META_SCAN_SIDE", "BENCHMARK_AUGMENTATIONS",
+           "BenchmarkSplit", "benchmark_domains"]
 
-SOURCE_SCRIPTS: Tuple[str, ...] = ("Latin", "Greek", "Cyrillic", "Georgian", "CanadianSyllabics")
-META_SCRIPTS: Tuple[str, ...] = ("Armenian", "Lisu", "OldItalic")
+SOURCE_SCRIPTS: Tuple[str, ...] = ("Latin",)
+META_SCRIPTS: Tuple[str, ...] = ("Greek", "Cyrillic", "Georgian", "CanadianSyllabics", "Armenian", "Lisu", "OldItalic")
 TARGET_SCRIPTS: Tuple[str, ...] = ("Hebrew", "Arabic", "Lao")
+META_SCAN_SIDE = 8  # meta-training scripts are also seen as coarse scans of this many cells a side
 BENCHMARK_AUGMENTATIONS = 4
 # One render of every script, in a fixed order (the glyph cache is keyed by it).
-_RENDERED = SOURCE_SCRIPTS + ("Armenian", "Hebrew", "Arabic", "Lao", "Lisu", "OldItalic")
+_RENDERED = ("Latin", "Greek", "Cyrillic", "Georgian", "CanadianSyllabics", "Armenian", "Hebrew", "Arabic", "Lao",
+             "Lisu", "OldItalic")
 
 
 class BenchmarkSplit(NamedTuple):
@@ -51,8 +57,9 @@ def benchmark_domains(cache_dir: Optional[os.PathLike] = None, progress: bool = 
         image_size: side of all images.
 
     Returns:
-        A :class:`BenchmarkSplit`: ``source`` for :data:`SOURCE_SCRIPTS`, ``meta`` for
-        :data:`META_SCRIPTS`, ``target`` for :data:`TARGET_SCRIPTS` followed by ``"digits"``.
+        A :class:`BenchmarkSplit`: ``source`` for :data:`SOURCE_SCRIPTS`; ``meta`` for
+        :data:`META_SCRIPTS` followed by their coarse scans (``"<script>@8px"``); ``target`` for
+        :data:`TARGET_SCRIPTS` followed by ``"digits"``.
 
     Raises:
         ValueError: if the bundled fonts no longer cover one of the fixed scripts.
@@ -61,5 +68,6 @@ def benchmark_domains(cache_dir: Optional[os.PathLike] = None, progress: bool = 
                            cache_dir=cache_dir, progress=progress)
     target = {name: glyphs[name] for name in TARGET_SCRIPTS}
     target["digits"] = load_digits(image_size)
-    return BenchmarkSplit(source={name: glyphs[name] for name in SOURCE_SCRIPTS},
-                          meta={name: glyphs[name] for name in META_SCRIPTS}, target=target)
+    meta = {name: glyphs[name] for name in META_SCRIPTS}
+    meta.update({f"{name}@{META_SCAN_SIDE}px": low_resolution(glyphs[name], META_SCAN_SIDE) for name in META_SCRIPTS})
+    return BenchmarkSplit(source={name: glyphs[name] for name in SOURCE_SCRIPTS}, meta=meta, target=target)

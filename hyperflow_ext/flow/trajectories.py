@@ -57,14 +57,12 @@ class TrajectoryConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrajectoryConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
-    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module, first: Sequence[torch.Tensor] = ()) -> str:
-        """Key of a trajectory store: the settings, the seed, the backbone's exact weights and the
-        tensors of the first episode (so other episodes never resume from these chunks)."""
+    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module) -> str:
+        """Key of a trajectory store: the settings, the seed and the backbone's exact weights
+        (each chunk file adds the fingerprint of its own episodes)."""
         h = hashlib.sha256(json.dumps({**asdict(self), "names": subset.names, "seed": seed,
                                        "encoder": ENCODER_VERSION}, sort_keys=True).encode())
-        named = [(name, t) for name, t in backbone.state_dict().items()]
-        named += [(f"episode.{i}", t) for i, t in enumerate(first) if isinstance(t, torch.Tensor)]
-        for name, tensor in named:
+        for name, tensor in backbone.state_dict().items():
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:12]
@@ -102,12 +100,15 @@ class TrajectorySet:
         return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]))
 
 
-def _load_chunks(store: Path, digest: str) -> List[TrajectorySet]:
-    chunks = []
-    for path in sorted(store.glob(f"traj-{digest}-*.safetensors")):
-        tensors, _ = load_tensors(path)
-        chunks.append(TrajectorySet(tensors["deltas"], tensors["z"]))
-    return chunks
+def _episodes_key(block: Sequence[Sequence[torch.Tensor]]) -> str:
+    """Fingerprint of a block of episodes (every tensor's bytes), part of its chunk file's name."""
+    h = hashlib.sha256()
+    for ep in block:
+        for t in ep:
+            if isinstance(t, torch.Tensor):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskEncoder,
@@ -123,63 +124,62 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
         episodes: iterable of ``(support_x, support_y, ...)``; the first ``tasks`` are used.
         tasks: number of episodes.
         config: optimizer, steps, perturbations.
-        store: folder for chunk files; chunks already there (same config and seed) are reused
-            and their episodes skipped, so an interrupted run resumes.
+        store: folder for chunk files. A chunk already there is reused when its settings, seed,
+            backbone weights and episodes all match, so an interrupted run resumes and a run on
+            other episodes never picks up these trajectories.
         chunk_size: episodes per chunk file.
         seed: seeds the perturbations.
         progress: show a progress bar.
     """
     if tasks < 1:
         raise ValueError(f"record_trajectories: tasks must be >= 1, got {tasks}")
+    if chunk_size < 1:
+        raise ValueError(f"record_trajectories: chunk_size must be >= 1, got {chunk_size}")
     episodes = iter(episodes)
-    first = next(episodes, None)
-    if first is None:
-        raise ValueError("record_trajectories: the episode iterable is empty")
-    episodes = itertools.chain([first], episodes)
-    digest = config.digest(subset, seed, backbone, first)
+    digest = config.digest(subset, seed, backbone)
     store_path = Path(store) if store is not None else None
-    done: List[TrajectorySet] = _load_chunks(store_path, digest) if store_path and store_path.is_dir() else []
-    have = sum(c.episodes for c in done)
-    if have:
-        logger.info("record_trajectories: resuming with %d stored episodes from %s", have, store_path)
     theta_pre = subset.vector(backbone)
     gen = torch.Generator().manual_seed(seed)
     sigma = config.perturb_scale * config.lr * config.steps ** 0.5
-    pending_d: List[torch.Tensor] = []
-    pending_z: List[torch.Tensor] = []
-    bar = tqdm(total=tasks, initial=min(have, tasks), desc="trajectories", disable=not progress, unit="task")
-    for i, ep in enumerate(episodes):
-        if i >= tasks:
+    done: List[TrajectorySet] = []
+    bar = tqdm(total=tasks, desc="trajectories", disable=not progress, unit="task")
+    for start in range(0, tasks, chunk_size):
+        block = list(itertools.islice(episodes, min(chunk_size, tasks - start)))
+        if not block:
             break
-        noise = torch.randn(config.perturbations, theta_pre.numel(), generator=gen) * sigma
-        if i < have:
-            continue  # stored already; the noise draw above keeps the generator in step
-        sx, sy = ep[0], ep[1]
-        way = int(sy.max()) + 1
-        query = None
-        if config.objective == "query":
-            if len(ep) < 4 or ep[2].numel() == 0:
-                raise ValueError(f"record_trajectories: objective='query' needs episodes with queries; episode {i} "
-                                 f"has none (sample them with EpisodeSampler(query > 0))")
-            query = (ep[2], ep[3])
-        starts = torch.cat([theta_pre[None], theta_pre[None] + noise.to(theta_pre)])
-        _, path, losses = finetune(backbone, subset, sx, sy, starts, config.steps, way, config.metric,
-                                   config.scale, config.optimizer, config.lr, record=True, query=query)
-        pending_d.append((path - theta_pre).float())
-        pending_z.append(encoder(sx, sy, way).float())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[0]:.3f}->{losses[-1]:.3f}")
-        if len(pending_d) == chunk_size or i == tasks - 1:
-            chunk = TrajectorySet(torch.stack(pending_d), torch.cat(pending_z))
-            if store_path is not None:
-                first = i + 1 - len(pending_d)  # chunk files are named by their first episode
-                save_tensors(store_path / f"traj-{digest}-{first:06d}.safetensors",
-                             {"deltas": chunk.deltas, "z": chunk.z}, {"config": asdict(config), "seed": seed})
-            done.append(chunk)
-            pending_d, pending_z = [], []
+        # Drawn for every episode, stored or not, so a resumed run perturbs exactly like a fresh one.
+        noises = [torch.randn(config.perturbations, theta_pre.numel(), generator=gen) * sigma for _ in block]
+        # A chunk is reused only for the very same episodes (same settings, backbone and tensors).
+        path = store_path / f"traj-{digest}-{start:06d}-{_episodes_key(block)}.safetensors" if store_path else None
+        if path is not None and path.is_file():
+            tensors, _ = load_tensors(path)
+            done.append(TrajectorySet(tensors["deltas"], tensors["z"]))
+            bar.update(len(block))
+            continue
+        deltas, zs = [], []
+        for i, (ep, noise) in enumerate(zip(block, noises), start):
+            sx, sy = ep[0], ep[1]
+            way = int(sy.max()) + 1
+            query = None
+            if config.objective == "query":
+                if len(ep) < 4 or ep[2].numel() == 0:
+                    raise ValueError(f"record_trajectories: objective='query' needs episodes with queries; episode "
+                                     f"{i} has none (sample them with EpisodeSampler(query > 0))")
+                query = (ep[2], ep[3])
+            starts = torch.cat([theta_pre[None], theta_pre[None] + noise.to(theta_pre)])
+            _, traj, losses = finetune(backbone, subset, sx, sy, starts, config.steps, way, config.metric,
+                                       config.scale, config.optimizer, config.lr, record=True, query=query)
+            deltas.append((traj - theta_pre).float())
+            zs.append(encoder(sx, sy, way).float())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[0]:.3f}->{losses[-1]:.3f}")
+        chunk = TrajectorySet(torch.stack(deltas), torch.cat(zs))
+        if path is not None:
+            save_tensors(path, {"deltas": chunk.deltas, "z": chunk.z}, {"config": asdict(config), "seed": seed})
+        done.append(chunk)
     bar.close()
-    if pending_d:
-        done.append(TrajectorySet(torch.stack(pending_d), torch.cat(pending_z)))
+    if not done:
+        raise ValueError("record_trajectories: the episode iterable is empty")
     result = TrajectorySet.cat(done)
     if result.episodes < tasks:
         raise ValueError(f"record_trajectories: the episode iterable ran out after {result.episodes} of {tasks} tasks")
