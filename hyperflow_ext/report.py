@@ -158,8 +158,8 @@ native build: {meta['native'].get('native_build', 'missing')}.
 
 ## Few-shot adaptation (mean over target domains)
 
-HyperFlow is meta-trained on the meta-training scripts (never seen by the backbone, never tested on);
-its integration horizon is chosen by query accuracy (%) on held-out meta-training episodes
+HyperFlow is meta-trained on the meta-training scripts and their 8x8 coarse scans (never seen by the
+backbone, never tested on); its integration horizon is chosen by query accuracy (%) on held-out meta-training episodes
 (5-way 5-shot; `none` = the unadapted backbone):
 
 {horizons}

@@ -471,3 +471,13 @@ def test_load_pretrained_builds_source_domains_lazily(tmp_path, monkeypatch):
     again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
     assert calls == [(tmp_path, False)]  # the cached file is used; no data is built
     assert _state_equal(net, again)
+
+
+def test_default_pretrained_key_follows_the_source_scripts(tmp_path, monkeypatch):
+    from hyperflow_ext.data import benchmark
+    from hyperflow_ext.models.pretrained import pretrained_path
+
+    before = pretrained_path("conv4-glyphs", cache_dir=tmp_path)
+    monkeypatch.setattr(benchmark, "SOURCE_SCRIPTS", ("Latin", "Greek"))
+    # Another default split must not load the backbone cached for the old one.
+    assert pretrained_path("conv4-glyphs", cache_dir=tmp_path) != before

@@ -77,7 +77,12 @@ def _config(fn: str, arch: str, datasets: Any, seed: int, backbone_kw: Mapping[s
     train.update(_ARCH_DEFAULTS.get(arch, {}))
     train.update(train_kw)
     from .. import __version__
-    data = "benchmark_domains" if datasets is None else "custom:" + _fingerprint(datasets)
+    if datasets is None:
+        from ..data.benchmark import SOURCE_SCRIPTS  # the default data: a new split is a new backbone
+
+        data = "benchmark_domains:" + ",".join(SOURCE_SCRIPTS)
+    else:
+        data = "custom:" + _fingerprint(datasets)
     config = {"arch": arch, "backbone_kw": dict(backbone_kw), "seed": seed, "train": train,
               "data": data, "version": __version__}
     try:
