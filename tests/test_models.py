@@ -467,7 +467,9 @@ def test_load_pretrained_builds_source_domains_lazily(tmp_path, monkeypatch):
     assert calls == [(tmp_path, False)]
     _, meta = load_tensors(pretrained_path("conv4-glyphs", tmp_path, **_FAST))
     assert meta["num_classes"] == 4 and meta["num_images"] == 24
-    assert meta["config"]["data"] == "benchmark_domains"
+    from hyperflow_ext.data.benchmark import SOURCE_SCRIPTS
+
+    assert meta["config"]["data"] == "benchmark_domains:" + ",".join(SOURCE_SCRIPTS)
     again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
     assert calls == [(tmp_path, False)]  # the cached file is used; no data is built
     assert _state_equal(net, again)
