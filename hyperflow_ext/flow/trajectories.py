@@ -154,6 +154,7 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
         if path is not None and path.is_file():
             tensors, _ = load_tensors(path)
             done.append(TrajectorySet(tensors["deltas"], tensors["z"]))
+            logger.info("record_trajectories: reusing episodes %d-%d from %s", start, start + len(block) - 1, path)
             bar.update(len(block))
             continue
         deltas, zs = [], []
@@ -183,4 +184,4 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     result = TrajectorySet.cat(done)
     if result.episodes < tasks:
         raise ValueError(f"record_trajectories: the episode iterable ran out after {result.episodes} of {tasks} tasks")
-    return TrajectorySet(result.deltas[:tasks], result.z[:tasks])
+    return result
