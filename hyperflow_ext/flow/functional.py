@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from ..models import proto_logits, prototypes
 from .params import ParamSubset
@@ -33,9 +33,11 @@ def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor,
     """
     if theta.dim() == 1:
         return functional_call(backbone, subset.unflatten(theta), (x,), strict=False)
+    # A loop, not vmap: vmap cannot run channels-last convolution maps through GroupNorm, and
+    # the runs are few (perturbed starts, a handful of tasks).
     params = subset.unflatten(theta)
-    fn = lambda p, xb: functional_call(backbone, p, (xb,), strict=False)  # noqa: E731
-    return vmap(fn, in_dims=(0, None if shared_x else 0))(params, x)
+    return torch.stack([functional_call(backbone, {k: v[r] for k, v in params.items()}, (x if shared_x else x[r],),
+                                        strict=False) for r in range(theta.shape[0])])
 
 
 def support_loss(feats: torch.Tensor, labels: torch.Tensor, way: int, metric: str, scale: float) -> torch.Tensor:
