@@ -290,6 +290,24 @@ def test_separate_task_encoder_is_used_for_z_and_backbone_for_finetuning():
     assert ts.deltas.shape[-1] == ParamSubset(backbone, "bias").numel and ts.z.shape == (2, flow.encoder.dim)
 
 
+def test_features_with_runs_match_one_run_at_a_time_and_carry_gradients():
+    from hyperflow_ext.flow.functional import features_with
+
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, groups=2).eval()
+    subset = ParamSubset(backbone, "bias")
+    thetas = (subset.vector(backbone) + 0.1 * torch.randn(3, subset.numel)).requires_grad_(True)
+    x = torch.rand(3, 4, 1, 28, 28)
+    shared = features_with(backbone, subset, thetas, x[0], shared_x=True)
+    per_run = features_with(backbone, subset, thetas, x)
+    assert shared.shape == per_run.shape == (3, 4, 8)
+    for r in range(3):
+        torch.testing.assert_close(shared[r], features_with(backbone, subset, thetas[r], x[0]))
+        torch.testing.assert_close(per_run[r], features_with(backbone, subset, thetas[r], x[r]))
+    per_run[1].sum().backward()
+    assert thetas.grad[1].abs().sum() > 0 and thetas.grad[0].abs().sum() == 0 == thetas.grad[2].abs().sum()
+
+
 # -- query objective, horizon tuning, task clipping, store keys ------------------------------
 def test_query_objective_follows_the_query_loss_and_needs_queries():
     from hyperflow_ext.flow.functional import finetune, query_loss, features_with

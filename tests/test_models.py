@@ -118,6 +118,28 @@ def test_backbone_size_and_determinism(arch):
         assert not torch.allclose(net(x), out_eval)
 
 
+@pytest.mark.parametrize("arch", ["conv4", "resnet8"])
+def test_conv_backbones_keep_channels_last_weights(arch, tmp_path):
+    """Channels-last weights are a speed choice only: same features as the NCHW layout, and
+    checkpoints (contiguous on disk) load back into the channels-last model exactly."""
+    torch.manual_seed(0)
+    net = build_backbone(arch)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    nchw = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    assert not convs[1].weight.is_contiguous() or convs[1].weight.shape[1] == 1
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), nchw(x), rtol=1e-5, atol=1e-5)
+    save_tensors(tmp_path / "w.safetensors", net.state_dict())
+    tensors, _ = load_tensors(tmp_path / "w.safetensors")
+    fresh = build_backbone(arch)
+    fresh.load_state_dict(tensors)
+    assert _state_equal(fresh, net)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in fresh.modules() if isinstance(m, nn.Conv2d))
+
+
 def test_backbone_constructor_errors():
     with pytest.raises(ValueError, match="unknown backbone 'nope'.*conv4.*resnet8.*vit_tiny"):
         build_backbone("nope")
