@@ -73,6 +73,7 @@ class HyperFlow:
         self.trajectory_config: Optional[TrajectoryConfig] = None
         self.history: Dict[str, List[float]] = {}
         self._packed: Dict[Tuple[torch.dtype, torch.device], PackedDrift] = {}
+        self._tables: Dict[tuple, torch.Tensor] = {}
 
     # -- meta-training -------------------------------------------------------------------
     def record(self, episodes: Iterable, tasks: int = 200, trajectory_steps: int = 50,
@@ -115,6 +116,7 @@ class HyperFlow:
         self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress)
         self.interpolation = interpolation
         self._packed.clear()
+        self._tables.clear()
         return self
 
     @torch.no_grad()
@@ -179,6 +181,16 @@ class HyperFlow:
         if key not in self._packed:
             self._packed[key] = PackedDrift(*(t.to(device) for t in self.net.packed(dtype)))
         return self._packed[key]
+
+    def time_table(self, steps: int, horizon: float, solver: str, dtype: torch.dtype) -> torch.Tensor:
+        """``W_t e(t)`` at every stage time of an integration, ``(steps, stages, H)`` (cached like
+        :meth:`packed`: it depends only on the schedule, not on the task)."""
+        key = (steps, float(horizon), solver, dtype, self.net.time.weight.device)
+        if key not in self._tables:
+            if len(self._tables) >= 32:  # many distinct schedules: keep the cache bounded
+                self._tables.clear()
+            self._tables[key] = self.net.time_table(steps, horizon, get_tableau(solver), dtype)
+        return self._tables[key]
 
     # -- persistence ---------------------------------------------------------------------
     def state(self) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -310,9 +322,11 @@ def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, s
     dtype, device = theta_pre.dtype, theta_pre.device
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    net = flow.net.to(device)
+    net = flow.net
+    if net.inp.weight.device != device:  # Module.to walks every parameter: only when needed
+        net.to(device)
     task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
-    table = net.time_table(steps, horizon, get_tableau(solver), dtype)
+    table = flow.time_table(steps, horizon, solver, dtype)
     return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
 
 
