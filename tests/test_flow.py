@@ -133,6 +133,21 @@ def test_fit_learns_and_keeps_best(tiny):
     assert ts.deltas.shape == (12, 4, 9, flow.subset.numel)
 
 
+def test_time_table_is_cached_per_schedule_and_cleared_by_fit(tiny):
+    backbone, _, ts = tiny
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    flow.fit(trajectories=ts, interpolation="linear", train_config=DriftTrainConfig(iters=5), progress=False)
+    table = flow.time_table(8, 0.5, "heun", torch.float32)
+    assert table.shape == (8, 2, 32)
+    assert flow.time_table(8, 0.5, "heun", torch.float32) is table
+    torch.testing.assert_close(table, flow.net.time_table(8, 0.5, get_tableau("heun")))
+    assert not torch.equal(flow.time_table(8, 1.0, "heun", torch.float32), table)
+    flow.fit(trajectories=ts, interpolation="linear", train_config=DriftTrainConfig(iters=5, lr=1e-2), progress=False)
+    refreshed = flow.time_table(8, 0.5, "heun", torch.float32)
+    assert refreshed is not table
+    torch.testing.assert_close(refreshed, flow.net.time_table(8, 0.5, get_tableau("heun")))
+
+
 def test_fused_adapt_no_graph_no_mutation(tiny):
     backbone, flow, _ = tiny
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
