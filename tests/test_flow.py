@@ -146,6 +146,13 @@ def test_time_table_is_cached_per_schedule_and_cleared_by_fit(tiny):
     refreshed = flow.time_table(8, 0.5, "heun", torch.float32)
     assert refreshed is not table
     torch.testing.assert_close(refreshed, flow.net.time_table(8, 0.5, get_tableau("heun")))
+    for steps, horizon in ((0, 0.5), (2.5, 0.5), (True, 0.5), (8, 0.0), (8, math.inf), (8, -1.0), (8, "1")):
+        with pytest.raises(ValueError, match="steps must be a positive int|horizon must be finite and > 0"):
+            flow.time_table(steps, horizon, "euler", torch.float32)
+    with pytest.raises(ValueError, match="dtype must be floating point"):
+        flow.time_table(8, 0.5, "euler", torch.int64)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        flow.time_table(8, 0.5, "midpoint", torch.float32)
 
 
 def test_fused_adapt_no_graph_no_mutation(tiny):

@@ -133,7 +133,19 @@ class DriftNetwork(nn.Module):
     @torch.no_grad()
     def time_table(self, steps: int, horizon: float, tableau: Tableau,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_t e(t)`` at every stage time: ``(steps, stages, H)``."""
+        """``W_t e(t)`` at every stage time: ``(steps, stages, H)``.
+
+        Raises:
+            ValueError: ``steps`` is not a positive int, ``horizon`` not finite and > 0, or
+                ``dtype`` not floating point.
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"DriftNetwork.time_table: steps must be a positive int, got {steps!r}")
+        number = isinstance(horizon, (int, float)) and not isinstance(horizon, bool)
+        if not (number and math.isfinite(horizon) and horizon > 0):
+            raise ValueError(f"DriftNetwork.time_table: horizon must be finite and > 0, got {horizon!r}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"DriftNetwork.time_table: dtype must be floating point, got {dtype}")
         dt = horizon / steps
         n = torch.arange(steps, dtype=torch.float64)[:, None]
         c = torch.tensor(tableau.c, dtype=torch.float64)[None, :]

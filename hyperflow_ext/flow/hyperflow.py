@@ -184,8 +184,13 @@ class HyperFlow:
 
     def time_table(self, steps: int, horizon: float, solver: str, dtype: torch.dtype) -> torch.Tensor:
         """``W_t e(t)`` at every stage time of an integration, ``(steps, stages, H)`` (cached like
-        :meth:`packed`: it depends only on the schedule, not on the task)."""
-        key = (steps, float(horizon), solver, dtype, self.net.time.weight.device)
+        :meth:`packed`: it depends only on the schedule, not on the task).
+
+        Raises:
+            ValueError: bad ``steps``, ``horizon``, ``solver`` or ``dtype`` (see
+                :meth:`DriftNetwork.time_table`).
+        """
+        key = (steps, horizon, solver, dtype, self.net.time.weight.device)
         if key not in self._tables:
             if len(self._tables) >= 32:  # many distinct schedules: keep the cache bounded
                 self._tables.clear()
