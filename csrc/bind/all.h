@@ -4,6 +4,7 @@
 #include "core.h"
 #include "drift.h"
 #include "flowacc.h"
+#include "norm.h"
 #include "sparse.h"
 
 namespace hf {
@@ -13,6 +14,7 @@ void bind_all(pybind11::module_& m) {
   bind_core<Tag>(m);
   bind_drift<Tag>(m);
   bind_flowacc<Tag>(m);
+  bind_norm<Tag>(m);
   bind_sparse<Tag>(m);
 }
 
