@@ -11,6 +11,7 @@ from hyperflow_ext.flow import (INTERPOLATIONS, DriftNetwork, DriftTrainConfig, 
                                 fused_adapt, get_tableau, odeint)
 from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt
 from hyperflow_ext.models import Conv4
+from hyperflow_ext.measure import peak_memory
 
 
 # -- interpolation --------------------------------------------------------------------------
@@ -192,6 +193,25 @@ def test_task_embedding_is_order_invariant(tiny):
     perm = torch.randperm(sy.shape[0])
     relabel = torch.tensor([2, 0, 1])
     torch.testing.assert_close(flow.encoder(sx[perm], relabel[sy[perm]]), z, atol=1e-6, rtol=1e-6)
+
+
+def test_task_encoder_parts_change_memory_not_values(tiny):
+    backbone, _, _ = tiny
+    sx, sy = next(_episodes(1, seed=4))
+    whole = TaskEncoder(backbone, backbone.feature_dim, parts=1)
+    z = whole(sx, sy)
+    for parts in (2, 5, 1000):    # more parts than images: one image per call
+        torch.testing.assert_close(TaskEncoder(backbone, backbone.feature_dim, parts=parts)(sx, sy), z,
+                                   atol=1e-6, rtol=1e-5)
+    x = torch.rand(20, 1, 28, 28)
+    y = torch.arange(4).repeat_interleave(5)
+    conv = Conv4()
+    _, one = peak_memory(lambda: TaskEncoder(conv, conv.feature_dim, parts=1)(x, y))
+    _, five = peak_memory(lambda: TaskEncoder(conv, conv.feature_dim, parts=5)(x, y))
+    assert five < one / 2, (five, one)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="parts must be a positive int"):
+            TaskEncoder(backbone, backbone.feature_dim, parts=bad)
 
 
 def test_save_load_roundtrip(tiny, tmp_path):
