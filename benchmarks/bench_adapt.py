@@ -1,6 +1,7 @@
 """Few-shot adaptation: HyperFlow's fused_adapt vs autograd fine-tuning, time and peak memory.
 
-A 5-way 5-shot task on a Conv4 backbone (28x28 inputs), 50 steps for every method. The drift
+A 5-way 1-shot and a 5-way 5-shot task on a Conv4 backbone (28x28 inputs), 50 steps for every
+method. The drift
 network is fitted on a handful of synthetic trajectories: its speed does not depend on how well
 it was trained. Each test records, from the same run:
 
@@ -19,21 +20,30 @@ from hyperflow_ext.flow.baselines import finetune_adapt
 from hyperflow_ext.measure import interleaved_medians, peak_memory
 from hyperflow_ext.models import Conv4
 
-STEPS, WAY, SHOT = 50, 5, 5
+STEPS, WAY, SHOTS = 50, 5, (1, 5)
 
 
 @pytest.fixture(scope="module")
-def setup():
+def trained():
     torch.manual_seed(0)
     backbone = Conv4().eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    sx = torch.rand(WAY * SHOT, 1, 28, 28)
-    sy = torch.arange(WAY).repeat_interleave(SHOT)
+    sx = torch.rand(WAY * 5, 1, 28, 28)
+    sy = torch.arange(WAY).repeat_interleave(5)
     flow = HyperFlow(backbone, params="bias")
     eps = [(sx + 0.05 * torch.randn_like(sx), sy) for _ in range(4)]
     flow.fit(eps, tasks=4, trajectory_steps=5, progress=False, perturbations=0,
              train_config=DriftTrainConfig(iters=10, eval_every=5))
+    return backbone, flow
+
+
+@pytest.fixture(params=SHOTS, ids=lambda shot: f"{shot}shot")
+def setup(request, trained):
+    backbone, flow = trained
+    gen = torch.Generator().manual_seed(request.param)
+    sx = torch.rand(WAY * request.param, 1, 28, 28, generator=gen)
+    sy = torch.arange(WAY).repeat_interleave(request.param)
     return backbone, sx, sy, flow
 
 
@@ -49,14 +59,14 @@ METHODS = {
 def test_adaptation(benchmark, setup, method):
     backbone, sx, sy, flow = setup
     run = lambda m: (lambda: METHODS[m](backbone, sx, sy, flow))  # noqa: E731
-    benchmark.group = "adaptation (5-way 5-shot, 50 steps)"
+    benchmark.group = f"adaptation (5-way {sy.shape[0] // WAY}-shot, 50 steps)"
     model = benchmark.pedantic(run(method), rounds=3, warmup_rounds=1)
-    assert model(sx).shape == (WAY * SHOT, WAY)
+    assert model(sx).shape == (sy.shape[0], WAY)
     if getattr(benchmark, "disabled", False):
         return
     _, peak = peak_memory(run(method))
     _, base_peak = peak_memory(run("bias_tuning"))
-    t_base, t_method = interleaved_medians([run("bias_tuning"), run(method)], rounds=3)
+    t_base, t_method = interleaved_medians([run("bias_tuning"), run(method)], rounds=5)
     benchmark.extra_info.update(steps=STEPS, peak_kib=peak / 1024, bias_tuning_peak_kib=base_peak / 1024,
                                 memory_ratio_vs_bias_tuning=peak / max(1, base_peak),
                                 time_ratio_vs_bias_tuning=t_method / t_base,

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import check_image_batch, check_int
-from .norm import group_norm_
+from .. import native
+from .._checks import FLOAT_CODES
+from .norm import launch_group_norm_
 
 __all__ = ["Conv4", "ResNet8", "NORMS"]
 
@@ -54,16 +56,19 @@ def _init_conv_net(module: nn.Module) -> None:
 def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Tensor:
     """``relu(norm(x))`` (or ``norm(x)``) for a freshly computed map ``x`` the caller owns.
 
-    With autograd off (the task encoder, query forwards) a channels-last map goes through
-    :func:`group_norm_`, which normalises it in place: no second full-size map, half the
-    block's peak memory. Otherwise the modules run as usual.
+    With autograd off (the task encoder, query forwards) a channels-last map is normalised in
+    place by the native kernel behind :func:`~.norm.group_norm_`: no second full-size map, half the
+    block's peak memory. This runs once per block on small batches, so the checks the kernel
+    relies on are made here, directly, instead of through the public wrapper's full validation.
+    Any other case runs the modules as usual.
     """
-    if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled()
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and (not norm.affine or (norm.weight.dtype == x.dtype and norm.weight.device == x.device
-                                     and norm.weight.is_contiguous() and norm.bias.is_contiguous()))):
-        return group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
-                           norm.bias if norm.affine else None, norm.eps, relu)
+    if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
+            and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
+            and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
+            and (not norm.affine or all(p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
+                                        and p.shape == (norm.num_channels,) for p in (norm.weight, norm.bias)))):
+        return launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
+                                  norm.bias if norm.affine else None, norm.eps, relu)
     y = norm(x)
     return F.relu(y, inplace=True) if relu else y
 

@@ -67,8 +67,19 @@ def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     with torch.no_grad():
         if chosen == "torch" or x.numel() == 0:
             return x.copy_(group_norm_reference(x, num_groups, weight, bias, eps, relu))
-        mod = native.cuda_module() if x.device.type == "cuda" else native.cpu_module()
-        mod.group_norm_(x=x.data_ptr(), weight=0 if weight is None else weight.data_ptr(),
-                        bias=0 if bias is None else bias.data_ptr(), n=n, hw=h * w, c=c, groups=num_groups,
-                        eps=float(eps), relu=bool(relu), dtype=FLOAT_CODES[x.dtype], stream=stream_handle(x.device))
+        return launch_group_norm_(x, num_groups, weight, bias, eps, relu)
+
+
+def launch_group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float, relu: bool) -> torch.Tensor:
+    """The native call behind :func:`group_norm_`, without its validation.
+
+    Only for callers that have already established everything :func:`group_norm_` checks
+    (the backbones' per-block fast path); anything else must call :func:`group_norm_`.
+    """
+    n, c, h, w = x.shape
+    mod = native.cuda_module() if x.device.type == "cuda" else native.cpu_module()
+    mod.group_norm_(x=x.data_ptr(), weight=0 if weight is None else weight.data_ptr(),
+                    bias=0 if bias is None else bias.data_ptr(), n=n, hw=h * w, c=c, groups=num_groups,
+                    eps=float(eps), relu=bool(relu), dtype=FLOAT_CODES[x.dtype], stream=stream_handle(x.device))
     return x
