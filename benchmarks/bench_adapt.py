@@ -1,9 +1,8 @@
 """Few-shot adaptation: HyperFlow's fused_adapt vs autograd fine-tuning, time and peak memory.
 
 A 5-way 1-shot and a 5-way 5-shot task on a Conv4 backbone (28x28 inputs), 50 steps for every
-method. The drift
-network is fitted on a handful of synthetic trajectories: its speed does not depend on how well
-it was trained. Each test records, from the same run:
+method. The drift network is fitted on a handful of synthetic trajectories: its speed does not
+depend on how well it was trained. Each test records, from the same run:
 
 * ``speedup_vs_bias_tuning`` — median time of bias tuning / median time of this method, timed
   interleaved (``hyperflow_ext.measure.interleaved_medians``);

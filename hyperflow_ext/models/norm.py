@@ -48,7 +48,7 @@ def group_norm_(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor]
     """
     op = "group_norm_"
     check_tensor(op, "x", x, dtypes=FLOAT_CODES, ndim=4)
-    n, c, h, w = x.shape
+    c = x.shape[1]
     if not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{op}: x must be channels-last contiguous (x.contiguous(memory_format=torch.channels_last))")
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
