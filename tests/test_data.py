@@ -402,6 +402,44 @@ def test_low_resolution_keeps_classes():
     torch.testing.assert_close(coarse.images, expected.clamp(0, 1))
 
 
+def test_from_scans_rejects_scans_of_another_shape():
+    from hyperflow_ext.data.resolution import from_scans
+
+    ds = ImageDataset(torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), ["a", "b"], "toy")
+    with pytest.raises(ValueError, match=r"scans must be \(n=2, 1, side, side\)"):
+        from_scans(ds, torch.rand(3, 1, 4, 4))
+
+
+def test_meta_scans_are_cached_beside_the_glyphs_and_rebuilt_when_stale(tmp_path, monkeypatch):
+    from hyperflow_ext.data import benchmark as bench
+    from hyperflow_ext.data.resolution import coarse_scan
+
+    g = torch.Generator().manual_seed(0)
+    glyphs = {name: ImageDataset(torch.rand(4, 1, 16, 16, generator=g), torch.tensor([0, 0, 1, 1]), ["a", "b"], name)
+              for name in META_SCRIPTS}
+    glyph_file = tmp_path / "glyphs-abc.safetensors"
+    scans = bench._meta_scans(glyphs, glyph_file)
+    for name in META_SCRIPTS:
+        torch.testing.assert_close(scans[name], coarse_scan(glyphs[name].images, bench.META_SCAN_SIDE))
+    cached = list(tmp_path.glob("glyphs-abc-scans*.safetensors"))
+    assert len(cached) == 1
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("rescanned although the cache matches")
+
+    monkeypatch.setattr(bench, "coarse_scan", no_scan)
+    again = bench._meta_scans(glyphs, glyph_file)
+    assert all(torch.equal(again[n], scans[n]) for n in META_SCRIPTS)
+
+    monkeypatch.setattr(bench, "coarse_scan", coarse_scan)
+    more = {name: ImageDataset(torch.cat([ds.images, ds.images[:2]]), torch.tensor([0, 0, 1, 1, 0, 0]), ["a", "b"],
+                               name) for name, ds in glyphs.items()}
+    rebuilt = bench._meta_scans(more, glyph_file)  # the cached scans are of 4 images, not 6: rescanned
+    assert all(rebuilt[n].shape[0] == 6 for n in META_SCRIPTS)
+    cached[0].write_bytes(b"not a safetensors file")
+    assert all(torch.equal(bench._meta_scans(more, glyph_file)[n], rebuilt[n]) for n in META_SCRIPTS)
+
+
 def test_low_resolution_rejects_bad_arguments():
     from hyperflow_ext.data import low_resolution
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ._checks import check_int
 from .dataset import ImageDataset
 
-__all__ = ["low_resolution", "coarse_scan"]
+__all__ = ["low_resolution", "coarse_scan", "from_scans"]
 
 BLOCK = 4       # bitmap pixels per grid cell along each side: ink levels 0..BLOCK**2
 INK = 0.5       # a pixel at least this bright is ink in the bitmap
@@ -69,7 +69,21 @@ def low_resolution(dataset: ImageDataset, side: int = 8) -> ImageDataset:
         raise ValueError(f"{fn}: images must be square, got {h}x{w}")
     if side > h:
         raise ValueError(f"{fn}: side must be <= the image side {h}, got {side}")
-    coarse = coarse_scan(dataset.images, side)
-    images = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
+    return from_scans(dataset, coarse_scan(dataset.images, side))
+
+
+def from_scans(dataset: ImageDataset, scans: torch.Tensor) -> ImageDataset:
+    """``dataset`` with its images replaced by ``scans`` resized back to the original size
+    (the second half of :func:`low_resolution`, for scans computed earlier or loaded from a cache).
+
+    Shape:
+        - scans: ``(n, 1, side, side)`` for the ``n`` images of ``dataset``.
+    """
+    n, _, h, w = dataset.images.shape
+    if scans.dim() != 4 or scans.shape[0] != n or scans.shape[1] != 1 or scans.shape[2] != scans.shape[3]:
+        raise ValueError(f"from_scans: scans must be (n={n}, 1, side, side), got {tuple(scans.shape)}")
+    side = scans.shape[-1]
+    images = F.interpolate(scans.to(dataset.images.dtype), size=(h, w), mode="bilinear",
+                           align_corners=False).clamp_(0.0, 1.0)
     meta = {**dataset.meta, "low_resolution": {"side": side, "block": BLOCK}}
     return ImageDataset(images.contiguous(), dataset.labels, dataset.class_names, f"{dataset.domain}@{side}px", meta)
