@@ -6,12 +6,13 @@ Tensors are stored with safetensors; metadata is a flat ``str -> str`` mapping.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
@@ -93,3 +94,12 @@ def load_tensors(path: os.PathLike, device: str | torch.device = "cpu"
     except Exception as exc:  # safetensors raises its own error types
         raise ValueError(f"load_tensors: {path} is not a valid safetensors file: {exc}") from exc
     return tensors, json.loads(raw)
+
+
+def tensor_digest(tensors: Iterable[torch.Tensor], length: int = 12) -> str:
+    """Hex digest of tensors' dtypes, shapes and bytes, in order (a cache or resume key)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:length]

@@ -107,6 +107,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt" + (out.suffix or ".safetensors"))
     backbone = _backbone(args)
     meta = benchmark_domains(args.cache_dir, progress=not args.quiet).meta
     flow = HyperFlow(backbone, params=args.params, seed=args.seed)
@@ -114,10 +115,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     flow.fit(_mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,
              interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
              train_config=DriftTrainConfig(iters=args.iters), progress=not args.quiet, lr=args.lr,
-             perturbations=args.perturbations, objective=args.objective)
+             perturbations=args.perturbations, objective=args.objective, checkpoint=checkpoint)
     if args.horizon_tasks > 0:
         flow.tune_horizon(_held_out_episodes(meta, args.seed), args.horizon_tasks, progress=not args.quiet)
     flow.save(out)
+    checkpoint.unlink(missing_ok=True)  # the product is saved: nothing left to resume
     print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters, "
           f"horizon {flow.horizon:g}) -> {out}")
     return 0
@@ -316,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="loss the recorded fine-tuning follows")
             p.add_argument("--horizon-tasks", type=int, default=60,
                            help="held-out episodes that choose the integration horizon (0: keep 1.0)")
+            p.add_argument("--checkpoint", default=None,
+                           help="drift-training checkpoint: an interrupted run resumes from it (default "
+                                "OUT with .ckpt before the suffix; removed once OUT is written)")
         if name == "adapt":
             p.add_argument("--flow", required=True, help="drift network from `hyperflow meta-train`")
             p.add_argument("--support", required=True, help="folder of class folders (the support set)")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ENTRY = shutil.which("hyperflow")
@@ -119,6 +120,19 @@ def test_pretrain_and_meta_train_quick(cache, tmp_path):
     res = run("meta-train", "--quick", "--tasks", "4", "--steps", "5", "--iters", "20", "--perturbations", "0",
               "--interpolation", "linear", "--horizon-tasks", "3", "--out", out, "-q", cache=cache, check_rc=0)
     assert out.exists() and "drift network (linear" in res.stdout and "horizon" in res.stdout
+    assert not (tmp_path / "drift.ckpt.safetensors").exists()  # removed once the flow is saved
+
+
+def test_meta_train_refuses_a_checkpoint_of_another_run(cache, tmp_path):
+    from hyperflow_ext._io import save_tensors
+
+    run("pretrain", "--quick", "-q", cache=cache, check_rc=0)
+    stale = tmp_path / "drift.ckpt.safetensors"
+    save_tensors(stale, {"generator": torch.zeros(1, dtype=torch.uint8)}, {"key": "another-run", "done": 5})
+    res = run("meta-train", "--quick", "--tasks", "4", "--steps", "5", "--iters", "20", "--perturbations", "0",
+              "--horizon-tasks", "0", "--out", tmp_path / "drift.safetensors", "-q", cache=cache)
+    assert res.returncode == 1 and "was written by another training run" in res.stderr
+    assert stale.exists() and not (tmp_path / "drift.safetensors").exists()  # nothing overwritten
 
 
 def test_bench_missing_folder(tmp_path):

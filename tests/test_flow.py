@@ -7,8 +7,8 @@ import torch
 
 import hyperflow_ext as hf
 from hyperflow_ext.flow import (INTERPOLATIONS, DriftNetwork, DriftTrainConfig, HyperFlow, Interpolant,
-                                ParamSubset, TaskEncoder, drift_integrate, drift_integrate_reference,
-                                fused_adapt, get_tableau, odeint)
+                                ParamSubset, TaskEncoder, TrajectorySet, drift_integrate,
+                                drift_integrate_reference, fused_adapt, get_tableau, odeint)
 from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt
 from hyperflow_ext.models import Conv4
 from hyperflow_ext.measure import peak_memory
@@ -132,6 +132,90 @@ def test_fit_learns_and_keeps_best(tiny):
     assert len(hist["val"]) == 3 and min(hist["val"]) <= hist["val"][0]
     assert sum(hist["train"][-10:]) < sum(hist["train"][:10])
     assert ts.deltas.shape == (12, 4, 9, flow.subset.numel)
+
+
+def _drift_setup():
+    from hyperflow_ext.flow.train import fit_normalisation
+
+    g = torch.Generator().manual_seed(0)
+    ts = TrajectorySet(torch.randn(10, 2, 6, 12, generator=g).cumsum(2), torch.randn(10, 5, generator=g))
+    train, val = ts.split(2)
+
+    def fresh(seed=1):
+        torch.manual_seed(seed)
+        net = DriftNetwork(12, 5, hidden=16)
+        fit_normalisation(net, train)
+        return net
+
+    return train, val, fresh, DriftTrainConfig(iters=40, batch_size=16, eval_every=10)
+
+
+def test_drift_training_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch):
+    import hyperflow_ext.flow.train as train_module
+    from hyperflow_ext._io import load_tensors
+    from hyperflow_ext.flow.train import train_drift
+
+    train, val, fresh, cfg = _drift_setup()
+    whole = fresh()
+    hist = train_drift(whole, train, "cubic", cfg, val, progress=False)
+
+    calls, loss = [0], train_module._loss
+
+    def interrupted(*args):
+        calls[0] += 1
+        if calls[0] == 26:  # iteration 24: 25 training calls and 2 validation passes in
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    ckpt = tmp_path / "drift.ckpt.safetensors"
+    monkeypatch.setattr(train_module, "_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_drift(fresh(), train, "cubic", cfg, val, progress=False, checkpoint=ckpt, checkpoint_every=10)
+    tensors, meta = load_tensors(ckpt)  # plain tensors and JSON: nothing is unpickled
+    assert meta["done"] == 20 and len(meta["history"]["train"]) == 20
+    monkeypatch.setattr(train_module, "_loss", loss)
+
+    resumed = fresh()
+    assert train_drift(resumed, train, "cubic", cfg, val, progress=False, checkpoint=ckpt, checkpoint_every=10) == hist
+    for name, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert load_tensors(ckpt)[1]["done"] == 40
+
+    def no_training(*args):
+        raise AssertionError("a finished checkpoint must not train again")
+
+    monkeypatch.setattr(train_module, "_loss", no_training)
+    again = fresh()
+    assert train_drift(again, train, "cubic", cfg, val, progress=False, checkpoint=ckpt) == hist
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in whole.state_dict().items())
+
+
+def test_drift_checkpoint_of_another_run_is_refused(tmp_path):
+    from hyperflow_ext.flow.train import train_drift
+
+    train, val, fresh, cfg = _drift_setup()
+    ckpt = tmp_path / "ck.safetensors"
+    train_drift(fresh(), train, "linear", cfg, val, progress=False, checkpoint=ckpt)
+    for kwargs in ({"interpolation": "cubic"}, {"config": DriftTrainConfig(iters=41, batch_size=16, eval_every=10)},
+                   {"net": fresh(seed=2)}, {"seed": 3}):
+        args = {"net": fresh(), "train": train, "interpolation": "linear", "config": cfg, "val": val, **kwargs}
+        with pytest.raises(ValueError, match="was written by another training run"):
+            train_drift(progress=False, checkpoint=ckpt, **args)
+    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
+        train_drift(fresh(), train, "linear", cfg, val, progress=False, checkpoint=ckpt, checkpoint_every=0)
+
+
+def test_fit_passes_its_checkpoint_on(tiny, tmp_path):
+    backbone, _, ts = tiny
+    ckpt = tmp_path / "fit.ckpt.safetensors"
+    cfg = DriftTrainConfig(iters=12, eval_every=4)
+    a = HyperFlow(backbone, params="bias", hidden=32, seed=5).fit(trajectories=ts, train_config=cfg, progress=False,
+                                                                 checkpoint=ckpt)
+    assert ckpt.is_file()
+    b = HyperFlow(backbone, params="bias", hidden=32, seed=5).fit(trajectories=ts, train_config=cfg, progress=False,
+                                                                 checkpoint=ckpt)
+    assert a.history == b.history
+    assert all(torch.equal(b.net.state_dict()[k], v) for k, v in a.net.state_dict().items())
 
 
 def test_time_table_is_cached_per_schedule_and_cleared_by_fit(tiny):

@@ -87,7 +87,7 @@ class HyperFlow:
             interpolation: str = "cubic", trajectories: Optional[TrajectorySet] = None,
             val_fraction: float = 0.1, store: Optional[os.PathLike] = None,
             train_config: DriftTrainConfig = DriftTrainConfig(), progress: bool = True,
-            **trajectory_config) -> "HyperFlow":
+            checkpoint: Optional[os.PathLike] = None, **trajectory_config) -> "HyperFlow":
         """Meta-train: record trajectories (unless given), interpolate, regress the drift.
 
         Args:
@@ -99,6 +99,9 @@ class HyperFlow:
             val_fraction: share of episodes held out for validation (best weights kept).
             store: folder to keep trajectory chunks in (resumable).
             train_config: drift-network optimisation settings.
+            checkpoint: file for the drift training's resumable state (see
+                :func:`~hyperflow_ext.flow.train.train_drift`): an interrupted ``fit`` called again
+                with the same arguments resumes there and ends with the same weights.
             trajectory_config: extra :class:`TrajectoryConfig` fields (``lr``, ``optimizer``, ...).
         """
         if interpolation not in INTERPOLATIONS:
@@ -113,7 +116,8 @@ class HyperFlow:
         n_val = int(round(val_fraction * trajectories.episodes))
         train, val = trajectories.split(n_val) if n_val > 0 else (trajectories, None)
         self.max_rate = fit_normalisation(self.net, train)
-        self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress)
+        self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress,
+                                   checkpoint=checkpoint)
         self.interpolation = interpolation
         self._packed.clear()
         self._tables.clear()

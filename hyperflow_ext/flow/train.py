@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
+
+from .._io import load_tensors, save_tensors, tensor_digest
 
 from .drift import DriftNetwork
 from .interpolate import Interpolant
@@ -66,12 +72,26 @@ def _loss(net: DriftNetwork, path: Interpolant, z: torch.Tensor, runs: int, rows
 
 def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
                 config: DriftTrainConfig = DriftTrainConfig(), val: Optional[TrajectorySet] = None,
-                seed: int = 0, progress: bool = True) -> Dict[str, List[float]]:
+                seed: int = 0, progress: bool = True, checkpoint: Optional[os.PathLike] = None,
+                checkpoint_every: int = 100) -> Dict[str, List[float]]:
     """Regress the drift onto the interpolant's time derivative at uniform random ``t``.
 
     AdamW with a cosine schedule; when ``val`` is given the weights with the lowest validation
     loss are kept. Deterministic given ``seed``. Returns the loss history.
+
+    Args:
+        checkpoint: a file to save the whole training state to (weights, optimizer, random
+            generator, history; safetensors, written atomically) every ``checkpoint_every``
+            iterations and at the end. If it exists, training resumes from it and ends with
+            exactly the weights an uninterrupted run gives; a finished checkpoint is simply loaded.
+        checkpoint_every: iterations between checkpoints.
+
+    Raises:
+        ValueError: ``checkpoint`` was written by another run (other settings, data or initial
+            weights), or ``checkpoint_every < 1``.
     """
+    if checkpoint_every < 1:
+        raise ValueError(f"train_drift: checkpoint_every must be >= 1, got {checkpoint_every}")
     gen = torch.Generator().manual_seed(seed)
     path = Interpolant(_flat(train), interpolation)
     n = path.points.shape[0]
@@ -83,7 +103,13 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
         vrows = torch.arange(vpath.points.shape[0]).repeat_interleave(8)
         vt = torch.rand(vrows.shape[0], generator=gen)
     best, best_state = math.inf, None
-    bar = tqdm(range(config.iters), desc=f"drift ({interpolation})", disable=not progress, unit="it")
+    ckpt = _Checkpoint(checkpoint, net, train, val, interpolation, config, seed) if checkpoint is not None else None
+    start = 0
+    if ckpt is not None and ckpt.exists():
+        start, best, best_state = ckpt.restore(net, opt, sched, gen, history)
+        logger.info("train_drift: resuming from %s at iteration %d of %d", ckpt.path, start, config.iters)
+    bar = tqdm(range(start, config.iters), desc=f"drift ({interpolation})", disable=not progress, unit="it",
+               initial=start, total=config.iters)
     net.train()
     for it in bar:
         rows = torch.randint(n, (config.batch_size,), generator=gen)
@@ -103,8 +129,61 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
             if vloss < best:
                 best, best_state = vloss, copy.deepcopy(net.state_dict())
             bar.set_postfix(loss=f"{history['train'][-1]:.4f}", val=f"{vloss:.4f}")
+        if ckpt is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iters):
+            ckpt.save(it + 1, net, opt, sched, gen, history, best, best_state)
     net.eval()
     if best_state is not None:
         net.load_state_dict(best_state)
         logger.info("train_drift: kept the best validation loss %.4f", best)
     return history
+
+
+class _Checkpoint:
+    """The resumable state of :func:`train_drift` in one safetensors file (no pickled objects).
+
+    Its key covers everything that determines the run: the settings, the seed, the
+    interpolation, the trajectories and the network's weights and normalisation at the start.
+    """
+
+    def __init__(self, path: os.PathLike, net: DriftNetwork, train: TrajectorySet, val: Optional[TrajectorySet],
+                 interpolation: str, config: DriftTrainConfig, seed: int) -> None:
+        self.path = Path(path)
+        data = [train.deltas, train.z] + ([val.deltas, val.z] if val is not None else [])
+        settings = json.dumps({"config": asdict(config), "seed": seed, "interpolation": interpolation,
+                               "net": net.extra_repr(), "val": val is not None}, sort_keys=True)
+        self.key = hashlib.sha256(settings.encode()).hexdigest()[:12] + tensor_digest(list(net.state_dict().values()) + data)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, done: int, net: DriftNetwork, opt: torch.optim.Optimizer, sched, gen: torch.Generator,
+             history: Dict[str, List[float]], best: float, best_state: Optional[dict]) -> None:
+        tensors = {f"net/{k}": v for k, v in net.state_dict().items()}
+        tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
+        state = opt.state_dict()
+        for i, slots in state["state"].items():
+            tensors.update({f"opt/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
+        tensors["generator"] = gen.get_state()
+        meta = {"key": self.key, "done": done, "history": history, "best": best if best_state else None,
+                "param_groups": state["param_groups"], "scheduler": sched.state_dict()}
+        save_tensors(self.path, tensors, meta)
+
+    def restore(self, net: DriftNetwork, opt: torch.optim.Optimizer, sched, gen: torch.Generator,
+                history: Dict[str, List[float]]) -> Tuple[int, float, Optional[dict]]:
+        tensors, meta = load_tensors(self.path)
+        if meta.get("key") != self.key:
+            raise ValueError(f"train_drift: checkpoint {self.path} was written by another training run (other "
+                             f"settings, trajectories or initial weights); delete it or pass another path")
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net/")})
+        slots: Dict[int, dict] = {}
+        for name, v in tensors.items():
+            if name.startswith("opt/"):
+                _, i, k = name.split("/")
+                slots.setdefault(int(i), {})[k] = v
+        opt.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
+        sched.load_state_dict(meta["scheduler"])
+        gen.set_state(tensors["generator"])
+        history.update(meta["history"])
+        best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")} or None
+        best = meta["best"] if best_state is not None else math.inf
+        return int(meta["done"]), best, best_state

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import load_tensors, save_tensors
+from .._io import load_tensors, save_tensors, tensor_digest
 from .functional import OBJECTIVES, OPTIMIZERS, finetune
 from .params import ParamSubset
 from .task import ENCODER_VERSION, TaskEncoder
@@ -102,13 +102,7 @@ class TrajectorySet:
 
 def _episodes_key(block: Sequence[Sequence[torch.Tensor]]) -> str:
     """Fingerprint of a block of episodes (every tensor's bytes), part of its chunk file's name."""
-    h = hashlib.sha256()
-    for ep in block:
-        for t in ep:
-            if isinstance(t, torch.Tensor):
-                h.update(str((t.dtype, tuple(t.shape))).encode())
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    return tensor_digest(t for ep in block for t in ep if isinstance(t, torch.Tensor))
 
 
 def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskEncoder,
