@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors, tensor_digest
-
 from .drift import DriftNetwork
 from .interpolate import Interpolant
 from .trajectories import TrajectorySet
@@ -151,7 +150,8 @@ class _Checkpoint:
         data = [train.deltas, train.z] + ([val.deltas, val.z] if val is not None else [])
         settings = json.dumps({"config": asdict(config), "seed": seed, "interpolation": interpolation,
                                "net": net.extra_repr(), "val": val is not None}, sort_keys=True)
-        self.key = hashlib.sha256(settings.encode()).hexdigest()[:12] + tensor_digest(list(net.state_dict().values()) + data)
+        start = list(net.state_dict().values())
+        self.key = hashlib.sha256(settings.encode()).hexdigest()[:12] + tensor_digest(start + data)
 
     def exists(self) -> bool:
         return self.path.is_file()
