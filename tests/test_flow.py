@@ -201,8 +201,9 @@ def test_drift_checkpoint_of_another_run_is_refused(tmp_path):
         args = {"net": fresh(), "train": train, "interpolation": "linear", "config": cfg, "val": val, **kwargs}
         with pytest.raises(ValueError, match="was written by another training run"):
             train_drift(progress=False, checkpoint=ckpt, **args)
-    with pytest.raises(ValueError, match="checkpoint_every must be >= 1"):
-        train_drift(fresh(), train, "linear", cfg, val, progress=False, checkpoint=ckpt, checkpoint_every=0)
+    for every in (0, 2.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
+            train_drift(fresh(), train, "linear", cfg, val, progress=False, checkpoint=ckpt, checkpoint_every=every)
 
 
 def test_fit_passes_its_checkpoint_on(tiny, tmp_path):

@@ -71,12 +71,12 @@ def benchmark_domains(cache_dir: Optional[os.PathLike] = None, progress: bool = 
     Raises:
         ValueError: if the bundled fonts no longer cover one of the fixed scripts.
     """
-    glyphs = glyph_domains(_RENDERED, image_size=image_size, augmentations=BENCHMARK_AUGMENTATIONS, seed=0,
-                           cache_dir=cache_dir, progress=progress)
+    render = dict(image_size=image_size, augmentations=BENCHMARK_AUGMENTATIONS, seed=0, cache_dir=cache_dir)
+    glyphs = glyph_domains(_RENDERED, progress=progress, **render)
     target = {name: glyphs[name] for name in TARGET_SCRIPTS}
     target["digits"] = load_digits(image_size)
     meta = {name: glyphs[name] for name in META_SCRIPTS}
-    scans = _meta_scans(glyphs, glyph_cache_path(image_size, BENCHMARK_AUGMENTATIONS, 0, cache_dir))
+    scans = _meta_scans(glyphs, glyph_cache_path(**render))  # the scans live beside these very renders
     meta.update({f"{name}@{META_SCAN_SIDE}px": from_scans(glyphs[name], scans[name]) for name in META_SCRIPTS})
     return BenchmarkSplit(source={name: glyphs[name] for name in SOURCE_SCRIPTS}, meta=meta, target=target)
 

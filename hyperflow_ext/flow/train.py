@@ -87,10 +87,10 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
 
     Raises:
         ValueError: ``checkpoint`` was written by another run (other settings, data or initial
-            weights), or ``checkpoint_every < 1``.
+            weights), or ``checkpoint_every`` is not an int >= 1.
     """
-    if checkpoint_every < 1:
-        raise ValueError(f"train_drift: checkpoint_every must be >= 1, got {checkpoint_every}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"train_drift: checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     gen = torch.Generator().manual_seed(seed)
     path = Interpolant(_flat(train), interpolation)
     n = path.points.shape[0]
