@@ -10,8 +10,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
+from .._stateless import call_with
 from ..models import proto_logits, prototypes
 from .params import ParamSubset
 
@@ -31,13 +31,15 @@ def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor,
           ``(runs, n, C, H, W)``.
         - Returns: ``(n, d)`` or ``(runs, n, d)``.
     """
+    # A private view per call, never functional_call: that swaps the backbone's own attributes for
+    # the length of the call, and overlapping calls (serving threads) corrupt it for good.
     if theta.dim() == 1:
-        return functional_call(backbone, subset.unflatten(theta), (x,), strict=False)
+        return call_with(backbone, subset.unflatten(theta), x)
     # A loop, not vmap: vmap cannot run channels-last convolution maps through GroupNorm, and
     # the runs are few (perturbed starts, a handful of tasks).
     params = subset.unflatten(theta)
-    return torch.stack([functional_call(backbone, {k: v[r] for k, v in params.items()}, (x if shared_x else x[r],),
-                                        strict=False) for r in range(theta.shape[0])])
+    return torch.stack([call_with(backbone, {k: v[r] for k, v in params.items()}, x if shared_x else x[r])
+                        for r in range(theta.shape[0])])
 
 
 def support_loss(feats: torch.Tensor, labels: torch.Tensor, way: int, metric: str, scale: float) -> torch.Tensor:
@@ -92,8 +94,9 @@ def finetune(backbone: nn.Module, subset: ParamSubset, support_x: torch.Tensor, 
             loss = support_loss(feats, support_y, way, metric, scale)
         else:
             loss = query_loss(feats[..., :shots, :], support_y, feats[..., shots:, :], query[1], way, metric, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # autograd.grad, not backward: backward would also accumulate .grad into the backbone's own
+        # parameters (a write to the user's model) and spend work on gradients nobody uses.
+        (theta.grad,) = torch.autograd.grad(loss, [theta])
         opt.step()
         losses.append(float(loss.detach()) / runs)
         if path is not None:

@@ -1,6 +1,7 @@
 """HyperFlow: learn the drift of fine-tuning offline, adapt by integrating it (no backprop)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -74,6 +75,7 @@ class HyperFlow:
         self.history: Dict[str, List[float]] = {}
         self._packed: Dict[Tuple[torch.dtype, torch.device], PackedDrift] = {}
         self._tables: Dict[tuple, torch.Tensor] = {}
+        self._nets: Dict[torch.device, DriftNetwork] = {}
 
     # -- meta-training -------------------------------------------------------------------
     def record(self, episodes: Iterable, tasks: int = 200, trajectory_steps: int = 50,
@@ -119,8 +121,7 @@ class HyperFlow:
         self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress,
                                    checkpoint=checkpoint)
         self.interpolation = interpolation
-        self._packed.clear()
-        self._tables.clear()
+        self._clear_caches()
         return self
 
     @torch.no_grad()
@@ -181,12 +182,31 @@ class HyperFlow:
                                  f"trained for {tuple(shape)}")
 
     def packed(self, dtype: torch.dtype, device: torch.device) -> PackedDrift:
-        key = (dtype, device)
-        if key not in self._packed:
-            self._packed[key] = PackedDrift(*(t.to(device) for t in self.net.packed(dtype)))
-        return self._packed[key]
+        """The drift network's weights packed for the fused integrators, cached per dtype and device.
 
-    def time_table(self, steps: int, horizon: float, solver: str, dtype: torch.dtype) -> torch.Tensor:
+        Safe under concurrent calls: an entry is built in full before it is published, and the
+        network itself is never moved (a copy is packed for another device).
+        """
+        key = (dtype, device)
+        packed = self._packed.get(key)
+        if packed is None:
+            packed = PackedDrift(*(t.to(device) for t in self.net.packed(dtype)))
+            self._packed[key] = packed
+        return packed
+
+    def net_on(self, device: torch.device) -> DriftNetwork:
+        """The drift network on ``device``: the network itself, or a cached copy (never a move, so
+        concurrent calls on other devices keep working)."""
+        if self.net.inp.weight.device == device:
+            return self.net
+        copy_ = self._nets.get(device)
+        if copy_ is None:
+            copy_ = copy.deepcopy(self.net).to(device)
+            self._nets[device] = copy_
+        return copy_
+
+    def time_table(self, steps: int, horizon: float, solver: str, dtype: torch.dtype,
+                   device: Optional[torch.device] = None) -> torch.Tensor:
         """``W_t e(t)`` at every stage time of an integration, ``(steps, stages, H)`` (cached like
         :meth:`packed`: it depends only on the schedule, not on the task).
 
@@ -194,12 +214,18 @@ class HyperFlow:
             ValueError: bad ``steps``, ``horizon``, ``solver`` or ``dtype`` (see
                 :meth:`DriftNetwork.time_table`).
         """
-        key = (steps, horizon, solver, dtype, self.net.time.weight.device)
-        if key not in self._tables:
+        device = self.net.time.weight.device if device is None else torch.device(device)
+        key = (steps, horizon, solver, dtype, device)
+        table = self._tables.get(key)
+        if table is None:
+            table = self.net.time_table(steps, horizon, get_tableau(solver), dtype).to(device)
             if len(self._tables) >= 32:  # many distinct schedules: keep the cache bounded
-                self._tables.clear()
-            self._tables[key] = self.net.time_table(steps, horizon, get_tableau(solver), dtype)
-        return self._tables[key]
+                self._tables = {}        # replaced, not cleared: a concurrent reader keeps its entry
+            self._tables[key] = table
+        return table
+
+    def _clear_caches(self) -> None:
+        self._packed, self._tables, self._nets = {}, {}, {}
 
     # -- persistence ---------------------------------------------------------------------
     def state(self) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -331,11 +357,9 @@ def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, s
     dtype, device = theta_pre.dtype, theta_pre.device
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    net = flow.net
-    if net.inp.weight.device != device:  # Module.to walks every parameter: only when needed
-        net.to(device)
+    net = flow.net_on(device)
     task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
-    table = flow.time_table(steps, horizon, solver, dtype)
+    table = flow.time_table(steps, horizon, solver, dtype, device)
     return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
 
 

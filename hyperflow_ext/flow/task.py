@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._stateless import stateless_view
 from ..models import prototypes
 
 __all__ = ["TaskEncoder", "ENCODER_VERSION"]
@@ -66,7 +67,8 @@ class TaskEncoder(nn.Module):
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts, flat.shape[0]))
-        raw = torch.cat([self.encoder(chunk) for chunk in chunks]).unflatten(0, (tasks, shots))
+        encoder = stateless_view(self.encoder)  # a user's module in training mode keeps its statistics
+        raw = torch.cat([encoder(chunk) for chunk in chunks]).unflatten(0, (tasks, shots))
         way = int(support_y.max()) + 1 if way is None else way
         feats = F.normalize(raw, dim=-1)
         protos = prototypes(feats, support_y, way)                          # (tasks, way, d)
