@@ -1,6 +1,7 @@
 // Every op family's bindings; each module instantiates them for its back-end tag.
 #pragma once
 
+#include "conv.h"
 #include "core.h"
 #include "drift.h"
 #include "flowacc.h"
@@ -11,6 +12,7 @@ namespace hf {
 
 template <class Tag>
 void bind_all(pybind11::module_& m) {
+  bind_conv<Tag>(m);
   bind_core<Tag>(m);
   bind_drift<Tag>(m);
   bind_flowacc<Tag>(m);

@@ -1,0 +1,307 @@
+// CPU direct sparse convolution (no im2col buffer).
+//
+// The input is first copied, zero-padded, into a packed buffer in which every kernel tap is a
+// constant offset: for stride s the padded map is split into s_h*s_w phase planes
+// (plane (py, px) holds padded rows py, py + s_h, ... and columns px, px + s_w, ...), so output
+// (i, j) reads plane row i + oy/s_h, column j + ox/s_w of the tap's phase (oy = ky*d_h,
+// ox = kx*d_w). `nb` samples are interleaved innermost: element (c, phase, r, q, b) lives at
+// ((c*P + phase)*hq + r)*wq*nb + q*nb + b. Output lane g = (i*wq + j)*nb + b then reads
+// packed[g + offset(tap)] for every tap, so one output channel over a tile of lanes is exactly a
+// CSR row times shifted contiguous rows: gather_row (hf_sparse_cpu.h; register-resident
+// accumulators, AVX-512 FMAs with the weight broadcast) with the per-nonzero offsets as indices.
+// Lanes with j >= wo are computed and dropped; nb > 1 keeps small maps (4x4, 2x2) from wasting
+// most SIMD lanes. The epilogue adds the bias, applies ReLU and writes y through its strides.
+//
+// Parallel over (sample group, lane tile, block of output channels), so batch 1 also uses every
+// thread; a tile's input stays in L2 while its output channels run.
+#include "hf_conv.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "hf_sparse_cpu.h"
+
+namespace hf {
+namespace {
+
+using cpu::gather_row;
+using cpu::round_up;
+using cpu::scratch;
+
+constexpr std::int64_t kTileLanes = 512;  // output lanes per work item (whole output rows; at least one)
+constexpr std::int64_t kParallelWork = 1 << 15;
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+// Geometry of the packed input of one group of nb samples.
+struct Packing {
+  std::int64_t nb, groups, phases, hq, wq, plane, gsize, grid;
+};
+
+Packing plan(const SparseConvParams& p, std::int64_t nb) {
+  Packing k;
+  k.nb = nb;
+  k.groups = (p.n + nb - 1) / nb;
+  k.phases = p.sh * p.sw;
+  k.hq = (p.h + 2 * p.ph + p.sh - 1) / p.sh;
+  k.wq = (p.w + 2 * p.pw + p.sw - 1) / p.sw;
+  k.plane = k.hq * k.wq * nb;
+  k.gsize = p.in_c * k.phases * k.plane;
+  k.grid = ((p.ho - 1) * k.wq + p.wo) * nb;
+  return k;
+}
+
+// Share of SIMD lanes that hold a real output when nb samples are interleaved.
+double lane_efficiency(const SparseConvParams& p, std::int64_t nb) {
+  const Packing k = plan(p, nb);
+  constexpr std::int64_t W = 16;
+  return static_cast<double>(p.ho * p.wo * nb) / static_cast<double>(round_up(k.grid, W));
+}
+
+// Samples per group when the caller leaves it to us: interleave up to 16 samples (a register of
+// floats) only when one sample's planes would leave a quarter or more of the lanes idle.
+std::int64_t auto_batch_block(const SparseConvParams& p) {
+  if (p.n <= 1) return 1;
+  const std::int64_t nb = std::min<std::int64_t>(p.n, p.dtype == static_cast<int>(DType::kFloat64) ? 8 : 16);
+  return lane_efficiency(p, 1) < 0.75 * lane_efficiency(p, nb) ? nb : 1;
+}
+
+// Packed buffer of group gi, channel c (all phases): zero padding included, every element written.
+template <typename T>
+void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restrict x, std::int64_t gi,
+                  std::int64_t c, T* __restrict dst) {
+  for (std::int64_t py = 0; py < p.sh; ++py) {
+    for (std::int64_t px = 0; px < p.sw; ++px) {
+      T* __restrict d = dst + (c * k.phases + py * p.sw + px) * k.plane;
+      // columns q with 0 <= q*sw + px - pw < w
+      std::int64_t q_lo = p.pw > px ? (p.pw - px + p.sw - 1) / p.sw : 0;
+      std::int64_t q_hi = (p.w - 1 + p.pw - px) >= 0 ? (p.w - 1 + p.pw - px) / p.sw + 1 : 0;
+      q_lo = std::min(q_lo, k.wq);
+      q_hi = std::max(q_lo, std::min(q_hi, k.wq));
+      for (std::int64_t r = 0; r < k.hq; ++r) {
+        T* __restrict row = d + r * k.wq * k.nb;
+        const std::int64_t yy = r * p.sh + py - p.ph;
+        if (yy < 0 || yy >= p.h) {
+          std::fill(row, row + k.wq * k.nb, T(0));
+          continue;
+        }
+        std::fill(row, row + q_lo * k.nb, T(0));
+        std::fill(row + q_hi * k.nb, row + k.wq * k.nb, T(0));
+        const std::int64_t x0 = q_lo * p.sw + px - p.pw;  // first source column
+        if (k.nb == 1) {
+          const T* __restrict s = x + gi * p.xs_n + c * p.xs_c + yy * p.xs_h + x0 * p.xs_w;
+          const std::int64_t step = p.sw * p.xs_w;
+          if (step == 1) {
+            std::copy(s, s + (q_hi - q_lo), row + q_lo);
+          } else {
+            for (std::int64_t q = q_lo; q < q_hi; ++q) row[q] = s[(q - q_lo) * step];
+          }
+        } else {
+          const std::int64_t nvalid = std::min(k.nb, p.n - gi * k.nb);
+          const T* __restrict s = x + gi * k.nb * p.xs_n + c * p.xs_c + yy * p.xs_h + x0 * p.xs_w;
+          const std::int64_t step = p.sw * p.xs_w;
+#if defined(HF_SPARSE_AVX512)
+          constexpr std::int64_t W = cpu::Simd<T>::W;
+          if (step == 1 && k.nb <= W) {  // (sample, column) blocks transposed in registers
+            for (std::int64_t q0 = q_lo; q0 < q_hi; q0 += W)
+              cpu::transpose_block(s + (q0 - q_lo), p.xs_n, nvalid, std::min(W, q_hi - q0), row + q0 * k.nb, k.nb,
+                                   static_cast<const T*>(nullptr));
+            if (nvalid < k.nb)
+              for (std::int64_t q = q_lo; q < q_hi; ++q) std::fill(row + q * k.nb + nvalid, row + (q + 1) * k.nb, T(0));
+            continue;
+          }
+#endif
+          for (std::int64_t b = 0; b < k.nb; ++b) {
+            T* __restrict e = row + q_lo * k.nb + b;
+            if (b >= nvalid) {
+              for (std::int64_t q = q_lo; q < q_hi; ++q) e[(q - q_lo) * k.nb] = T(0);
+              continue;
+            }
+            const T* __restrict sb = s + b * p.xs_n;
+            for (std::int64_t q = q_lo; q < q_hi; ++q) e[(q - q_lo) * k.nb] = sb[(q - q_lo) * step];
+          }
+        }
+      }
+    }
+  }
+}
+
+// y for output channel o from tile, which holds the lanes of whole output rows [i0, i1) of group gi
+// (row i starts at lane (i - i0) * wq * nb): bias and ReLU over the tile (contiguous, vectorised),
+// then the valid lanes out — row copies for nb = 1, register transposes of (pixel, sample) blocks
+// for nb > 1.
+template <typename T>
+void store_rows(const SparseConvParams& p, const Packing& k, T* __restrict tile, std::int64_t gi, std::int64_t o,
+                std::int64_t i0, std::int64_t i1, const T* bias, T* __restrict y) {
+  const std::int64_t row = k.wq * k.nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * k.nb;
+  const T bo = bias ? bias[o] : T(0);
+  const bool relu = p.relu;
+#pragma omp simd
+  for (std::int64_t l = 0; l < len; ++l) tile[l] = conv_epilogue(tile[l], &bo, 0, relu);
+  const std::int64_t nvalid = std::min(k.nb, p.n - gi * k.nb);
+  T* __restrict yo = y + gi * k.nb * p.ys_n + o * p.ys_c;
+  for (std::int64_t i = i0; i < i1; ++i) {
+    const T* __restrict t = tile + (i - i0) * row;
+    T* __restrict yr = yo + i * p.ys_h;
+    if (k.nb == 1) {
+      if (p.ys_w == 1) {
+        std::copy(t, t + p.wo, yr);
+      } else {
+        for (std::int64_t j = 0; j < p.wo; ++j) yr[j * p.ys_w] = t[j];
+      }
+      continue;
+    }
+#if defined(HF_SPARSE_AVX512)
+    constexpr std::int64_t W = cpu::Simd<T>::W;
+    if (p.ys_w == 1 && k.nb <= W) {
+      for (std::int64_t j0 = 0; j0 < p.wo; j0 += W)
+        cpu::transpose_block(t + j0 * k.nb, k.nb, std::min(W, p.wo - j0), nvalid, yr + j0, p.ys_n,
+                             static_cast<const T*>(nullptr));
+      continue;
+    }
+#endif
+    for (std::int64_t b = 0; b < nvalid; ++b)
+      for (std::int64_t j = 0; j < p.wo; ++j) yr[b * p.ys_n + j * p.ys_w] = t[j * k.nb + b];
+  }
+}
+
+// Per nonzero: its constant offset into a group's packed buffer (one division per nonzero: callers
+// that run a layer repeatedly cache these through sparse_conv2d_offsets).
+template <typename I, typename Off>
+void fill_offsets(const SparseConvParams& p, const Packing& k, const I* col, Off* off) {
+  const std::int64_t taps = p.kh * p.kw;
+  std::int64_t tap_off[64];
+  std::int64_t* tap = taps <= 64 ? tap_off : nullptr;
+  std::vector<std::int64_t> big;
+  if (!tap) {
+    big.resize(static_cast<std::size_t>(taps));
+    tap = big.data();
+  }
+  for (std::int64_t ky = 0; ky < p.kh; ++ky)
+    for (std::int64_t kx = 0; kx < p.kw; ++kx) {
+      const std::int64_t oy = ky * p.dh, ox = kx * p.dw, phase = (oy % p.sh) * p.sw + ox % p.sw;
+      tap[ky * p.kw + kx] = (phase * k.hq + oy / p.sh) * k.wq * k.nb + (ox / p.sw) * k.nb;
+    }
+  const std::int64_t chan = k.phases * k.plane;
+  for (std::int64_t t = 0; t < p.nnz; ++t) {
+    const std::int64_t cc = static_cast<std::int64_t>(col[t]);
+    off[t] = static_cast<Off>((cc / taps) * chan + tap[cc % taps]);
+  }
+}
+
+template <typename T, typename I, typename Off>
+void conv_packed(const SparseConvParams& p, std::int64_t nb) {
+  const I* rowptr = ptr<const I>(p.rowptr);
+  const I* col = ptr<const I>(p.col);
+  const T* val = ptr<const T>(p.val);
+  const T* x = ptr<const T>(p.x);
+  const T* bias = p.bias ? ptr<const T>(p.bias) : nullptr;
+  T* y = ptr<T>(p.y);
+  const Packing k = plan(p, nb);
+  const Off* off = p.off ? ptr<const Off>(p.off) : nullptr;
+  if (!off) {
+    Off* buf = scratch<Off>(1, p.nnz);
+    fill_offsets<I>(p, k, col, buf);
+    off = buf;
+  }
+  T* packed = scratch<T>(0, k.groups * k.gsize);
+  const std::int64_t tile_rows = std::max<std::int64_t>(1, kTileLanes / (k.wq * nb));
+  const std::int64_t tiles = (p.ho + tile_rows - 1) / tile_rows;
+  const int threads = max_threads();
+  const std::int64_t base = k.groups * tiles, want = 8 * static_cast<std::int64_t>(threads);
+  const std::int64_t oblocks = base >= want ? 1 : std::min(p.out_c, (want + base - 1) / base);
+  const std::int64_t ob = (p.out_c + oblocks - 1) / oblocks;
+  const bool par = threads > 1 && (p.nnz + p.out_c) * k.grid * k.groups > kParallelWork;
+#pragma omp parallel if (par)
+  {
+#pragma omp for schedule(static) collapse(2)
+    for (std::int64_t gi = 0; gi < k.groups; ++gi)
+      for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, packed + gi * k.gsize);
+    T* tile = scratch<T>(2, tile_rows * k.wq * nb);
+#pragma omp for schedule(dynamic, 1) collapse(3)
+    for (std::int64_t gi = 0; gi < k.groups; ++gi) {
+      for (std::int64_t t = 0; t < tiles; ++t) {
+        for (std::int64_t b = 0; b < oblocks; ++b) {
+          const std::int64_t i0 = t * tile_rows, i1 = std::min(p.ho, i0 + tile_rows);
+          const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
+          const std::int64_t o1 = std::min(p.out_c, (b + 1) * ob);
+          const T* src = packed + gi * k.gsize + g0;
+          for (std::int64_t o = b * ob; o < o1; ++o) {
+            const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
+            gather_row(off + j0, val + j0, j1 - j0, src, 1, len, tile);
+            store_rows(p, k, tile, gi, o, i0, i1, bias, y);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename I>
+void conv_direct(const SparseConvParams& p) {
+  const I* rowptr = ptr<const I>(p.rowptr);
+  const I* col = ptr<const I>(p.col);
+  const T* val = ptr<const T>(p.val);
+  const T* x = ptr<const T>(p.x);
+  const T* bias = p.bias ? ptr<const T>(p.bias) : nullptr;
+  T* y = ptr<T>(p.y);
+#pragma omp parallel for collapse(2) schedule(static) if ((p.nnz + p.out_c) * p.n * p.ho * p.wo > kParallelWork)
+  for (std::int64_t b = 0; b < p.n; ++b)
+    for (std::int64_t o = 0; o < p.out_c; ++o)
+      for (std::int64_t i = 0; i < p.ho; ++i)
+        for (std::int64_t j = 0; j < p.wo; ++j)
+          y[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] =
+              conv_epilogue(sparse_conv_point(p, rowptr, col, val, x, b, o, i, j), bias, o, p.relu);
+}
+
+}  // namespace
+
+void sparse_conv2d(CpuTag, const SparseConvParams& p) {
+  check(p);
+  if (p.n == 0 || p.out_c == 0) return;
+  dispatch_float(p.dtype, "sparse_conv2d", [&](auto zero) {
+    using T = decltype(zero);
+    dispatch_index(p.itype, "sparse_conv2d", [&](auto izero) {
+      using I = decltype(izero);
+      if (p.algo == 1) return conv_direct<T, I>(p);
+      const std::int64_t nb = p.batch_block ? p.batch_block : auto_batch_block(p);
+      const Packing k = plan(p, nb);
+      if (k.gsize < (std::int64_t{1} << 31)) {
+        conv_packed<T, I, std::int32_t>(p, nb);
+      } else {
+        require(p.off == 0, "sparse_conv2d: 64-bit offsets cannot be precomputed");
+        conv_packed<T, I, std::int64_t>(p, nb);
+      }
+    });
+  });
+}
+
+std::int64_t sparse_conv2d_batch_block(const SparseConvParams& p) {
+  check(p);
+  return auto_batch_block(p);
+}
+
+bool sparse_conv2d_offsets(const SparseConvParams& p) {
+  check(p);
+  require(p.batch_block > 0 && p.off != 0, "sparse_conv2d_offsets: needs batch_block > 0 and an off buffer");
+  const Packing k = plan(p, p.batch_block);
+  if (k.gsize >= (std::int64_t{1} << 31)) return false;
+  dispatch_index(p.itype, "sparse_conv2d_offsets", [&](auto izero) {
+    using I = decltype(izero);
+    fill_offsets<I>(p, k, ptr<const I>(p.col), ptr<std::int32_t>(p.off));
+  });
+  return true;
+}
+
+}  // namespace hf

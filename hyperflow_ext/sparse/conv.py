@@ -1,0 +1,279 @@
+"""Direct sparse 2-D convolution for exported (pruned) CNNs.
+
+:func:`csr_conv2d` computes ``act(conv2d(x, W) + bias)`` with ``W`` in CSR
+``(out_channels, in_channels·kh·kw)`` and no im2col buffer. On CPU the native kernel copies the
+input once, zero-padded (and, for stride > 1, split into stride phases), so that every kernel tap
+is a constant offset; each output channel is then its CSR row times shifted contiguous input rows
+(AVX-512 FMAs with register-resident accumulators), parallel over samples, lane tiles and blocks
+of output channels (batch 1 uses every thread too). Small maps interleave up to 16 samples so the
+SIMD lanes stay full. Bias and ReLU are fused into the epilogue. A 1x1 convolution with stride 1
+and no padding is a plain CSR × dense product per sample and goes through the SpMM kernel.
+
+Layout: the kernel reads any input strides and writes any output strides, but it is fastest
+with NCHW on both sides (its packing reads input rows and its epilogue writes output rows
+contiguously; a channels-last map is gathered with stride ``C``), so the output is NCHW.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import native
+from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
+from .csr import CSRMatrix
+from .linear import _apply_mask, _check_bias, _CSRBuffers, _index_dtype
+from .masked import _pick_backend
+
+__all__ = ["csr_conv2d", "csr_conv2d_reference", "SparseConv2d", "conv_out_size"]
+
+_Pair = Union[int, Tuple[int, int]]
+_ALGOS = {"packed": 0, "direct": 1}
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """Output length of one spatial dimension, as :func:`torch.nn.functional.conv2d`."""
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _pair(op: str, name: str, v: _Pair, low: int) -> Tuple[int, int]:
+    t = nn.modules.utils._pair(v)
+    if len(t) != 2 or any(isinstance(a, bool) or not isinstance(a, int) or a < low for a in t):
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints >= {low}, got {v!r}")
+    return int(t[0]), int(t[1])
+
+
+def csr_conv2d_reference(x: torch.Tensor, weight: CSRMatrix, kernel_size: Tuple[int, int],
+                         bias: Optional[torch.Tensor] = None, stride: _Pair = 1, padding: _Pair = 0,
+                         dilation: _Pair = 1, relu: bool = False) -> torch.Tensor:
+    """Pure-torch reference: ``F.conv2d`` with the dense weight (then ReLU when ``relu``)."""
+    out_c, k = weight.shape
+    kh, kw = nn.modules.utils._pair(kernel_size)
+    w = weight.to_dense().reshape(out_c, k // (kh * kw), kh, kw)
+    y = F.conv2d(x, w, bias, stride, padding, dilation)
+    return torch.relu(y) if relu else y
+
+
+def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Optional[torch.Tensor] = None,
+               stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1, relu: bool = False,
+               backend: Optional[str] = None, *, batch_block: int = 0, algo: str = "packed",
+               offsets_cache: Optional[Dict[tuple, tuple]] = None) -> torch.Tensor:
+    """2-D convolution (groups = 1, zero padding) with a CSR weight, bias and ReLU fused.
+
+    Args:
+        x: ``(batch, in_channels, height, width)`` or unbatched ``(in_channels, height, width)``, same
+            dtype (float32/float64) and device as ``weight``; any strides (NCHW is fastest).
+        weight: :class:`CSRMatrix` ``(out_channels, in_channels·kh·kw)``; column ``c·kh·kw + i·kw + j`` is
+            input channel ``c``, tap ``(i, j)`` (the layout of ``conv.weight.reshape(out_channels, -1)``).
+        kernel_size, stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (ints or pairs).
+        bias: optional ``(out_channels,)``.
+        relu: apply ``max(·, 0)`` to the result (NaN stays NaN, as ``torch.relu``).
+        backend: ``"auto" | "native" | "torch"``.
+        batch_block: CPU tuning: samples interleaved in the packed input (0 = chosen per layer).
+        algo: CPU: ``"packed"`` (production) or ``"direct"`` (the per-output body the CUDA kernel
+            runs; slow, for tests).
+        offsets_cache: CPU: a dict owned by the caller (a layer) in which the per-nonzero tap offsets
+            are kept per input geometry; it must be cleared whenever ``weight`` changes.
+
+    Shape:
+        ``(N, C, H, W) -> (N, out_channels, H_out, W_out)`` (NCHW-contiguous).
+
+    Returns:
+        The convolution, a new tensor.
+
+    Raises:
+        TypeError: ``weight`` is not a :class:`CSRMatrix`, ``x`` is not a tensor.
+        ValueError: wrong dtype, device, rank, channel count, kernel arguments, or an input smaller
+            than the (dilated) kernel.
+        NotImplementedError: ``x`` requires grad while autograd is enabled (inference only).
+
+    Example:
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> w = CSRMatrix.from_dense((conv.weight * (torch.rand_like(conv.weight) > 0.9)).reshape(32, -1))
+        >>> csr_conv2d(torch.randn(2, 16, 8, 8), w, 3, conv.bias.detach(), padding=1, relu=True).shape
+        torch.Size([2, 32, 8, 8])
+    """
+    op = "csr_conv2d"
+    if not isinstance(weight, CSRMatrix):
+        raise TypeError(f"{op}: weight must be a CSRMatrix, got {type(weight).__name__}")
+    kh, kw = _pair(op, "kernel_size", kernel_size, 1)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(op, "stride", stride, 1), _pair(op, "padding", padding, 0), \
+        _pair(op, "dilation", dilation, 1)
+    if not isinstance(relu, bool):
+        raise ValueError(f"{op}: relu must be a bool, got {relu!r}")
+    if algo not in _ALGOS:
+        raise ValueError(f"{op}: algo must be one of {tuple(_ALGOS)}, got {algo!r}")
+    if isinstance(batch_block, bool) or not isinstance(batch_block, int) or batch_block < 0:
+        raise ValueError(f"{op}: batch_block must be an int >= 0, got {batch_block!r}")
+    out_c, kdim = weight.shape
+    check_tensor(op, "x", x, dtypes=(weight.dtype,), device=weight.device)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{op}: x must be (batch, channels, height, width) or (channels, height, width), "
+                         f"got shape {tuple(x.shape)}")
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    n, in_c, h, w = x.shape
+    if in_c * kh * kw != kdim:
+        raise ValueError(f"{op}: x has {in_c} channels, but the weight has {kdim} columns "
+                         f"(expected channels·{kh}·{kw} = {in_c * kh * kw})")
+    if x.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{op} is inference-only (no autograd): call it under torch.no_grad() / "
+                                  f"torch.inference_mode(), or pass x.detach()")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(out_c,), device=weight.device)
+        bias = bias.contiguous()
+    ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+    if h < 1 or w < 1 or ho < 1 or wo < 1:
+        raise ValueError(f"{op}: input {(h, w)} is too small for kernel {(kh, kw)} with padding {(ph, pw)} "
+                         f"and dilation {(dh, dw)}")
+    chosen = _pick_backend(backend, weight.device, op)
+    if chosen == "torch":
+        with torch.no_grad():
+            y = csr_conv2d_reference(x, weight, (kh, kw), bias, (sh, sw), (ph, pw), (dh, dw), relu)
+        return y.squeeze(0) if unbatched else y
+    y = torch.empty((n, out_c, ho, wo), dtype=x.dtype, device=x.device)
+    if n == 0 or out_c == 0:
+        return y.squeeze(0) if unbatched else y
+    cuda = x.device.type == "cuda"
+    mod = native.cuda_module() if cuda else native.cpu_module()
+    itype, dtype = INDEX_CODES[weight.crow_indices.dtype], FLOAT_CODES[weight.dtype]
+    if kh == kw == 1 and sh == sw == 1 and ph == pw == 0 and not cuda and algo == "packed":
+        _conv1x1(mod, x, weight, y, dtype, itype)
+        if bias is not None:
+            y.add_(bias.view(1, -1, 1, 1))
+        if relu:
+            y.relu_()
+    else:
+        args = dict(rowptr=weight.crow_indices.data_ptr(), col=weight.col_indices.data_ptr(),
+                    val=weight.values.data_ptr(), x=x.data_ptr(), bias=0 if bias is None else bias.data_ptr(),
+                    y=y.data_ptr(), n=n, in_c=in_c, h=h, w=w, out_c=out_c, ho=ho, wo=wo, kh=kh, kw=kw, sh=sh, sw=sw,
+                    ph=ph, pw=pw, dh=dh, dw=dw, nnz=weight.nnz, xs_n=x.stride(0), xs_c=x.stride(1), xs_h=x.stride(2),
+                    xs_w=x.stride(3), ys_n=y.stride(0), ys_c=y.stride(1), ys_h=y.stride(2), ys_w=y.stride(3),
+                    batch_block=min(batch_block, n), off=0, algo=_ALGOS[algo], relu=relu, dtype=dtype, itype=itype,
+                    stream=stream_handle(x.device))
+        offsets = None
+        if offsets_cache is not None and not cuda and algo == "packed":
+            key = (n, h, w, batch_block, kh, kw, sh, sw, ph, pw, dh, dw)
+            entry = offsets_cache.get(key)
+            if entry is None:
+                entry = _plan_offsets(mod, args, weight.nnz)
+                if len(offsets_cache) >= 16:
+                      offsets_cache.clear()
+                offsets_cache[key] = entry
+            args["batch_block"], offsets = entry
+            if offsets is not None:
+                args["off"] = offsets.data_ptr()
+        mod.sparse_conv2d(**args)
+    return y.squeeze(0) if unbatched else y
+
+
+def _plan_offsets(mod, kw: dict, nnz: int) -> Tuple[int, Optional[torch.Tensor]]:
+    """The batch block the kernel picks for this geometry and its int32 tap offsets (None: 64-bit needed)."""
+    nb = kw["batch_block"] or int(mod.sparse_conv2d_batch_block(**kw))
+    off = torch.empty(max(1, nnz), dtype=torch.int32)
+    ok = mod.sparse_conv2d_offsets(**{**kw, "batch_block": nb, "off": off.data_ptr()})
+    return nb, (off if ok else None)
+
+
+def _conv1x1(mod, x: torch.Tensor, weight: CSRMatrix, y: torch.Tensor, dtype: int, itype: int) -> None:
+    """y[s] (out_c x HW) = W (out_c x C) @ x[s] (C x HW) with the batched CSR SpMM kernel."""
+    n, c, h, w = x.shape
+    if not (x.stride(3) == 1 and x.stride(2) == w) or x.stride(1) < h * w:
+        x = x.contiguous()
+    hw = h * w
+    mod.csr_spmm_batched(rowptr=weight.crow_indices.data_ptr(), col=weight.col_indices.data_ptr(),
+                         val=weight.values.data_ptr(), b=x.data_ptr(), out=y.data_ptr(), batch=n, rows=y.shape[1],
+                         k=c, n=hw, nnz=weight.nnz, b_bs=x.stride(0), ldb=max(1, x.stride(1)), o_bs=y.stride(0),
+                         ldo=max(1, hw), dtype=dtype, itype=itype, stream=0)
+
+
+class SparseConv2d(_CSRBuffers):
+    """Inference-only ``nn.Conv2d`` replacement (groups = 1, zero padding) with a CSR weight.
+
+    Runs :func:`csr_conv2d` (direct sparse convolution; bias and an optional ReLU fused into the
+    epilogue) and keeps the kernel's per-nonzero tap offsets per input geometry.
+
+    Args:
+        weight: :class:`CSRMatrix` ``(out_channels, in_channels·kh·kw)``.
+        in_channels, kernel_size, stride, padding, dilation: as ``nn.Conv2d`` (integer padding).
+        bias: optional ``(out_channels,)``.
+        relu: apply ReLU to the output (a fused ``Conv2d → ReLU``).
+
+    Shape:
+        ``(N, in_channels, H, W) -> (N, out_channels, H_out, W_out)``.
+
+    Example:
+        >>> conv = nn.Conv2d(16, 32, 3, padding=1)
+        >>> sp = SparseConv2d.from_conv2d(conv, mask=torch.rand_like(conv.weight) > 0.9, relu=True)
+        >>> with torch.inference_mode():
+        ...     y = sp(torch.randn(2, 16, 8, 8))
+    """
+
+    def __init__(self, weight: CSRMatrix, in_channels: int, kernel_size: _Pair, stride: _Pair = 1,
+                 padding: _Pair = 0, dilation: _Pair = 1, bias: Optional[torch.Tensor] = None,
+                 relu: bool = False) -> None:
+        super().__init__()
+        op = "SparseConv2d"
+        if not isinstance(weight, CSRMatrix):
+            raise TypeError(f"{op}: weight must be a CSRMatrix, got {type(weight).__name__}")
+        if not isinstance(relu, bool):
+            raise ValueError(f"{op}: relu must be a bool, got {relu!r}")
+        self.in_channels, self.out_channels = int(in_channels), weight.shape[0]
+        self.kernel_size, self.stride = _pair(op, "kernel_size", kernel_size, 1), _pair(op, "stride", stride, 1)
+        self.padding, self.dilation = _pair(op, "padding", padding, 0), _pair(op, "dilation", dilation, 1)
+        self.relu = relu
+        if weight.shape[1] != self.in_channels * self.kernel_size[0] * self.kernel_size[1]:
+            raise ValueError(f"{op}: weight must have in_channels·kh·kw = "
+                             f"{self.in_channels * self.kernel_size[0] * self.kernel_size[1]} columns, "
+                             f"got {weight.shape[1]}")
+        self._set_csr(weight)
+        if bias is not None:
+            _check_bias(op, bias, self.out_channels, weight)
+            bias = bias.detach().contiguous()
+        self.register_buffer("bias", bias)
+        self._offsets: Tuple[Optional[CSRMatrix], Dict[tuple, tuple]] = (None, {})
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None, relu: bool = False) -> "SparseConv2d":
+        """Build from an ``nn.Conv2d``; ``mask`` (bool, weight-shaped) zeroes pruned weights first.
+
+        Raises:
+            NotImplementedError: ``groups != 1``, a non-zero ``padding_mode`` or string padding.
+        """
+        op = "SparseConv2d.from_conv2d"
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{op}: expected nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise NotImplementedError(f"{op}: groups={conv.groups} is not supported (only groups=1)")
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(f"{op}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
+        if isinstance(conv.padding, str):
+            raise NotImplementedError(f"{op}: string padding {conv.padding!r} is not supported; use integers")
+        w = _apply_mask(op, conv.weight.detach(), mask)
+        return cls.from_dense(w, conv.stride, conv.padding, conv.dilation,
+                              None if conv.bias is None else conv.bias.detach(), relu)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1,
+                   bias: Optional[torch.Tensor] = None, relu: bool = False) -> "SparseConv2d":
+        """Build from a dense ``(out_channels, in_channels, kh, kw)`` weight, keeping its exact nonzeros."""
+        check_tensor("SparseConv2d.from_dense", "weight", weight, dtypes=FLOAT_CODES, ndim=4)
+        out_c, in_c, kh, kw = weight.shape
+        w2 = weight.detach().reshape(out_c, -1)
+        csr = CSRMatrix.from_dense(w2, index_dtype=_index_dtype(*w2.shape, w2.numel()))
+        return cls(csr, in_c, (kh, kw), stride, padding, dilation, bias, relu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        csr = self.csr()
+        if self._offsets[0] is not csr:  # a new weight structure: the cached offsets are stale
+            self._offsets = (csr, {})
+        return csr_conv2d(x, csr, self.kernel_size, self.bias, self.stride, self.padding, self.dilation, self.relu,
+                          offsets_cache=self._offsets[1])
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"relu={self.relu}, density={self.density():.4f}")

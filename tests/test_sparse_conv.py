@@ -1,0 +1,166 @@
+"""Direct sparse convolution (csr_conv2d / SparseConv2d) against F.conv2d with the masked weight."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from hyperflow_ext import native
+from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, csr_conv2d, csr_conv2d_reference
+from hyperflow_ext.sparse.conv import conv_out_size
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def _masked_weight(out_c, in_c, kh, kw, density, dtype, gen):
+    w = torch.randn(out_c, in_c, kh, kw, dtype=dtype, generator=gen)
+    return w * (torch.rand(w.shape, generator=gen) < density).to(dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.sampled_from([0, 1, 2, 3, 17]), in_c=st.integers(1, 6), out_c=st.integers(1, 7),
+       h=st.integers(1, 9), w=st.integers(1, 9), kh=st.integers(1, 4), kw=st.integers(1, 4),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
+       dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)), density=st.sampled_from([0.0, 0.3, 1.0]),
+       double=st.booleans(), relu=st.booleans(), use_bias=st.booleans(), batch_block=st.sampled_from([0, 1, 2, 16]),
+       algo=st.sampled_from(["packed", "direct"]), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding, dilation, density, double, relu,
+                                   use_bias, batch_block, algo, channels_last, seed):
+    ho, wo = (conv_out_size(s, k, st_, p, d) for s, k, st_, p, d in
+              zip((h, w), (kh, kw), stride, padding, dilation))
+    assume(ho >= 1 and wo >= 1)
+    dtype = torch.float64 if double else torch.float32
+    gen = torch.Generator().manual_seed(seed)
+    weight = _masked_weight(out_c, in_c, kh, kw, density, dtype, gen)
+    bias = torch.randn(out_c, dtype=dtype, generator=gen) if use_bias else None
+    x = torch.randn(n, in_c, h, w, dtype=dtype, generator=gen)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    csr = CSRMatrix.from_dense(weight.reshape(out_c, -1), index_dtype=torch.int32 if seed % 2 else torch.int64)
+    y = csr_conv2d(x, csr, (kh, kw), bias, stride, padding, dilation, relu, batch_block=batch_block, algo=algo)
+    want = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if relu:
+        want = want.relu()
+    assert y.shape == want.shape == (n, out_c, ho, wo)
+    torch.testing.assert_close(y, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 1.0])
+@pytest.mark.parametrize("n,hw,stride", [(1, 16, 1), (32, 4, 1), (5, 8, 2), (19, 2, 1)])
+def test_layer_sized_convolutions(dtype, density, n, hw, stride):
+    """VGG/ResNet-sized layers: many channels, the sample interleaving of small maps, ReLU epilogue."""
+    gen = torch.Generator().manual_seed(0)
+    weight = _masked_weight(48, 40, 3, 3, density, dtype, gen)
+    bias, x = torch.randn(48, dtype=dtype, generator=gen), torch.randn(n, 40, hw, hw, dtype=dtype, generator=gen)
+    sp = SparseConv2d.from_dense(weight, stride=stride, padding=1, bias=bias, relu=True)
+    with torch.inference_mode():
+        y = sp(x)
+        y_again = sp(x)  # second call: cached offsets
+    want = F.conv2d(x, weight, bias, stride, 1).relu()
+    torch.testing.assert_close(y, want, **TOL[dtype])
+    torch.testing.assert_close(y_again, want, **TOL[dtype])
+
+
+def test_empty_output_channels_give_bias_and_relu():
+    weight = torch.randn(6, 3, 3, 3)
+    weight[[1, 4]] = 0.0  # output channels with no nonzero at all
+    bias = torch.tensor([0.5, -2.0, 1.0, 0.0, 3.0, -1.0])
+    x = torch.randn(2, 3, 7, 7)
+    for relu in (False, True):
+        y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(6, -1)), 3, bias, padding=1, relu=relu)
+        want = F.conv2d(x, weight, bias, padding=1)
+        torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
+        assert bool((y[:, 1] == (0.0 if relu else -2.0)).all()) and bool((y[:, 4] == 3.0).all())
+
+
+def test_one_by_one_convolutions_use_the_spmm_path_and_match():
+    gen = torch.Generator().manual_seed(1)
+    weight = _masked_weight(16, 12, 1, 1, 0.2, torch.float32, gen)
+    bias = torch.randn(16, generator=gen)
+    for x in (torch.randn(3, 12, 5, 6, generator=gen),
+              torch.randn(3, 12, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last),
+              torch.randn(3, 12, 10, 6, generator=gen)[:, :, ::2], torch.randn(0, 12, 5, 6)):
+        for stride, relu in ((1, False), (1, True), (2, True)):  # stride 2 goes through the direct kernel
+            y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu)
+            want = F.conv2d(x, weight, bias, stride)
+            torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
+
+
+def test_unbatched_input_and_torch_backend_agree():
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    sp = SparseConv2d.from_conv2d(conv, torch.rand_like(conv.weight) > 0.5)
+    x = torch.randn(3, 9, 8)
+    with torch.inference_mode():
+        y = sp(x)
+        ref = csr_conv2d_reference(x.unsqueeze(0), sp.csr(), (3, 2), sp.bias, (2, 1), (1, 0), (1, 2)).squeeze(0)
+        torch_path = csr_conv2d(x, sp.csr(), (3, 2), sp.bias, (2, 1), (1, 0), (1, 2), backend="torch")
+    assert y.shape == ref.shape == (5, 5, 6)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch_path, ref)
+
+
+def test_module_offsets_follow_new_weights_and_shapes():
+    gen = torch.Generator().manual_seed(2)
+    w1, w2 = (_masked_weight(8, 4, 3, 3, d, torch.float32, gen) for d in (0.3, 0.6))
+    sp = SparseConv2d.from_dense(w1, padding=1)
+    other = SparseConv2d.from_dense(w2, padding=1)
+    with torch.inference_mode():
+        for shape in ((2, 4, 6, 6), (1, 4, 9, 5), (2, 4, 6, 6)):
+            x = torch.randn(*shape, generator=gen)
+            torch.testing.assert_close(sp(x), F.conv2d(x, w1, None, 1, 1), atol=1e-4, rtol=1e-4)
+        sp.load_state_dict(other.state_dict())  # another nnz: the cached tap offsets must not be reused
+        x = torch.randn(2, 4, 6, 6, generator=gen)
+        torch.testing.assert_close(sp(x), F.conv2d(x, w2, None, 1, 1), atol=1e-4, rtol=1e-4)
+    assert "relu=False" in repr(sp)
+
+
+def test_bad_input_is_rejected_with_clear_errors():
+    sp = SparseConv2d.from_conv2d(nn.Conv2d(4, 5, 3))
+    csr = sp.csr()
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match="csr_conv2d: x must have dtype"):
+            sp(torch.randn(1, 4, 6, 6, dtype=torch.float64))
+        with pytest.raises(ValueError, match="csr_conv2d: x has 3 channels"):
+            sp(torch.randn(1, 3, 6, 6))
+        with pytest.raises(ValueError, match="csr_conv2d: x must be"):
+            sp(torch.randn(4, 6))
+        with pytest.raises(ValueError, match="too small"):
+            sp(torch.randn(1, 4, 2, 6))
+        with pytest.raises(ValueError, match="csr_conv2d: stride"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, stride=0)
+        with pytest.raises(ValueError, match="csr_conv2d: padding"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, padding=-1)
+        with pytest.raises(ValueError, match="csr_conv2d: bias must have shape"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, torch.zeros(4))
+        with pytest.raises(ValueError, match="csr_conv2d: relu must be a bool"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, relu=1)
+        with pytest.raises(ValueError, match="csr_conv2d: algo"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, algo="im2col")
+        with pytest.raises(TypeError, match="csr_conv2d: weight must be a CSRMatrix"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), torch.randn(5, 36), 3)
+        with pytest.raises(TypeError, match="csr_conv2d: x must be a torch.Tensor"):
+            csr_conv2d([[1.0]], csr, 3)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        sp(torch.randn(1, 4, 6, 6, requires_grad=True))
+    with pytest.raises(NotImplementedError, match="groups=2"):
+        SparseConv2d.from_conv2d(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(NotImplementedError, match="padding_mode"):
+        SparseConv2d.from_conv2d(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="SparseConv2d: weight must have in_channels"):
+        SparseConv2d(csr, 3, 3)
+
+
+def test_native_entry_rejects_inconsistent_sizes():
+    """The C++ side re-checks cheap invariants (std::invalid_argument -> ValueError)."""
+    mod = native.cpu_module()
+    args = dict(rowptr=1, col=1, val=1, x=1, bias=0, y=1, n=1, in_c=1, h=4, w=4, out_c=1, ho=3, wo=4, kh=3, kw=3, sh=1,
+                sw=1, ph=1, pw=1, dh=1, dw=1, nnz=1, xs_n=16, xs_c=16, xs_h=4, xs_w=1, ys_n=16, ys_c=16, ys_h=4,
+                ys_w=1, batch_block=0, off=0, algo=0, relu=False, dtype=0, itype=0, stream=0)
+    with pytest.raises(ValueError, match="output size"):
+        mod.sparse_conv2d(**args)
+    with pytest.raises(ValueError, match="batch_block"):
+        mod.sparse_conv2d(**{**args, "ho": 4, "off": 8})
