@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..sparse import SparseConv2d, SparseLinear
+from ..sparse import sparsify
 from ._loop import cosine_lr, evaluate, train_epoch
 from .flow_ops import flow_step
 from .functional import STE_SCALE
@@ -256,6 +256,8 @@ class Pruner:
         self._state: Dict[str, _ScoreState] = {}
         self._reset_score_optimizer()
         self._active = True
+        #: per-layer decisions of the last :meth:`export` (see :func:`hyperflow_ext.sparse.sparsify`)
+        self.export_report: List[Dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- selection
     @staticmethod
@@ -530,35 +532,43 @@ class Pruner:
         return out
 
     # ----------------------------------------------------------------------------- export / remove
-    def export(self) -> nn.Module:
+    def export(self, example_input: Optional[torch.Tensor] = None, *, fold_bn: bool = True,
+               fuse_relu: bool = True, time_budget_s: float = 0.1) -> nn.Module:
         """A copy of the model with every masked layer replaced by a sparse inference layer.
 
         Linear layers become :class:`~hyperflow_ext.sparse.SparseLinear`, convolutions
-        :class:`~hyperflow_ext.sparse.SparseConv2d` (CSR of ``W⊙m`` on the native kernels); a
-        convolution the sparse kernels do not support (``groups != 1``) becomes a plain
-        ``nn.Conv2d`` holding ``W⊙m``. The copy is in eval mode with gradients off; the pruner
-        and its model are untouched. Run it under ``torch.inference_mode()`` / ``no_grad()``.
+        :class:`~hyperflow_ext.sparse.SparseConv2d` (CSR of ``W⊙m``, direct sparse convolution). On the
+        way (see :func:`hyperflow_ext.sparse.sparsify`) an eval-mode ``BatchNorm2d`` after a convolution is
+        folded into it and a following ReLU fused into its epilogue; with ``example_input`` every layer is
+        timed sparse vs dense on its real input and kept dense (:class:`~hyperflow_ext.sparse.DenseConv2d`,
+        ``nn.Linear``) where dense is faster. A convolution the sparse kernels do not support
+        (``groups != 1``) stays a dense convolution holding ``W⊙m``. The per-layer decisions are logged
+        and kept in :attr:`export_report`. The copy is in eval mode with gradients off; the pruner and
+        its model are untouched. Save it with :func:`hyperflow_ext.sparse.save`.
+
+        Args:
+            example_input: a representative input batch for the dense-or-sparse timing (optional).
+            fold_bn, fuse_relu, time_budget_s: as :func:`~hyperflow_ext.sparse.sparsify`.
         """
         self._check_active("export")
-        sparse: Dict[int, nn.Module] = {}
+        plain: Dict[int, nn.Module] = {}
+        names = []
         for name, m in self._layers.items():
-            original, mask = self._originals[name], m.mask()
-            if isinstance(m, MaskedLinear):
-                sparse[id(m)] = SparseLinear.from_linear(original, mask=mask)
-            elif m.groups == 1:
-                sparse[id(m)] = SparseConv2d.from_conv2d(original, mask=mask)
+            dense = copy.deepcopy(self._originals[name])
+            with torch.no_grad():
+                dense.weight.copy_(m.masked_weight())
+            dense.requires_grad_(False)
+            plain[id(m)] = dense
+            if isinstance(m, MaskedLinear) or m.groups == 1:
+                names.append(name)
             else:
                 logger.warning("Pruner.export: %s has groups=%d; exported as a dense nn.Conv2d holding W⊙m",
                                name, m.groups)
-                dense = copy.deepcopy(original)
-                with torch.no_grad():
-                    dense.weight.copy_(m.masked_weight())
-                sparse[id(m)] = dense
-        # deepcopy with the masked layers pre-mapped to their replacements: nothing else is shared
-        memo = {id(m): sparse[id(m)] for m in self._layers.values()}
-        exported = copy.deepcopy(self.model, memo)
-        exported.eval()
-        exported.requires_grad_(False)
+        # deepcopy with the masked layers pre-mapped to plain W⊙m copies: nothing else is shared
+        memo = {id(m): plain[id(m)] for m in self._layers.values()}
+        dense_model = copy.deepcopy(self.model, memo)
+        exported, self.export_report = sparsify(dense_model, example_input, layers=names, fold_bn=fold_bn,
+                                                fuse_relu=fuse_relu, time_budget_s=time_budget_s, inplace=True)
         return exported
 
     def remove(self) -> nn.Module:

@@ -1,0 +1,382 @@
+"""Turn a (pruned) dense model into a stand-alone sparse inference model, and save / load it.
+
+:func:`sparsify` rewrites a copy of a model for inference:
+
+1. **BatchNorm folding.** An eval-mode ``BatchNorm2d`` (with running statistics) whose only input is a
+   ``Conv2d`` that feeds nothing else is folded into the convolution: ``W' = W·γ/√(σ²+ε)``,
+   ``b' = (b − μ)·γ/√(σ²+ε) + β``; the norm becomes ``nn.Identity``. Pruned weights stay exactly zero.
+2. **ReLU fusion.** When the (folded) convolution's only consumer is a ReLU, the ReLU moves into the
+   convolution's epilogue; a ``nn.ReLU`` module used only there becomes ``nn.Identity`` (a functional
+   ``F.relu`` stays in ``forward`` and is then a no-op, so fusing is always safe).
+   The structure is read from a ``torch.fx`` trace; a model that does not trace falls back to
+   consecutive children of ``nn.Sequential`` containers.
+3. **Sparse or dense, by measurement.** Each selected ``Conv2d`` / ``Linear`` becomes a
+   :class:`~hyperflow_ext.sparse.SparseConv2d` / :class:`~hyperflow_ext.sparse.SparseLinear`. With an
+   ``example_input`` the layer is also timed both ways on its real input shape, interleaved, at the
+   current thread count: **the layer stays dense when the dense median time is below the sparse
+   median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`).
+
+Every decision is returned as a per-layer report (:func:`format_report` prints it).
+
+:func:`save` writes the result as one safetensors file (CSR buffers included) plus a JSON manifest in its
+metadata, atomically; :func:`load` rebuilds it from ``model_factory()`` (the dense architecture) with
+no pickle and no :class:`~hyperflow_ext.prune.Pruner`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .._io import load_tensors, save_tensors
+from ..measure import interleaved_times
+from .conv import SparseConv2d
+from .csr import CSRMatrix
+from .linear import SparseLinear
+
+__all__ = ["DenseConv2d", "fold_batchnorm", "sparsify", "format_report", "save", "load", "FORMAT"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "hyperflow-sparse/1"
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+
+
+class DenseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with an optional fused ReLU: the dense layer an export keeps where sparse is slower."""
+
+    def __init__(self, *args: Any, relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = bool(relu)
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, relu: bool = False) -> "DenseConv2d":
+        """A copy of ``conv`` (same weights) that applies ReLU when ``relu``."""
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.groups, conv.bias is not None, conv.padding_mode, relu=relu,
+                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new.load_state_dict(conv.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.relu_() if self.relu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", relu={self.relu}"
+
+
+# ----------------------------------------------------------------------------------------- structure
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, SparseConv2d, SparseLinear)) or \
+            super().is_leaf_module(m, qualname)
+
+
+def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _chains_fx(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str], bool]]:
+    """conv name -> (bn name or None, relu module name or None, relu fused) from an fx trace."""
+    graph = _Tracer().trace(model)
+    modules = dict(model.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    out: Dict[str, Tuple[Optional[str], Optional[str], bool]] = {}
+    for node in graph.nodes:
+        name = str(node.target)
+        if node.op != "call_module" or not isinstance(modules.get(name), nn.Conv2d) or calls[name] != 1:
+            continue
+        head, bn = node, None
+        users = list(head.users)
+        if len(users) == 1 and users[0].op == "call_module" and calls[str(users[0].target)] == 1 \
+                and _foldable(modules.get(str(users[0].target)), modules[name]):
+            bn, head = str(users[0].target), users[0]
+            users = list(head.users)
+        relu_mod, fused = None, False
+        if len(users) == 1 and _is_relu(users[0], modules):
+            fused = True
+            if users[0].op == "call_module" and calls[str(users[0].target)] == 1:
+                relu_mod = str(users[0].target)
+        out[name] = (bn, relu_mod, fused)
+    return out
+
+
+def _chains_sequential(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str], bool]]:
+    """The same from consecutive children of nn.Sequential containers (models fx cannot trace)."""
+    out: Dict[str, Tuple[Optional[str], Optional[str], bool]] = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        kids = list(seq.named_children())
+        for i, (name, mod) in enumerate(kids):
+            if not isinstance(mod, nn.Conv2d):
+                continue
+            full = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
+            j, bn = i + 1, None
+            if j < len(kids) and _foldable(kids[j][1], mod):
+                bn, j = full(kids[j][0]), j + 1
+            relu = j < len(kids) and isinstance(kids[j][1], nn.ReLU)
+            out[full(name)] = (bn, full(kids[j][0]) if relu else None, relu)
+    return out
+
+
+def _foldable(bn: Optional[nn.Module], conv: nn.Conv2d) -> bool:
+    return (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
+            and bn.running_mean is not None and bn.num_features == conv.out_channels)
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new ``nn.Conv2d`` computing ``bn(conv(x))`` of an eval-mode ``bn`` (zeros stay exactly zero)."""
+    with torch.no_grad():
+        w = conv.weight
+        inv = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
+        scale = (bn.weight.to(torch.float64) * inv) if bn.weight is not None else inv
+        shift = -bn.running_mean.to(torch.float64) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(torch.float64)
+        if conv.bias is not None:
+            shift = shift + conv.bias.to(torch.float64) * scale
+        fused = copy.deepcopy(conv)
+        fused.weight.copy_((w.to(torch.float64) * scale.view(-1, 1, 1, 1)).to(w.dtype))
+        fused.bias = nn.Parameter(shift.to(w.dtype), requires_grad=False)
+    return fused
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+# ----------------------------------------------------------------------------------------- sparsify
+def _time_pair(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, budget_s: float) -> Tuple[float, float]:
+    with torch.inference_mode():
+        times, _ = interleaved_times([lambda: sparse(x), lambda: dense(x)], budget_s, min_rounds=7, max_rounds=50)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
+             layers: Optional[Iterable[str]] = None, fold_bn: bool = True, fuse_relu: bool = True,
+             time_budget_s: float = 0.1, inplace: bool = False) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+    """Fold BatchNorm, fuse ReLU and replace layers by sparse kernels (or keep them dense if faster).
+
+    Args:
+        model: the dense model, its pruned weights exactly zero (e.g. ``W⊙m``).
+        example_input: a representative input; when given, each layer is timed sparse vs dense on its
+            real input shape and kept dense when that is faster (see the module docstring).
+        layers: names of the ``Conv2d`` / ``Linear`` modules to make sparse (default: all of them with
+            ``groups == 1`` and zero padding mode); other convolutions are still BN-folded and fused.
+        fold_bn: fold eval-mode ``BatchNorm2d`` into the preceding convolution.
+        fuse_relu: fuse a following ReLU into the convolution's epilogue.
+        time_budget_s: timing budget per layer (interleaved rounds, at least 7 each).
+        inplace: rewrite ``model`` itself instead of a deep copy.
+
+    Returns:
+        ``(sparse_model, report)``: the model in eval mode with gradients off, and one dict per
+        converted layer (``name, kind, density, bn, relu, sparse_ms, dense_ms, speedup``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``layers`` names a module that is not a ``Conv2d`` / ``Linear``.
+    """
+    op = "sparsify"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    model.eval()
+    modules = dict(model.named_modules())
+    selected = _select_layers(op, modules, layers)
+    try:
+        chains = _chains_fx(model)
+    except Exception as exc:  # fx cannot trace data-dependent control flow: fall back to nn.Sequential
+        logger.info("sparsify: fx trace failed (%s); folding within nn.Sequential only", exc)
+        chains = _chains_sequential(model)
+    inputs: Dict[str, torch.Tensor] = {}
+    if example_input is not None:
+        hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+                 for n in selected]
+        try:
+            with torch.inference_mode():
+                model(example_input)
+        finally:
+            for h in hooks:
+                h.remove()
+    report: List[Dict[str, Any]] = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or isinstance(mod, (DenseConv2d,)):
+            continue
+        bn, relu_mod, fused = chains.get(name, (None, None, False)) if isinstance(mod, nn.Conv2d) else (None, None, False)
+        if bn is not None and not fold_bn:  # the ReLU follows the norm, not the convolution
+            bn, fused = None, False
+        fused = fused and fuse_relu
+        dense = fold_batchnorm(mod, modules[bn]) if bn else mod
+        if bn:
+            _set_module(model, bn, nn.Identity())
+        if fused and relu_mod:
+            _set_module(model, relu_mod, nn.Identity())
+        if name not in selected:
+            if bn or fused:
+                _set_module(model, name, DenseConv2d.from_conv2d(dense, relu=fused))
+            continue
+        if isinstance(dense, nn.Conv2d):
+            sparse_mod: nn.Module = SparseConv2d.from_conv2d(dense, relu=fused)
+            dense_mod: nn.Module = DenseConv2d.from_conv2d(dense, relu=fused)
+        else:
+            sparse_mod, dense_mod = SparseLinear.from_linear(dense), dense
+        rec: Dict[str, Any] = {"name": name, "kind": "sparse", "layer": type(mod).__name__,
+                               "density": sparse_mod.density(), "bn": bn, "relu": fused,
+                               "sparse_ms": None, "dense_ms": None, "speedup": None}
+        chosen = sparse_mod
+        if name in inputs:
+            t_sparse, t_dense = _time_pair(sparse_mod, dense_mod, inputs[name], time_budget_s)
+            rec.update(sparse_ms=1e3 * t_sparse, dense_ms=1e3 * t_dense, speedup=t_dense / t_sparse)
+            if t_dense < t_sparse:
+                chosen, rec["kind"] = dense_mod, "dense"
+        _set_module(model, name, chosen)
+        report.append(rec)
+    model.requires_grad_(False)
+    logger.info("sparsify:\n%s", format_report(report))
+    return model, report
+
+
+def _select_layers(op: str, modules: Dict[str, nn.Module], layers: Optional[Iterable[str]]) -> Set[str]:
+    def ok(m: nn.Module) -> bool:
+        if isinstance(m, nn.Linear):
+            return True
+        return isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and \
+            not isinstance(m.padding, str)
+    if layers is None:
+        return {n for n, m in modules.items() if ok(m) and not isinstance(m, DenseConv2d)}
+    chosen = set(layers)
+    for n in chosen:
+        if n not in modules or not ok(modules[n]):
+            raise ValueError(f"{op}: layers must name Conv2d (groups=1, zero padding) or Linear modules; "
+                             f"{n!r} is {type(modules.get(n)).__name__}")
+    return chosen
+
+
+def format_report(report: List[Dict[str, Any]]) -> str:
+    """A plain-text table of a :func:`sparsify` report."""
+    head = f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'sparse ms':>10} {'dense ms':>9} {'speedup':>8}"
+    rows = [head]
+    for r in report:
+        t = (f"{r['sparse_ms']:10.3f} {r['dense_ms']:9.3f} {r['speedup']:7.2f}x" if r["sparse_ms"] is not None
+             else f"{'-':>10} {'-':>9} {'-':>8}")
+        rows.append(f"{r['name']:<28} {r['kind']:<6} {r['density']:8.4f} {'y' if r['bn'] else '-':>3} "
+                    f"{'y' if r['relu'] else '-':>4} {t}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------- save / load
+def _manifest(model: nn.Module) -> Dict[str, Any]:
+    layers: Dict[str, Dict[str, Any]] = {}
+    identity: List[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, SparseConv2d):
+            layers[name] = {"kind": "sparse_conv2d", "in_channels": m.in_channels, "shape": list(m.csr().shape),
+                            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+                            "dilation": list(m.dilation), "relu": m.relu, "bias": m.bias is not None}
+        elif isinstance(m, SparseLinear):
+            layers[name] = {"kind": "sparse_linear", "shape": [m.out_features, m.in_features],
+                            "bias": m.bias is not None}
+        elif isinstance(m, DenseConv2d):
+            layers[name] = {"kind": "dense_conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
+                            "dilation": list(m.dilation), "groups": m.groups, "relu": m.relu,
+                            "bias": m.bias is not None, "padding_mode": m.padding_mode}
+        elif isinstance(m, nn.Identity) and name:
+            identity.append(name)
+    return {"format": FORMAT, "layers": layers, "identity": identity}
+
+
+def save(model: nn.Module, path: os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> None:
+    """Write a :func:`sparsify` / ``Pruner.export()`` model to one safetensors file, atomically.
+
+    The file holds the state dict (CSR ``crow_indices`` / ``col_indices`` / ``values`` of every sparse
+    layer included) and, in its metadata, a JSON manifest of the rewritten layers; ``metadata`` is
+    stored beside it (JSON-serialisable values).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save: model must be a torch.nn.Module, got {type(model).__name__}")
+    tensors = {k: v for k, v in model.state_dict().items()}
+    save_tensors(path, tensors, {"manifest": _manifest(model), "user": dict(metadata or {})})
+
+
+def _build(op: str, name: str, spec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    def t(key: str) -> torch.Tensor:
+        full = f"{name}.{key}"
+        if full not in tensors:
+            raise ValueError(f"{op}: the file has no tensor {full!r} for layer {name!r}")
+        return tensors[full]
+    kind = spec.get("kind")
+    if kind in ("sparse_conv2d", "sparse_linear"):
+        csr = CSRMatrix(t("crow_indices"), t("col_indices"), t("values"), tuple(spec["shape"]))  # validated
+        bias = t("bias") if spec.get("bias") else None
+        if kind == "sparse_linear":
+            return SparseLinear(csr, bias)
+        return SparseConv2d(csr, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
+                            tuple(spec["padding"]), tuple(spec["dilation"]), bias, bool(spec["relu"]))
+    if kind == "dense_conv2d":
+        w = t("weight")
+        return DenseConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
+                           tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"],
+                           bool(spec["bias"]), spec.get("padding_mode", "zeros"), relu=bool(spec["relu"]),
+                           dtype=w.dtype)
+    raise ValueError(f"{op}: unknown layer kind {kind!r} for {name!r}")
+
+
+def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
+         device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model written by :func:`save` without unpickling anything and without a Pruner.
+
+    Args:
+        path: the safetensors file.
+        model_factory: builds the dense architecture the model was exported from (e.g. ``lambda: VGG()``);
+            its layers named in the manifest are replaced, everything else is loaded strictly.
+        device: where the tensors go.
+
+    Returns:
+        The model in eval mode with gradients off.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a hyperflow sparse export, a missing tensor, a corrupt CSR structure, or a state dict
+            that does not match the factory's architecture.
+    """
+    op = "hf.sparse.load"
+    tensors, meta = load_tensors(path, device=device)
+    manifest = meta.get("manifest") if isinstance(meta, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{op}: {path} is not a hyperflow sparse export (format {FORMAT!r})")
+    model = model_factory()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{op}: model_factory must return an nn.Module, got {type(model).__name__}")
+    model.to(device)
+    names = dict(model.named_modules())
+    for name in manifest["identity"] + list(manifest["layers"]):
+        if name not in names:
+            raise ValueError(f"{op}: the factory's model has no module {name!r} (another architecture?)")
+    for name in manifest["identity"]:
+        _set_module(model, name, nn.Identity())
+    for name, spec in manifest["layers"].items():
+        _set_module(model, name, _build(op, name, spec, tensors).to(device))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{op}: {path} does not match the factory's architecture: {exc}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    return model
