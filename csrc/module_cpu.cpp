@@ -20,6 +20,11 @@ PYBIND11_MODULE(_C, m) {
     return 1;
 #endif
   });
+  m.def("omp_set_num_threads", [](int n) {
+#ifdef _OPENMP
+    if (n > 0) omp_set_num_threads(n);
+#endif
+  }, pybind11::arg("n"), "Threads of this module's OpenMP parallel regions (torch.set_num_threads does not reach them).");
   m.def("build_info", [] {
     std::string s = "cpu; compiler " __VERSION__;
 #ifdef _OPENMP

@@ -248,7 +248,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         _set_module(model, name, chosen)
         report.append(rec)
     model.requires_grad_(False)
-    logger.info("sparsify:\n%s", format_report(report))
+    logger.debug("sparsify:\n%s", format_report(report))
     return model, report
 
 

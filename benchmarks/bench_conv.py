@@ -1,0 +1,116 @@
+"""Pruned CNNs end to end: the sparse export against dense torch, interleaved in one run.
+
+Run: ``python -m pytest benchmarks/bench_conv.py --benchmark-enable -q``
+(``-k "vgg and b32"`` etc. to select; the whole grid takes a few minutes on 2 cores).
+
+Models (:mod:`hyperflow_ext.prune.cnns`): ``VGGStyle`` (five 3x3 conv-BN-ReLU, 64-512 channels, 32x32 input)
+and ``ResNetStyle`` (stem + four basic blocks, 32-256 channels), per-layer magnitude masks at
+90/95/98/99 % sparsity, eval mode with random BatchNorm statistics.
+
+Each case times, round-robin on the same input (``interleaved_times``), at 1 or 2 threads for both
+torch and the native kernels:
+
+* ``sparse``: :func:`~hyperflow_ext.sparse.sparsify` with ``example_input`` (BatchNorm folded, ReLU fused,
+  a layer kept dense where that measured faster), default NCHW layout;
+* ``dense`` / ``dense_cl``: the same masked model run by torch (BatchNorm as is) in the default layout
+  and channels-last; ``speedup_vs_dense_best`` divides the faster of the two by the sparse median;
+* ``dense_folded_best``: the dense model with the same BatchNorm folding and ReLU fusion (the stricter
+  baseline), faster layout.
+
+``extra_info`` also holds the dense GFLOP/s and the sparse path's effective GFLOP/s (its nonzero
+multiply-adds over its time) and the per-layer report (sparse/dense ms per layer, as the export timed
+it). No timing threshold is asserted; the test checks that the outputs agree.
+"""
+import copy
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+from hyperflow_ext import native
+from hyperflow_ext.measure import interleaved_times
+from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
+from hyperflow_ext.sparse import SparseConv2d, sparsify
+
+MODELS = {"vgg": VGGStyle, "resnet": ResNetStyle}
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    if native.available():
+        native.cpu_module().omp_set_num_threads(n)
+
+
+def _conv_flops(model: nn.Module, x: torch.Tensor, dense: bool) -> float:
+    """Multiply-adds x 2 of every conv / linear on input x (dense: all weights; else: the nonzeros)."""
+    total = [0.0]
+
+    def hook(m, inp, out):
+        if isinstance(m, SparseConv2d):
+            per_out = m.csr().nnz / max(1, m.out_channels)
+        elif isinstance(m, nn.Conv2d):
+            w = m.weight
+            per_out = (w.numel() if dense else int((w != 0).sum())) / w.shape[0]
+        elif isinstance(m, nn.Linear):
+            per_out = m.in_features
+        else:
+            return
+        total[0] += 2.0 * per_out * out.numel()
+    hooks = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return total[0]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    yield
+    _set_threads(before)
+
+
+@pytest.mark.skipif(not native.available(), reason="native extension not built")
+@pytest.mark.parametrize("threads", [2, 1], ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("batch", [1, 32], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("sparsity", [0.90, 0.95, 0.98, 0.99], ids=lambda s: f"s{int(round(100 * s))}")
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_pruned_cnn_end_to_end(benchmark, arch, sparsity, batch, threads):
+    benchmark.group = f"cnn_{arch}"
+    _set_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MODELS[arch]()
+    randomize_batchnorm(model, gen)
+    apply_masks(model, magnitude_masks(model, sparsity))
+    model.eval()
+    x = torch.randn(batch, 3, 32, 32, generator=gen)
+    sparse, report = sparsify(model, x, time_budget_s=0.2)
+    folded, _ = sparsify(model, layers=[])  # same folding and fusion, every layer dense
+    dense_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    folded_cl = copy.deepcopy(folded).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fns = {"sparse": lambda: sparse(x), "dense": lambda: model(x), "dense_cl": lambda: dense_cl(x_cl),
+           "folded": lambda: folded(x), "folded_cl": lambda: folded_cl(x_cl)}
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-3, rtol=1e-3)
+        times, rounds = interleaved_times(list(fns.values()), budget_s=3.0, min_rounds=9, max_rounds=200)
+    med = {k: statistics.median(t) for k, t in zip(fns, times)}
+    mins = {k: min(t) for k, t in zip(fns, times)}
+    best_dense = min(med["dense"], med["dense_cl"])
+    best_folded = min(med["folded"], med["folded_cl"])
+    flops_dense, flops_sparse = _conv_flops(model, x, True), _conv_flops(sparse, x, False)
+    info = benchmark.extra_info
+    info.update(arch=arch, sparsity=sparsity, batch=batch, threads=threads, rounds=rounds,
+                kernel_median_ms=1e3 * med["sparse"], dense_median_ms=1e3 * med["dense"],
+                dense_cl_median_ms=1e3 * med["dense_cl"], folded_best_median_ms=1e3 * best_folded,
+                speedup_vs_dense_best=best_dense / med["sparse"],
+                min_speedup_vs_dense_best=min(mins["dense"], mins["dense_cl"]) / mins["sparse"],
+                speedup_vs_dense_folded_best=best_folded / med["sparse"],
+                dense_gflops=flops_dense / best_dense / 1e9, sparse_effective_gflops=flops_sparse / med["sparse"] / 1e9,
+                dense_layers=sum(r["kind"] == "dense" for r in report),
+                layers="; ".join(f"{r['name']}:{r['kind']}:{r['density']:.3f}:"
+                                 f"{(r['speedup'] or float('nan')):.2f}x" for r in report))
+    benchmark.pedantic(fns["sparse"], rounds=5, iterations=1, warmup_rounds=1)
