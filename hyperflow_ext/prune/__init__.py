@@ -7,11 +7,14 @@
 * :class:`PressureScheduler`, :func:`keep_trajectory` — the pressure controller.
 * :class:`PowerLaw`, :func:`fit_power_law` — ``S(γ) = c·γ^-(α0 + α1 ln γ)`` and ``pressure_for``.
 * :func:`magnitude_prune` — the global magnitude (L1) baseline with fine-tuning.
+* :func:`gradual_magnitude_prune` — Zhu & Gupta's gradual magnitude pruning (cubic schedule, pruning
+  during training, same epoch budget).
 * :func:`run_pruning_experiment`, :func:`run_power_law_study` — the embedded experiment.
 """
 from .flow_ops import flow_step, flow_step_reference
 from .functional import masked_conv2d, masked_linear
 from .layers import MaskedConv2d, MaskedLinear
+from .gradual import cubic_sparsity, gradual_magnitude_prune
 from .magnitude import magnitude_prune
 from .power_law import PowerLaw, fit_power_law
 from .pruner import Pruner
@@ -20,4 +23,5 @@ from .experiment import run_power_law_study, run_pruning_experiment
 
 __all__ = ["flow_step", "flow_step_reference", "masked_conv2d", "masked_linear",
            "MaskedLinear", "MaskedConv2d", "Pruner", "PressureScheduler", "keep_trajectory",
-           "PowerLaw", "fit_power_law", "magnitude_prune", "run_pruning_experiment", "run_power_law_study"]
+           "PowerLaw", "fit_power_law", "magnitude_prune", "gradual_magnitude_prune", "cubic_sparsity", "run_pruning_experiment", "run_power_law_study",
+           "functional", "flow_ops"]
