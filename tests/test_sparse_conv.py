@@ -26,9 +26,10 @@ def _masked_weight(out_c, in_c, kh, kw, density, dtype, gen):
        stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), padding=st.tuples(st.integers(0, 2), st.integers(0, 2)),
        dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)), density=st.sampled_from([0.0, 0.3, 1.0]),
        double=st.booleans(), relu=st.booleans(), use_bias=st.booleans(), batch_block=st.sampled_from([0, 1, 2, 16]),
-       algo=st.sampled_from(["packed", "direct"]), channels_last=st.booleans(), seed=st.integers(0, 2**16))
+       algo=st.sampled_from(["packed", "direct"]), channels_last=st.booleans(),
+       out_format=st.sampled_from([None, True, False]), seed=st.integers(0, 2**16))
 def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding, dilation, density, double, relu,
-                                   use_bias, batch_block, algo, channels_last, seed):
+                                   use_bias, batch_block, algo, channels_last, out_format, seed):
     ho, wo = (conv_out_size(s, k, st_, p, d) for s, k, st_, p, d in
               zip((h, w), (kh, kw), stride, padding, dilation))
     assume(ho >= 1 and wo >= 1)
@@ -40,23 +41,32 @@ def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     csr = CSRMatrix.from_dense(weight.reshape(out_c, -1), index_dtype=torch.int32 if seed % 2 else torch.int64)
-    y = csr_conv2d(x, csr, (kh, kw), bias, stride, padding, dilation, relu, batch_block=batch_block, algo=algo)
+    y = csr_conv2d(x, csr, (kh, kw), bias, stride, padding, dilation, relu, batch_block=batch_block, algo=algo,
+                   channels_last=out_format)
     want = F.conv2d(x, weight, bias, stride, padding, dilation)
     if relu:
         want = want.relu()
     assert y.shape == want.shape == (n, out_c, ho, wo)
+    # None follows the input (a tensor contiguous in both formats counts as NCHW)
+    cl = (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()) if out_format is None \
+        else out_format
+    assert y.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     torch.testing.assert_close(y, want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 1.0])
 @pytest.mark.parametrize("n,hw,stride", [(1, 16, 1), (32, 4, 1), (5, 8, 2), (19, 2, 1)])
-def test_layer_sized_convolutions(dtype, density, n, hw, stride):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc_in", "nhwc_out", "nhwc"])
+def test_layer_sized_convolutions(dtype, density, n, hw, stride, layout):
     """VGG/ResNet-sized layers: many channels, the sample interleaving of small maps, ReLU epilogue."""
     gen = torch.Generator().manual_seed(0)
     weight = _masked_weight(48, 40, 3, 3, density, dtype, gen)
     bias, x = torch.randn(48, dtype=dtype, generator=gen), torch.randn(n, 40, hw, hw, dtype=dtype, generator=gen)
-    sp = SparseConv2d.from_dense(weight, stride=stride, padding=1, bias=bias, relu=True)
+    if layout in ("nhwc_in", "nhwc"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    sp = SparseConv2d.from_dense(weight, stride=stride, padding=1, bias=bias, relu=True,
+                                 channels_last=True if layout in ("nhwc_out", "nhwc") else None)
     with torch.inference_mode():
         y = sp(x)
         y_again = sp(x)  # second call: cached offsets
@@ -84,8 +94,10 @@ def test_one_by_one_convolutions_use_the_spmm_path_and_match():
     for x in (torch.randn(3, 12, 5, 6, generator=gen),
               torch.randn(3, 12, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last),
               torch.randn(3, 12, 10, 6, generator=gen)[:, :, ::2], torch.randn(0, 12, 5, 6)):
-        for stride, relu in ((1, False), (1, True), (2, True)):  # stride 2 goes through the direct kernel
-            y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu)
+        for stride, relu, cl in ((1, False, None), (1, True, None), (2, True, None), (1, True, True), (1, False, False)):
+            # stride 2 goes through the direct kernel; channels-last 1x1 through the CSR linear kernel
+            y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu,
+                           channels_last=cl)
             want = F.conv2d(x, weight, bias, stride)
             torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
 

@@ -137,18 +137,86 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
   }
 }
 
-// y for output channel o from tile, which holds the lanes of whole output rows [i0, i1) of group gi
-// (row i starts at lane (i - i0) * wq * nb): bias and ReLU over the tile (contiguous, vectorised),
-// then the valid lanes out — row copies for nb = 1, register transposes of (pixel, sample) blocks
-// for nb > 1.
+#if defined(HF_SPARSE_AVX512)
+// Channels-last input (xs_c == 1), stride 1 (one phase), nb <= W: the packed buffer of group gi from
+// (column, channel) or (sample, channel) blocks transposed in registers, every element written. Work
+// shared over padded rows (call inside a parallel region).
 template <typename T>
-void store_rows(const SparseConvParams& p, const Packing& k, T* __restrict tile, std::int64_t gi, std::int64_t o,
-                std::int64_t i0, std::int64_t i1, const T* bias, T* __restrict y) {
-  const std::int64_t row = k.wq * k.nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * k.nb;
+void pack_group_nhwc(const SparseConvParams& p, const Packing& k, const T* __restrict x, std::int64_t gi,
+                     T* __restrict dst) {
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  const std::int64_t chan = k.plane, nvalid = std::min(k.nb, p.n - gi * k.nb);
+  const std::int64_t q_lo = std::min(p.pw, k.wq), q_hi = std::min(p.w + p.pw, k.wq);
+  const T* xg = x + gi * k.nb * p.xs_n;
+#pragma omp for schedule(static)
+  for (std::int64_t r = 0; r < k.hq; ++r) {
+    const std::int64_t yy = r - p.ph;
+    const std::int64_t rl = r * k.wq * k.nb, rlen = k.wq * k.nb;
+    for (std::int64_t c = 0; c < p.in_c; ++c) {  // zero padding (and absent samples) first
+      T* row = dst + c * chan + rl;
+      if (yy < 0 || yy >= p.h || nvalid < k.nb) {
+        std::fill(row, row + rlen, T(0));
+      } else {
+        std::fill(row, row + q_lo * k.nb, T(0));
+        std::fill(row + q_hi * k.nb, row + rlen, T(0));
+      }
+    }
+    if (yy < 0 || yy >= p.h) continue;
+    for (std::int64_t c0 = 0; c0 < p.in_c; c0 += W) {
+      const std::int64_t nc = std::min(W, p.in_c - c0);
+      if (k.nb == 1) {
+        for (std::int64_t q0 = q_lo; q0 < q_hi; q0 += W)
+          cpu::transpose_block(xg + yy * p.xs_h + (q0 - p.pw) * p.xs_w + c0, p.xs_w, std::min(W, q_hi - q0), nc,
+                               dst + c0 * chan + rl + q0, chan, static_cast<const T*>(nullptr));
+      } else {
+        for (std::int64_t q = q_lo; q < q_hi; ++q)
+          cpu::transpose_block(xg + yy * p.xs_h + (q - p.pw) * p.xs_w + c0, p.xs_n, nvalid, nc,
+                               dst + c0 * chan + rl + q * k.nb, chan, static_cast<const T*>(nullptr));
+      }
+    }
+  }
+}
+
+// Channels-last output (ys_c == 1): the tiles of output channels [o0, o0 + no) (no <= W; tile row
+// o - o0 at tile + (o - o0) * ldt, epilogue already applied) written as (pixel, channel) blocks
+// transposed in registers.
+template <typename T>
+void store_rows_nhwc(const SparseConvParams& p, const Packing& k, const T* __restrict tile, std::int64_t ldt,
+                     std::int64_t gi, std::int64_t o0, std::int64_t no, std::int64_t i0, std::int64_t i1,
+                     T* __restrict y) {
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  const std::int64_t nvalid = std::min(k.nb, p.n - gi * k.nb);
+  T* yg = y + gi * k.nb * p.ys_n + o0;
+  for (std::int64_t i = i0; i < i1; ++i) {
+    const T* t = tile + (i - i0) * k.wq * k.nb;
+    if (k.nb == 1) {
+      for (std::int64_t j0 = 0; j0 < p.wo; j0 += W)
+        cpu::transpose_block(t + j0, ldt, no, std::min(W, p.wo - j0), yg + i * p.ys_h + j0 * p.ys_w, p.ys_w,
+                             static_cast<const T*>(nullptr));
+    } else {
+      for (std::int64_t j = 0; j < p.wo; ++j)
+        cpu::transpose_block(t + j * k.nb, ldt, no, nvalid, yg + i * p.ys_h + j * p.ys_w, p.ys_n,
+                             static_cast<const T*>(nullptr));
+    }
+  }
+}
+#endif
+
+// bias + ReLU over one output channel's tile (contiguous, vectorised).
+template <typename T>
+inline void epilogue_tile(T* __restrict tile, std::int64_t len, const T* bias, std::int64_t o, bool relu) {
   const T bo = bias ? bias[o] : T(0);
-  const bool relu = p.relu;
 #pragma omp simd
   for (std::int64_t l = 0; l < len; ++l) tile[l] = conv_epilogue(tile[l], &bo, 0, relu);
+}
+
+// y for output channel o from tile, which holds the lanes of whole output rows [i0, i1) of group gi
+// (row i starts at lane (i - i0) * wq * nb; epilogue applied): the valid lanes out — row copies for
+// nb = 1, register transposes of (pixel, sample) blocks for nb > 1.
+template <typename T>
+void store_rows(const SparseConvParams& p, const Packing& k, const T* __restrict tile, std::int64_t gi,
+                std::int64_t o, std::int64_t i0, std::int64_t i1, T* __restrict y) {
+  const std::int64_t row = k.wq * k.nb;
   const std::int64_t nvalid = std::min(k.nb, p.n - gi * k.nb);
   T* __restrict yo = y + gi * k.nb * p.ys_n + o * p.ys_c;
   for (std::int64_t i = i0; i < i1; ++i) {
@@ -220,15 +288,35 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
   const std::int64_t tiles = (p.ho + tile_rows - 1) / tile_rows;
   const int threads = max_threads();
   const std::int64_t base = k.groups * tiles, want = 8 * static_cast<std::int64_t>(threads);
-  const std::int64_t oblocks = base >= want ? 1 : std::min(p.out_c, (want + base - 1) / base);
-  const std::int64_t ob = (p.out_c + oblocks - 1) / oblocks;
+  std::int64_t oblocks = base >= want ? 1 : std::min(p.out_c, (want + base - 1) / base);
+  std::int64_t ob = (p.out_c + oblocks - 1) / oblocks;
+#if defined(HF_SPARSE_AVX512)
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  const bool nhwc_in = p.xs_c == 1 && p.in_c > 1 && k.phases == 1 && nb <= W;
+  const bool nhwc_out = p.ys_c == 1 && p.out_c > 1 && nb <= W;
+  if (nhwc_out) {  // blocks of whole registers of channels
+    ob = round_up(ob, W);
+    oblocks = (p.out_c + ob - 1) / ob;
+  }
+#else
+  constexpr std::int64_t W = 1;
+  constexpr bool nhwc_in = false, nhwc_out = false;
+#endif
+  const std::int64_t ldt = round_up(tile_rows * k.wq * nb, 16);
   const bool par = threads > 1 && (p.nnz + p.out_c) * k.grid * k.groups > kParallelWork;
 #pragma omp parallel if (par)
   {
+#if defined(HF_SPARSE_AVX512)
+    if (nhwc_in) {
+      for (std::int64_t gi = 0; gi < k.groups; ++gi) pack_group_nhwc(p, k, x, gi, packed + gi * k.gsize);
+    } else
+#endif
+    {
 #pragma omp for schedule(static) collapse(2)
-    for (std::int64_t gi = 0; gi < k.groups; ++gi)
-      for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, packed + gi * k.gsize);
-    T* tile = scratch<T>(2, tile_rows * k.wq * nb);
+      for (std::int64_t gi = 0; gi < k.groups; ++gi)
+        for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, packed + gi * k.gsize);
+    }
+    T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
 #pragma omp for schedule(dynamic, 1) collapse(3)
     for (std::int64_t gi = 0; gi < k.groups; ++gi) {
       for (std::int64_t t = 0; t < tiles; ++t) {
@@ -237,10 +325,18 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
           const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
           const std::int64_t o1 = std::min(p.out_c, (b + 1) * ob);
           const T* src = packed + gi * k.gsize + g0;
-          for (std::int64_t o = b * ob; o < o1; ++o) {
-            const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-            gather_row(off + j0, val + j0, j1 - j0, src, 1, len, tile);
-            store_rows(p, k, tile, gi, o, i0, i1, bias, y);
+          for (std::int64_t o0 = b * ob; o0 < o1; o0 += W) {
+            const std::int64_t no = std::min(W, o1 - o0);
+            for (std::int64_t o = o0; o < o0 + no; ++o) {
+              T* to = tile + (nhwc_out ? (o - o0) * ldt : 0);
+              const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
+              gather_row(off + j0, val + j0, j1 - j0, src, 1, len, to);
+              epilogue_tile(to, len, bias, o, p.relu);
+              if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
+            }
+#if defined(HF_SPARSE_AVX512)
+            if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
+#endif
           }
         }
       }

@@ -11,7 +11,8 @@
    The structure is read from a ``torch.fx`` trace; a model that does not trace falls back to
    consecutive children of ``nn.Sequential`` containers.
 3. **Sparse or dense, by measurement.** Each selected ``Conv2d`` / ``Linear`` becomes a
-   :class:`~hyperflow_ext.sparse.SparseConv2d` / :class:`~hyperflow_ext.sparse.SparseLinear`. With an
+   :class:`~hyperflow_ext.sparse.SparseConv2d` (writing channels-last maps, on which torch's CPU pooling
+   is much faster) / :class:`~hyperflow_ext.sparse.SparseLinear`. With an
    ``example_input`` the layer is also timed both ways on its real input shape, interleaved, at the
    current thread count: **the layer stays dense when the dense median time is below the sparse
    median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`).
@@ -232,7 +233,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                 _set_module(model, name, DenseConv2d.from_conv2d(dense, relu=fused))
             continue
         if isinstance(dense, nn.Conv2d):
-            sparse_mod: nn.Module = SparseConv2d.from_conv2d(dense, relu=fused)
+            sparse_mod: nn.Module = SparseConv2d.from_conv2d(dense, relu=fused, channels_last=True)
             dense_mod: nn.Module = DenseConv2d.from_conv2d(dense, relu=fused)
         else:
             sparse_mod, dense_mod = SparseLinear.from_linear(dense), dense
@@ -288,7 +289,8 @@ def _manifest(model: nn.Module) -> Dict[str, Any]:
         if isinstance(m, SparseConv2d):
             layers[name] = {"kind": "sparse_conv2d", "in_channels": m.in_channels, "shape": list(m.csr().shape),
                             "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
-                            "dilation": list(m.dilation), "relu": m.relu, "bias": m.bias is not None}
+                            "dilation": list(m.dilation), "relu": m.relu, "bias": m.bias is not None,
+                            "channels_last": m.channels_last}
         elif isinstance(m, SparseLinear):
             layers[name] = {"kind": "sparse_linear", "shape": [m.out_features, m.in_features],
                             "bias": m.bias is not None}
@@ -328,7 +330,8 @@ def _build(op: str, name: str, spec: Dict[str, Any], tensors: Dict[str, torch.Te
         if kind == "sparse_linear":
             return SparseLinear(csr, bias)
         return SparseConv2d(csr, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
-                            tuple(spec["padding"]), tuple(spec["dilation"]), bias, bool(spec["relu"]))
+                            tuple(spec["padding"]), tuple(spec["dilation"]), bias, bool(spec["relu"]),
+                            spec.get("channels_last"))
     if kind == "dense_conv2d":
         w = t("weight")
         return DenseConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
