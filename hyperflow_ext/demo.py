@@ -22,7 +22,7 @@ from . import __version__, native
 from ._io import atomic_path, cache_dir as resolve_cache_dir
 from .data import EpisodeSampler, benchmark_domains
 from .flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
-from .flow.baselines import direct_transfer, finetune_adapt
+from .flow.baselines import LR_GRID, direct_transfer, finetune_adapt, tune_lr
 from .flow.evaluate import FewShotResult, evaluate_few_shot, summarise
 from .flow.functional import features_with, finetune, support_loss
 from .models import load_pretrained
@@ -47,7 +47,9 @@ class DemoConfig:
     traj_query: int = 5              # queries per class in trajectory episodes
     traj_shots: List[int] = field(default_factory=lambda: [1, 5])
     perturbations: int = 2
-    finetune_lr: float = 1e-2
+    finetune_lr: Optional[float] = None   # None: tuned on held-out meta-training episodes (tune_lr)
+    full_finetune_lr: Optional[float] = None
+    lr_tasks: int = 20                    # meta-training episodes that score the learning-rate grids
     drift_iters: int = 600
     horizons: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     horizon_tasks: int = 60          # held-out meta-training episodes that pick the horizon
@@ -64,7 +66,7 @@ class DemoConfig:
     def quick(cls, seed: int = 0) -> "DemoConfig":
         return cls(seed=seed, pretrain_epochs=1, traj_tasks=8, traj_steps=20,
                    traj_query=2, perturbations=1, drift_iters=100,
-                   horizons=[0.5, 1.0], horizon_tasks=4, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
+                   horizons=[0.5, 1.0], horizon_tasks=4, lr_tasks=4, adapt_steps=20, episodes=4, domains=["Arabic", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
                    kernel_sparsities=[0.9, 0.98])
 
@@ -95,7 +97,26 @@ def _held_out_episodes(domains, seed: int):
     return EpisodeSampler(domains, way=5, shot=5, query=15, seed=seed + 99).episodes()
 
 
-def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig) -> Dict[str, List[float]]:
+FULL_FINETUNE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def _tuned_lrs(backbone, meta, cfg: DemoConfig, progress: bool) -> Dict[str, dict]:
+    """Fine-tuning learning rates for bias tuning (also the recipe HyperFlow emulates) and full
+    fine-tuning, each chosen on held-out meta-training episodes unless the config fixes it."""
+    out: Dict[str, dict] = {}
+    for key, params, grid, fixed in (("bias", "bias", LR_GRID, cfg.finetune_lr),
+                                     ("all", "all", FULL_FINETUNE_GRID, cfg.full_finetune_lr)):
+        if fixed is not None:
+            out[key] = {"lr": fixed, "chosen_by": "config"}
+            continue
+        choice = tune_lr(backbone, _held_out_episodes(meta, cfg.seed), params, grid, cfg.lr_tasks, cfg.adapt_steps,
+                         progress=progress)
+        out[key] = {"chosen_by": "tune_lr", **choice.as_dict()}
+    return out
+
+
+def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig,
+                 lr: float) -> Dict[str, List[float]]:
     """Mean support loss after each step: along each HyperFlow path and along real bias tuning."""
     curves: Dict[str, List[float]] = {}
     name = "digits" if "digits" in domains else next(iter(domains))
@@ -108,7 +129,7 @@ def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig
         for ep in eps:
             if flow is None:
                 _, path, _ = finetune(backbone, subset, ep.support_x, ep.support_y, theta_pre, cfg.adapt_steps, 5,
-                                      lr=cfg.finetune_lr, record=True)
+                                      lr=lr, record=True)
                 states = path[0]
             else:
                 states = flow_path(backbone, ep.support_x, ep.support_y, flow, cfg.adapt_steps)[0]
@@ -165,11 +186,15 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     backbone = st.run("pretrain", lambda: load_pretrained("conv4-glyphs", cache_dir=cache_dir, progress=progress,
                                                           datasets=pre_data, seed=cfg.seed, **train_kw),
                       lambda b: f"conv4 backbone, {sum(p.numel() for p in b.parameters())} parameters")
+    lrs = st.run("learning rates", lambda: _tuned_lrs(backbone, meta, cfg, progress),
+                 lambda r: f"bias tuning lr {r['bias']['lr']:g}, full fine-tuning lr {r['all']['lr']:g} "
+                           f"(on held-out meta-training episodes)")
+    bias_lr, full_lr = lrs["bias"]["lr"], lrs["all"]["lr"]
     recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
     store = resolve_cache_dir(cache_dir) / "trajectories"
     trajs = st.run("trajectories", lambda: recorder.record(
         _mixed_episodes(meta, cfg.seed, cfg.traj_shots, cfg.traj_query), tasks=cfg.traj_tasks,
-        trajectory_steps=cfg.traj_steps, store=store, progress=progress, lr=cfg.finetune_lr,
+        trajectory_steps=cfg.traj_steps, store=store, progress=progress, lr=bias_lr,
         perturbations=cfg.perturbations, objective=cfg.traj_objective),
         lambda t: f"{t.episodes} tasks x {t.runs} runs x {cfg.traj_steps} steps, {recorder.subset.numel} biases")
     flows: Dict[str, HyperFlow] = {}
@@ -188,8 +213,8 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
         flows[label].save(out / f"drift-{interp}.safetensors")
 
     methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
-               "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", cfg.adapt_steps, cfg.finetune_lr),
-               "full fine-tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "all", cfg.adapt_steps, 1e-3)}
+               "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", cfg.adapt_steps, bias_lr),
+               "full fine-tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "all", cfg.adapt_steps, full_lr)}
     for label, flow in flows.items():
         methods[label] = (lambda f: lambda sx, sy: fused_adapt(backbone, sx, sy, flow=f, steps=cfg.adapt_steps))(flow)
     results: List[FewShotResult] = st.run(
@@ -197,7 +222,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
                                               seed=cfg.seed, progress=progress),
         lambda r: f"{len(r)} (method, domain, shot) cells, {cfg.episodes} episodes each")
     pooled = summarise(results, target)
-    curves = st.run("loss curves", lambda: _loss_curves(backbone, flows, target, cfg),
+    curves = st.run("loss curves", lambda: _loss_curves(backbone, flows, target, cfg, bias_lr),
                     lambda c: "final support loss " + ", ".join(f"{k}: {v[-1]:.3f}" for k, v in c.items()))
     pruning = st.run("pruning", lambda: run_pruning_experiment(seed=cfg.seed, quick=cfg.prune_quick, progress=progress),
                      lambda p: "; ".join(f"{r['target']:.0%}: HF {r['hyperflows']['acc']:.3f} vs mag "
@@ -217,6 +242,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
                                            median_seconds=r.median_seconds, peak_bytes=r.peak_bytes) for r in results],
             "pooled": [dict(method=r.method, shot=r.shot, mean=r.mean, ci95=r.ci95, median_seconds=r.median_seconds,
                             peak_bytes=r.peak_bytes) for r in pooled.values()],
+            "learning_rates": lrs,
             "horizons": {label: {"chosen": f.horizon, "meta_val_accuracy": horizon_scores[label]}
                          for label, f in flows.items()},
             "loss_curves": curves, "pruning": pruning, "power_law": law, "kernels": kernels}

@@ -148,6 +148,11 @@ def write_report(out: Path, data: Dict[str, Any]) -> Path:
     horizons = _md_table(["method", "chosen horizon"] + [k for k in next(iter(hz.values()), {}).get("meta_val_accuracy", {})],
                          [[label, f"{h['chosen']:g}"] + [f"{100 * v:.2f}" for v in h["meta_val_accuracy"].values()]
                           for label, h in hz.items()]) if hz else "(not recorded)"
+    lr_rows = [[{"bias": "bias tuning (and HyperFlow's recorded fine-tuning)", "all": "full fine-tuning"}.get(k, k),
+                f"{v['lr']:g}", v["chosen_by"],
+                ", ".join(f"{g}: {100 * a:.1f}" for g, a in v.get("accuracy", {}).items()) or "-"]
+               for k, v in data.get("learning_rates", {}).items()]
+    lrs = _md_table(["fine-tuning", "lr", "chosen by", "query accuracy (%) per lr"], lr_rows) if lr_rows else ""
     stages = _md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in meta["stage_seconds"].items()])
     text = f"""# hyperflow demo report
 
@@ -163,6 +168,10 @@ backbone, never tested on); its integration horizon is chosen by query accuracy 
 (5-way 5-shot; `none` = the unadapted backbone):
 
 {horizons}
+
+Fine-tuning learning rates, chosen on held-out meta-training episodes only (Adam, same step budget):
+
+{lrs}
 
 {fs}
 

@@ -1,17 +1,29 @@
-"""The methods HyperFlow is compared with: direct transfer and autograd fine-tuning."""
+"""The methods HyperFlow is compared with: direct transfer and autograd fine-tuning, and the
+learning-rate search that tunes fine-tuning (and so the recipe HyperFlow emulates) on
+meta-training episodes."""
 from __future__ import annotations
 
-from typing import Optional
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
 from .checks import check_support
-from .functional import finetune
+from .functional import features_with, finetune
 from .params import ParamSpec, ParamSubset
 
-__all__ = ["direct_transfer", "finetune_adapt"]
+__all__ = ["direct_transfer", "finetune_adapt", "tune_lr", "LrChoice", "LR_GRID"]
+
+logger = logging.getLogger(__name__)
+
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def direct_transfer(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
@@ -39,3 +51,85 @@ def finetune_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torc
     theta, _, _ = finetune(backbone, subset, support_x, support_y, subset.vector(backbone), steps, way,
                            metric, scale, optimizer, lr)
     return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale)
+
+
+@dataclass
+class LrChoice:
+    """The outcome of :func:`tune_lr`.
+
+    Attributes:
+        lr: the chosen learning rate.
+        accuracy: mean query accuracy after fine-tuning, per candidate learning rate.
+        unadapted: mean query accuracy of the pretrained parameters on the same episodes.
+        loss_drop: mean relative drop of the support loss at the chosen rate (``1 - end/start``).
+        tasks: how many episodes were scored.
+    """
+
+    lr: float
+    accuracy: Dict[float, float] = field(default_factory=dict)
+    unadapted: float = float("nan")
+    loss_drop: float = float("nan")
+    tasks: int = 0
+
+    def as_dict(self) -> dict:
+        return {"lr": self.lr, "accuracy": {f"{k:g}": v for k, v in self.accuracy.items()},
+                "unadapted": self.unadapted, "loss_drop": self.loss_drop, "tasks": self.tasks}
+
+
+def tune_lr(backbone: nn.Module, episodes: Iterable, params: ParamSpec = "bias", grid: Sequence[float] = LR_GRID,
+            tasks: int = 20, steps: int = 50, optimizer: str = "adam", metric: str = "cosine", scale: float = 10.0,
+            progress: bool = False) -> LrChoice:
+    """Pick fine-tuning's learning rate by query accuracy on a few (meta-training) episodes.
+
+    The way a user tunes bias tuning: fine-tune on each support set for ``steps`` steps at every
+    rate in ``grid`` and keep the rate with the best mean query accuracy (ties: the smaller
+    rate). Use episodes of the meta-training domains only, never of a test domain.
+
+    Args:
+        backbone: the pretrained backbone (not modified).
+        episodes: iterable of ``(support_x, support_y, query_x, query_y, ...)``.
+        params: which parameters fine-tuning adapts.
+        grid: candidate learning rates (each finite and > 0).
+        tasks: how many episodes to score.
+        steps: fine-tuning steps per episode.
+
+    Returns:
+        An :class:`LrChoice` with the rate, every candidate's accuracy and the loss drop.
+
+    Raises:
+        ValueError: an empty or invalid grid, or episodes without queries.
+    """
+    if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in grid):
+        raise ValueError(f"tune_lr: grid must hold finite learning rates > 0, got {list(grid)}")
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"tune_lr: tasks must be a positive int, got {tasks!r}")
+    eps = list(itertools.islice(episodes, tasks))
+    if not eps or any(len(ep) < 4 or ep[2].numel() == 0 for ep in eps):
+        raise ValueError("tune_lr: needs episodes with query sets (EpisodeSampler(query > 0))")
+    subset = ParamSubset(backbone, params)
+    theta0 = subset.vector(backbone)
+    grid = sorted(float(lr) for lr in grid)
+
+    def accuracy(theta: torch.Tensor, ep) -> float:
+        with torch.no_grad():
+            way = int(ep[1].max()) + 1
+            protos = prototypes(features_with(backbone, subset, theta, ep[0]), ep[1], way)
+            logits = proto_logits(features_with(backbone, subset, theta, ep[2]), protos, metric, scale)
+            return float((logits.argmax(-1) == ep[3]).float().mean())
+
+    scores: Dict[float, float] = {}
+    drops: Dict[float, float] = {}
+    for lr in tqdm(grid, desc="lr search", disable=not progress, unit="lr"):
+        accs, rel = [], []
+        for ep in eps:
+            theta, _, losses = finetune(backbone, subset, ep[0], ep[1], theta0, steps, int(ep[1].max()) + 1,
+                                        metric, scale, optimizer, lr)
+            accs.append(accuracy(theta, ep))
+            rel.append(1.0 - losses[-1] / losses[0] if losses and losses[0] > 0 else 0.0)
+        scores[lr], drops[lr] = sum(accs) / len(accs), sum(rel) / len(rel)
+    best = max(grid, key=lambda lr: (scores[lr], -lr))
+    choice = LrChoice(best, scores, sum(accuracy(theta0, ep) for ep in eps) / len(eps), drops[best], len(eps))
+    logger.info("tune_lr: %s on %d episodes -> lr %g (accuracy %.3f, unadapted %.3f, loss drop %.1f %%)",
+                {f"{k:g}": round(v, 4) for k, v in scores.items()}, len(eps), best, scores[best], choice.unadapted,
+                100 * choice.loss_drop)
+    return choice

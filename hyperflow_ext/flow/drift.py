@@ -108,6 +108,14 @@ class DriftNetwork(nn.Module):
         u = (z - self.task_mean) / self.task_scale
         return self.task(u.clamp(-self.task_clip, self.task_clip))
 
+    def task_distance(self, z: torch.Tensor) -> torch.Tensor:
+        """RMS of ``z`` standardised with the training tasks' statistics: ``(tasks, task_dim)`` → ``(tasks,)``.
+
+        About 1 for a typical training task; much larger for a task unlike any seen in training.
+        """
+        u = (z.to(self.task_mean) - self.task_mean) / self.task_scale
+        return u.pow(2).mean(dim=-1).sqrt()
+
     def time_bias(self, t: torch.Tensor) -> torch.Tensor:
         """``W_t e(t)``: ``(...)`` → ``(..., H)``."""
         return self.time(time_features(t, self.time_dim))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
+from .baselines import LR_GRID, tune_lr
 from .checks import check_support
 from .drift import DriftNetwork, PackedDrift
 from .integrate import drift_integrate, drift_integrate_reference
@@ -32,19 +33,40 @@ __all__ = ["HyperFlow", "fused_adapt", "flow_path"]
 logger = logging.getLogger(__name__)
 
 
-def _feature_dim(backbone: nn.Module) -> int:
-    dim = getattr(backbone, "feature_dim", None)
-    if not isinstance(dim, int):
-        raise ValueError("HyperFlow: the backbone (and a separate task encoder) need an integer `feature_dim` "
-                         "attribute (their output size)")
-    return dim
+def _declared_feature_dim(module: nn.Module) -> Optional[int]:
+    dim = getattr(module, "feature_dim", None)
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+
+def _episode_list(op: str, episodes: Iterable, tasks: Optional[int]) -> list:
+    """The episodes to meta-train on: all of a finite sequence, or ``tasks`` of any iterable."""
+    if tasks is None:
+        if not hasattr(episodes, "__len__"):
+            tasks = DEFAULT_TASKS
+        else:
+            tasks = len(episodes)
+    if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
+        raise ValueError(f"{op}: tasks must be a positive int, got {tasks!r}")
+    eps = list(itertools.islice(episodes, tasks))
+    if not eps:
+        raise ValueError(f"{op}: the episode iterable is empty")
+    if len(eps) < tasks:
+        raise ValueError(f"{op}: the episode iterable ran out after {len(eps)} of {tasks} tasks (pass tasks=)")
+    return eps
+
+
+DEFAULT_TASKS = 200      # episodes recorded from an unbounded iterable when tasks is not given
+RECIPE_TASKS = 20        # meta-training episodes that score the learning-rate grid
+MIN_LOSS_DROP = 0.05     # fine-tuning that lowers its loss by less than this barely moves: warn
 
 
 class HyperFlow:
     """A trained drift network for one backbone and one choice of adapted parameters.
 
     Args:
-        backbone: the frozen, pretrained feature extractor (not modified).
+        backbone: the frozen, pretrained feature extractor (not modified). Any ``nn.Module``
+            mapping ``(n, C, H, W)`` images to ``(n, d)`` features; ``d`` is read from a
+            ``feature_dim`` attribute or inferred by one forward of the first support set.
         params: which parameters adapt: ``"bias"``, ``"head"``, ``"all"``, names, or a callable.
         metric: ProtoNet metric, ``"cosine"`` or ``"euclidean"``.
         scale: ProtoNet logit scale.
@@ -54,7 +76,7 @@ class HyperFlow:
 
     Example:
         >>> flow = HyperFlow(backbone, params="bias")
-        >>> flow.fit(episodes, tasks=200, trajectory_steps=50, interpolation="cubic")
+        >>> flow.fit(episodes)             # picks fine-tuning's learning rate, records, trains
         >>> model = fused_adapt(backbone, support_x, support_y, flow=flow, steps=50)
     """
 
@@ -64,37 +86,78 @@ class HyperFlow:
         self.backbone = backbone  # referenced, never modified or copied
         self.subset = ParamSubset(backbone, params)
         self.metric, self.scale, self.seed = metric, float(scale), seed
+        self.hidden = hidden
         enc = encoder if encoder is not None else backbone
-        self.encoder = TaskEncoder(enc, _feature_dim(enc), self.scale)
-        torch.manual_seed(seed)
-        self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=hidden)
+        self.encoder = TaskEncoder(enc, _declared_feature_dim(enc), self.scale)
+        self.net: Optional[DriftNetwork] = None
+        if self.encoder.feature_dim is not None:
+            self._build_net()
         self.max_rate = math.inf          # largest drift rate seen in training (for the guard)
+        self.task_radius = math.inf       # farthest training task embedding (for the OOD guard)
         self.interpolation: Optional[str] = None
         self.horizon = 1.0                # default integration time of fused_adapt (see tune_horizon)
         self.trajectory_config: Optional[TrajectoryConfig] = None
+        self.recipe: Dict[str, object] = {}  # the fine-tuning recipe emulated, and how it was chosen
         self.history: Dict[str, List[float]] = {}
         self._packed: Dict[Tuple[torch.dtype, torch.device], PackedDrift] = {}
         self._tables: Dict[tuple, torch.Tensor] = {}
         self._nets: Dict[torch.device, DriftNetwork] = {}
 
+    def _build_net(self) -> None:
+        torch.manual_seed(self.seed)
+        self.net = DriftNetwork(self.subset.numel, self.encoder.dim, hidden=self.hidden)
+
+    def _prepare(self, support_x: torch.Tensor) -> None:
+        """Infer the feature size from one support image and build the drift network, if not yet."""
+        if self.encoder.feature_dim is None:
+            dim = self.encoder.infer_feature_dim(support_x)
+            logger.info("HyperFlow: the backbone has no feature_dim attribute; inferred %d from one forward", dim)
+        if self.net is None:
+            self._build_net()
+
     # -- meta-training -------------------------------------------------------------------
-    def record(self, episodes: Iterable, tasks: int = 200, trajectory_steps: int = 50,
+    def record(self, episodes: Iterable, tasks: Optional[int] = None, trajectory_steps: int = 50,
                store: Optional[os.PathLike] = None, progress: bool = True, **config) -> TrajectorySet:
-        """Record fine-tuning trajectories on ``tasks`` episodes (see :func:`record_trajectories`)."""
+        """Record fine-tuning trajectories on ``tasks`` episodes (see :func:`record_trajectories`).
+
+        ``tasks=None`` records every episode of a finite sequence (200 of an unbounded iterable).
+        """
+        eps = _episode_list("HyperFlow.record", episodes, tasks)
+        self._prepare(eps[0][0])
         cfg = TrajectoryConfig(steps=trajectory_steps, metric=self.metric, scale=self.scale, **config)
-        return record_trajectories(self.backbone, self.subset, self.encoder, episodes, tasks, cfg, store,
+        self.trajectory_config = cfg
+        return record_trajectories(self.backbone, self.subset, self.encoder, eps, len(eps), cfg, store,
                                    seed=self.seed, progress=progress)
 
-    def fit(self, episodes: Optional[Iterable] = None, tasks: int = 200, trajectory_steps: int = 50,
+    def choose_recipe(self, episodes: Sequence, trajectory_steps: int = 50, grid: Sequence[float] = LR_GRID,
+                      tasks: int = RECIPE_TASKS, optimizer: str = "adam", progress: bool = True) -> Dict[str, object]:
+        """Choose the learning rate of the fine-tuning HyperFlow will emulate (see :func:`tune_lr`).
+
+        Scores ``grid`` by query accuracy after ``trajectory_steps`` steps of fine-tuning the
+        adapted parameters on the first ``tasks`` episodes, records the outcome in
+        :attr:`recipe` (saved with the flow) and returns it.
+        """
+        choice = tune_lr(self.backbone, episodes, self.subset.names, grid, min(tasks, len(episodes)),
+                         trajectory_steps, optimizer, self.metric, self.scale, progress)
+        self.recipe = {"chosen_by": "tune_lr", **choice.as_dict()}
+        log = logger.warning if choice.loss_drop < MIN_LOSS_DROP else logger.info
+        log("HyperFlow.fit: emulating fine-tuning at lr %g (query accuracy %.3f vs %.3f unadapted on %d "
+            "meta-training episodes)", choice.lr, choice.accuracy[choice.lr], choice.unadapted, choice.tasks)
+        return self.recipe
+
+    def fit(self, episodes: Optional[Iterable] = None, tasks: Optional[int] = None, trajectory_steps: int = 50,
             interpolation: str = "cubic", trajectories: Optional[TrajectorySet] = None,
             val_fraction: float = 0.1, store: Optional[os.PathLike] = None,
             train_config: DriftTrainConfig = DriftTrainConfig(), progress: bool = True,
-            checkpoint: Optional[os.PathLike] = None, **trajectory_config) -> "HyperFlow":
-        """Meta-train: record trajectories (unless given), interpolate, regress the drift.
+            checkpoint: Optional[os.PathLike] = None, recipe_episodes: Optional[Iterable] = None,
+            **trajectory_config) -> "HyperFlow":
+        """Meta-train: choose the recipe, record trajectories (unless given), interpolate, regress the drift.
 
         Args:
-            episodes: iterable of ``(support_x, support_y, ...)`` with labels ``0..N-1``.
-            tasks: how many episodes to record.
+            episodes: iterable of ``(support_x, support_y, query_x, query_y, ...)`` with labels
+                ``0..N-1``, from meta-training domains.
+            tasks: how many episodes to record; default every episode of a finite sequence, or
+                200 of an unbounded iterable (an :class:`~hyperflow_ext.data.EpisodeSampler`).
             trajectory_steps: fine-tuning steps ``K`` per trajectory.
             interpolation: ``"linear"`` (HyperFlow-L), ``"piecewise"`` (-PL) or ``"cubic"`` (-C).
             trajectories: reuse recorded trajectories (then ``episodes`` is not needed).
@@ -104,20 +167,57 @@ class HyperFlow:
             checkpoint: file for the drift training's resumable state (see
                 :func:`~hyperflow_ext.flow.train.train_drift`): an interrupted ``fit`` called again
                 with the same arguments resumes there and ends with the same weights.
+            recipe_episodes: episodes with queries (meta-training domains) on which
+                :meth:`choose_recipe` scores the learning-rate grid; default the first 20 of
+                ``episodes`` when they have queries.
             trajectory_config: extra :class:`TrajectoryConfig` fields (``lr``, ``optimizer``, ...).
+                Without ``lr``, fine-tuning's learning rate is chosen by :meth:`choose_recipe`,
+                the way bias tuning is tuned.
+
+        Warns:
+            RuntimeWarning: the recorded fine-tuning barely lowers its loss (the recipe is too
+                weak for this backbone, so the drift will barely move).
         """
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"HyperFlow.fit: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         if trajectories is None:
             if episodes is None:
                 raise ValueError("HyperFlow.fit: pass episodes or trajectories")
-            trajectories = self.record(episodes, tasks, trajectory_steps, store, progress, **trajectory_config)
+            eps = _episode_list("HyperFlow.fit", episodes, tasks)
+            self._prepare(eps[0][0])
+            scoring = (list(itertools.islice(recipe_episodes, RECIPE_TASKS)) if recipe_episodes is not None
+                       else eps[:RECIPE_TASKS])
+            if "lr" in trajectory_config:
+                self.recipe = {"chosen_by": "user", "lr": float(trajectory_config["lr"])}
+            elif scoring and all(len(ep) >= 4 and ep[2].numel() > 0 for ep in scoring):
+                recipe = self.choose_recipe(scoring, trajectory_steps,
+                                            optimizer=trajectory_config.get("optimizer", "adam"), progress=progress)
+                trajectory_config["lr"] = recipe["lr"]
+            else:
+                self.recipe = {"chosen_by": "default", "lr": TrajectoryConfig.lr}
+                logger.warning("HyperFlow.fit: the episodes have no queries to tune fine-tuning's learning rate "
+                               "on; using the default lr %g (pass lr= to choose it)", TrajectoryConfig.lr)
+            trajectories = self.record(eps, len(eps), trajectory_steps, store, progress, **trajectory_config)
+        elif self.net is None:
+            self.encoder.feature_dim = (trajectories.z.shape[-1] - 1) // 5
+            self._build_net()
         if trajectories.deltas.shape[-1] != self.subset.numel:
             raise ValueError(f"HyperFlow.fit: trajectories have {trajectories.deltas.shape[-1]} parameters, "
                              f"this flow adapts {self.subset.numel}")
+        if trajectories.z.shape[-1] != self.net.task_dim:
+            raise ValueError(f"HyperFlow.fit: trajectories have task embeddings of size {trajectories.z.shape[-1]}, "
+                             f"this flow's encoder gives {self.net.task_dim}")
+        drop = trajectories.loss_drop()
+        if drop is not None:
+            self.recipe["loss_drop"] = drop
+            if drop < MIN_LOSS_DROP:
+                warnings.warn(f"HyperFlow.fit: the recorded fine-tuning lowers its loss by only {100 * drop:.1f} % "
+                              f"(median over episodes; recipe {self.recipe}); the drift will barely move. Pass a "
+                              f"larger lr= or more trajectory_steps", RuntimeWarning, stacklevel=2)
         n_val = int(round(val_fraction * trajectories.episodes))
-        train, val = trajectories.split(n_val) if n_val > 0 else (trajectories, None)
+        train, val = trajectories.split(n_val) if 0 < n_val < trajectories.episodes else (trajectories, None)
         self.max_rate = fit_normalisation(self.net, train)
+        self.task_radius = float(self.net.task_distance(train.z).max())
         self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress,
                                    checkpoint=checkpoint)
         self.interpolation = interpolation
@@ -233,6 +333,8 @@ class HyperFlow:
                 "metric": self.metric, "scale": self.scale, "seed": self.seed, "hidden": self.net.hidden,
                 "task_dim": self.net.task_dim, "time_dim": self.net.time_dim, "task_hidden": self.net.task_hidden,
                 "max_rate": self.max_rate if math.isfinite(self.max_rate) else None,
+                "task_radius": self.task_radius if math.isfinite(self.task_radius) else None,
+                "recipe": self.recipe,
                 "interpolation": self.interpolation, "horizon": self.horizon}
         return dict(self.net.state_dict()), meta
 
@@ -257,6 +359,8 @@ class HyperFlow:
             raise ValueError(f"HyperFlow.load: the backbone lacks adapted parameters {missing[:3]}")
         flow = cls(backbone, params=list(meta["names"]), metric=meta["metric"], scale=meta["scale"],
                    hidden=meta["hidden"], encoder=encoder, seed=meta["seed"])
+        if flow.encoder.feature_dim is None:  # checked against the backbone's output at the first call
+            flow.encoder.feature_dim = (int(meta["task_dim"]) - 1) // 5
         if flow.subset.numel != meta["numel"] or flow.encoder.dim != meta["task_dim"]:
             raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
                              f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")
@@ -264,6 +368,8 @@ class HyperFlow:
         flow.net.load_state_dict(tensors)
         flow.net.eval()
         flow.max_rate = meta["max_rate"] if meta["max_rate"] is not None else math.inf
+        flow.task_radius = meta["task_radius"] if meta.get("task_radius") is not None else math.inf
+        flow.recipe = dict(meta.get("recipe") or {})
         flow.interpolation = meta["interpolation"]
         flow.horizon = float(meta.get("horizon", 1.0))
         return flow
@@ -278,7 +384,7 @@ SupportSet = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSet, flow: HyperFlow,
                 steps: int = 50, solver: str = "euler", horizon: Optional[float] = None, backend: Optional[str] = None,
-                guard: float = 10.0, way: Optional[int] = None
+                guard: float = 10.0, way: Optional[int] = None, ood_radius: float = 2.0
                 ) -> Union[AdaptedProtoNet, List[AdaptedProtoNet]]:
     """Adapt ``backbone`` to a support set by integrating the learned drift — no autograd.
 
@@ -299,6 +405,10 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         guard: a task stops (with a warning) when a step's increment is non-finite or exceeds
             ``guard`` times the largest drift seen in training times ``dt``; ``math.inf`` disables it.
         way: number of classes (default: ``max(label) + 1``).
+        ood_radius: never worse than not adapting, as far as the training data can tell: a task
+            whose embedding lies farther from the training tasks than the farthest of them
+            (:meth:`DriftNetwork.task_distance`) has its update shrunk toward ``θ_0``, linearly
+            to no update at ``ood_radius`` times that distance. ``math.inf`` disables it.
 
     Returns:
         An :class:`AdaptedProtoNet` (batched when ``support_x`` is stacked) or a list of them.
@@ -317,23 +427,26 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     horizon = flow.horizon if horizon is None else horizon
     if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
         raise ValueError(f"{op}: horizon must be finite and > 0, got {horizon}")
+    if not (isinstance(ood_radius, (int, float)) and ood_radius > 1):
+        raise ValueError(f"{op}: ood_radius must be > 1 (math.inf disables the guard), got {ood_radius!r}")
     if isinstance(support_x, (list, tuple)):
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
         ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
         z = torch.cat([flow.encoder(sx, sy, w) for sx, sy, w in zip(support_x, support_y, ways)])
-        thetas = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard)
+        thetas = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard, ood_radius)
         return [AdaptedProtoNet(backbone, flow.subset, th, sx, sy, w, flow.metric, flow.scale)
                 for th, sx, sy, w in zip(thetas, support_x, support_y, ways)]
     way, batched = check_support(op, backbone, support_x, support_y, way)
     z = flow.encoder(support_x, support_y, way)
-    theta = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard)
+    theta = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard, ood_radius)
     return AdaptedProtoNet(backbone, flow.subset, theta if batched else theta[0], support_x, support_y, way,
                            flow.metric, flow.scale)
 
 
 def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow: HyperFlow,
-              steps: int = 50, solver: str = "euler", horizon: Optional[float] = None) -> torch.Tensor:
+              steps: int = 50, solver: str = "euler", horizon: Optional[float] = None,
+              ood_radius: float = 2.0) -> torch.Tensor:
     """Every state of :func:`fused_adapt`'s integration, for plots and analysis (torch reference).
 
     Shape:
@@ -347,7 +460,18 @@ def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Ten
         theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
         delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=task_bias.dtype, device=task_bias.device)
         _, _, states = drift_integrate_reference(w, delta0, task_bias, table, dt, solver, return_path=True)
-        return theta_pre + torch.stack(states, dim=1).to(theta_pre.dtype)
+        trust = _trust(flow, z, ood_radius).to(task_bias)
+        return theta_pre + (trust[:, None, None] * torch.stack(states, dim=1)).to(theta_pre.dtype)
+
+
+def _trust(flow: HyperFlow, z: torch.Tensor, ood_radius: float) -> torch.Tensor:
+    """``(tasks,)`` factors in ``[0, 1]`` for the update: 1 inside the training tasks' range, falling
+    linearly to 0 at ``ood_radius`` times the farthest training task's distance."""
+    if not (math.isfinite(ood_radius) and math.isfinite(flow.task_radius)):
+        return torch.ones(z.shape[0], dtype=torch.float64)
+    radius = flow.task_radius
+    d = flow.net.task_distance(z.to(flow.net.task_mean.device)).double().cpu()
+    return ((ood_radius * radius - d) / ((ood_radius - 1) * radius)).clamp(0.0, 1.0)
 
 
 def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str,
@@ -364,7 +488,7 @@ def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, s
 
 
 def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
-               backend: Optional[str], guard: float) -> torch.Tensor:
+               backend: Optional[str], guard: float, ood_radius: float) -> torch.Tensor:
     with torch.inference_mode():
         theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
         dtype = task_bias.dtype
@@ -377,4 +501,10 @@ def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int
             warnings.warn(f"fused_adapt: the divergence guard stopped {stopped.numel()} task(s) early "
                           f"(first: task {int(stopped[0])} after {int(done[stopped[0]])} of {steps} steps); "
                           f"their last good state is returned", RuntimeWarning, stacklevel=3)
+        trust = _trust(flow, z, ood_radius)
+        if bool((trust < 1).any()):
+            logger.info("fused_adapt: %d of %d task(s) lie outside the training tasks' range; their updates are "
+                        "shrunk toward the pretrained parameters (min factor %.2f)", int((trust < 1).sum()),
+                        trust.numel(), float(trust.min()))
+            delta = delta * trust.to(delta)[:, None]
         return (theta_pre.to(dtype) + delta).to(theta_pre.dtype)

@@ -45,10 +45,14 @@ class TaskEncoder(nn.Module):
         - Output: ``(tasks, 5 * feature_dim + 1)``.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, scale: float = 10.0, parts: int = 5) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: Optional[int] = None, scale: float = 10.0,
+                 parts: int = 5) -> None:
         super().__init__()
         if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
             raise ValueError(f"TaskEncoder: parts must be a positive int, got {parts!r}")
+        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
+                                        or feature_dim < 1):
+            raise ValueError(f"TaskEncoder: feature_dim must be a positive int or None, got {feature_dim!r}")
         self.encoder = encoder
         self.feature_dim = feature_dim
         self.scale = scale
@@ -56,7 +60,24 @@ class TaskEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
+        if self.feature_dim is None:
+            raise ValueError("TaskEncoder: feature_dim is unknown until infer_feature_dim(sample) has run")
         return 5 * self.feature_dim + 1
+
+    @torch.no_grad()
+    def infer_feature_dim(self, sample: torch.Tensor) -> int:
+        """Set :attr:`feature_dim` from one forward of ``sample[:1]`` (a batch of images); return it.
+
+        Raises:
+            ValueError: the encoder does not map ``(n, C, H, W)`` to ``(n, d)`` features.
+        """
+        out = stateless_view(self.encoder)(sample[:1])
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"TaskEncoder: the backbone must map (n, C, H, W) images to (n, d) features, got "
+                             f"{got} for one image of shape {tuple(sample.shape[1:])} (end it with nn.Flatten?)")
+        self.feature_dim = int(out.shape[1])
+        return self.feature_dim
 
     @torch.no_grad()
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None) -> torch.Tensor:
@@ -68,7 +89,11 @@ class TaskEncoder(nn.Module):
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts, flat.shape[0]))
         encoder = stateless_view(self.encoder)  # a user's module in training mode keeps its statistics
-        raw = torch.cat([encoder(chunk) for chunk in chunks]).unflatten(0, (tasks, shots))
+        raw = torch.cat([encoder(chunk) for chunk in chunks])
+        if raw.dim() != 2 or (self.feature_dim is not None and raw.shape[1] != self.feature_dim):
+            raise ValueError(f"TaskEncoder: expected ({flat.shape[0]}, {self.feature_dim}) features from the "
+                             f"backbone, got {tuple(raw.shape)}")
+        raw = raw.unflatten(0, (tasks, shots))
         way = int(support_y.max()) + 1 if way is None else way
         feats = F.normalize(raw, dim=-1)
         protos = prototypes(feats, support_y, way)                          # (tasks, way, d)

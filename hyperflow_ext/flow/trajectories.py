@@ -79,6 +79,7 @@ class TrajectorySet:
 
     deltas: torch.Tensor
     z: torch.Tensor
+    losses: Optional[torch.Tensor] = None  # (episodes, 2): fine-tuning loss (mean over runs) at its first and last step
 
     @property
     def episodes(self) -> int:
@@ -92,12 +93,21 @@ class TrajectorySet:
         """The last ``n_val`` episodes as a validation set."""
         if not 0 < n_val < self.episodes:
             raise ValueError(f"TrajectorySet.split: need 0 < n_val < {self.episodes}, got {n_val}")
-        return (TrajectorySet(self.deltas[:-n_val], self.z[:-n_val]),
-                TrajectorySet(self.deltas[-n_val:], self.z[-n_val:]))
+        losses = self.losses
+        return (TrajectorySet(self.deltas[:-n_val], self.z[:-n_val], None if losses is None else losses[:-n_val]),
+                TrajectorySet(self.deltas[-n_val:], self.z[-n_val:], None if losses is None else losses[-n_val:]))
 
     @staticmethod
     def cat(parts: List["TrajectorySet"]) -> "TrajectorySet":
-        return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]))
+        losses = None if any(p.losses is None for p in parts) else torch.cat([p.losses for p in parts])
+        return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]), losses)
+
+    def loss_drop(self) -> Optional[float]:
+        """Median relative drop of the fine-tuning loss over the episodes (``None`` if not recorded)."""
+        if self.losses is None or self.losses.numel() == 0:
+            return None
+        start, end = self.losses[:, 0], self.losses[:, 1]
+        return float((1 - end / start.clamp_min(1e-12)).median())
 
 
 def _episodes_key(block: Sequence[Sequence[torch.Tensor]]) -> str:
@@ -147,11 +157,11 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
         path = store_path / f"traj-{digest}-{start:06d}-{_episodes_key(block)}.safetensors" if store_path else None
         if path is not None and path.is_file():
             tensors, _ = load_tensors(path)
-            done.append(TrajectorySet(tensors["deltas"], tensors["z"]))
+            done.append(TrajectorySet(tensors["deltas"], tensors["z"], tensors.get("losses")))
             logger.info("record_trajectories: reusing episodes %d-%d from %s", start, start + len(block) - 1, path)
             bar.update(len(block))
             continue
-        deltas, zs = [], []
+        deltas, zs, ends = [], [], []
         for i, (ep, noise) in enumerate(zip(block, noises), start):
             sx, sy = ep[0], ep[1]
             way = int(sy.max()) + 1
@@ -166,11 +176,13 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
                                        config.scale, config.optimizer, config.lr, record=True, query=query)
             deltas.append((traj - theta_pre).float())
             zs.append(encoder(sx, sy, way).float())
+            ends.append((losses[0], losses[-1]))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[0]:.3f}->{losses[-1]:.3f}")
-        chunk = TrajectorySet(torch.stack(deltas), torch.cat(zs))
+        chunk = TrajectorySet(torch.stack(deltas), torch.cat(zs), torch.tensor(ends, dtype=torch.float32))
         if path is not None:
-            save_tensors(path, {"deltas": chunk.deltas, "z": chunk.z}, {"config": asdict(config), "seed": seed})
+            save_tensors(path, {"deltas": chunk.deltas, "z": chunk.z, "losses": chunk.losses},
+                         {"config": asdict(config), "seed": seed})
         done.append(chunk)
     bar.close()
     if not done:

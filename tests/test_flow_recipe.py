@@ -1,0 +1,156 @@
+"""HyperFlow on any nn.Module: inferred feature size, the chosen fine-tuning recipe, the OOD guard."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
+from hyperflow_ext.flow.baselines import finetune_adapt, tune_lr
+
+
+def _bn_backbone() -> nn.Sequential:
+    """A plain Sequential with BatchNorm and no feature_dim attribute, in eval mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 24))
+    with torch.no_grad():  # non-trivial running statistics, as after pretraining
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _episodes(n: int, seed: int = 0, way: int = 3, shot: int = 2, query: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        protos = torch.randn(way, 1, 10, 10, generator=gen)
+        sy = torch.arange(way).repeat_interleave(shot)
+        qy = torch.arange(way).repeat_interleave(query)
+        out.append((protos[sy] + 0.5 * torch.randn(len(sy), 1, 10, 10, generator=gen), sy,
+                    protos[qy] + 0.5 * torch.randn(len(qy), 1, 10, 10, generator=gen), qy))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    backbone = _bn_backbone()
+    eps = _episodes(6)
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    assert flow.net is None  # no feature_dim yet: the drift network waits for the first support set
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        flow.fit(eps, trajectory_steps=6, interpolation="linear", train_config=DriftTrainConfig(iters=20),
+                 progress=False)
+    return backbone, eps, flow
+
+
+def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
+    backbone, eps, flow = fitted
+    assert flow.encoder.feature_dim == 24 and flow.net.task_dim == 5 * 24 + 1
+    assert flow.trajectory_config.lr == flow.recipe["lr"]
+    sx, sy, qx, qy = eps[0]
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    model = fused_adapt(backbone, sx, sy, flow=flow, steps=5)
+    logits = model(qx)
+    assert logits.shape == (9, 3) and torch.isfinite(logits).all()
+    assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
+
+
+def test_fit_records_every_episode_of_a_finite_sequence_and_refuses_too_few(fitted):
+    backbone, eps, _ = fitted
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    ts = flow.record(eps[:4], trajectory_steps=3, progress=False, lr=1e-2)
+    assert ts.episodes == 4 and ts.losses.shape == (4, 2)
+    with pytest.raises(ValueError, match="ran out after 4 of 5"):
+        flow.record(eps[:4], tasks=5, trajectory_steps=3, progress=False, lr=1e-2)
+    with pytest.raises(ValueError, match="tasks must be a positive int"):
+        flow.record(eps, tasks=0, trajectory_steps=3, progress=False)
+
+
+def test_a_backbone_without_flat_features_gets_a_clear_error():
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3))
+    flow = HyperFlow(conv, params="bias")
+    with pytest.raises(ValueError, match=r"\(n, d\) features"):
+        flow.fit(_episodes(2), trajectory_steps=2, progress=False, lr=1e-2)
+
+
+def test_tune_lr_matches_a_hand_made_grid_search(fitted):
+    backbone, eps, _ = fitted
+    grid = (1e-4, 3e-2, 3e-1)
+    choice = tune_lr(backbone, eps, "bias", grid, tasks=4, steps=5)
+    for lr in grid:
+        hits = [float((finetune_adapt(backbone, sx, sy, "bias", 5, lr)(qx).argmax(-1) == qy).float().mean())
+                for sx, sy, qx, qy in eps[:4]]
+        assert choice.accuracy[lr] == pytest.approx(sum(hits) / 4, abs=1e-6)
+    best = max(choice.accuracy.values())
+    assert choice.accuracy[choice.lr] == best
+    assert choice.lr == min(lr for lr in grid if choice.accuracy[lr] == best)
+    assert 0.0 <= choice.unadapted <= 1.0 and math.isfinite(choice.loss_drop)
+    with pytest.raises(ValueError, match="grid must hold"):
+        tune_lr(backbone, eps, grid=(0.0,))
+    with pytest.raises(ValueError, match="query sets"):
+        tune_lr(backbone, [ep[:2] for ep in eps])
+
+
+def test_the_chosen_recipe_is_saved_and_loaded(fitted, tmp_path):
+    backbone, eps, flow = fitted
+    assert flow.recipe["chosen_by"] == "tune_lr" and set(flow.recipe["accuracy"]) == {
+        f"{lr:g}" for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)}
+    path = tmp_path / "drift.safetensors"
+    flow.save(path)
+    loaded = HyperFlow.load(path, backbone)
+    assert loaded.recipe == flow.recipe and loaded.task_radius == flow.task_radius
+    sx, sy, qx, _ = eps[1]
+    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=loaded, steps=4)(qx),
+                               fused_adapt(backbone, sx, sy, flow=flow, steps=4)(qx))
+
+
+def test_fit_warns_when_fine_tuning_barely_moves_the_loss(fitted):
+    backbone, eps, _ = fitted
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    with pytest.warns(RuntimeWarning, match="barely move"):
+        flow.fit(eps, trajectory_steps=3, interpolation="linear", train_config=DriftTrainConfig(iters=2),
+                 progress=False, lr=1e-7)
+    assert flow.recipe["chosen_by"] == "user" and flow.recipe["loss_drop"] < 0.05
+
+
+def test_ood_guard_keeps_an_uninformed_task_at_theta0(fitted):
+    backbone, eps, flow = fitted
+    theta0 = flow.subset.vector(backbone)
+    sx, sy, _, _ = eps[0]
+    far = sx * 50.0 + 20.0  # a support set unlike any training task
+    z_far, z_in = flow.encoder(far, sy), flow.encoder(sx, sy)
+    assert float(flow.net.task_distance(z_far)) > 2 * flow.task_radius
+    assert float(flow.net.task_distance(z_in)) <= flow.task_radius
+    guarded = fused_adapt(backbone, far, sy, flow=flow, steps=5).theta
+    torch.testing.assert_close(guarded, theta0, atol=0, rtol=0)
+    free = fused_adapt(backbone, far, sy, flow=flow, steps=5, ood_radius=math.inf).theta
+    assert not torch.equal(free, theta0)
+    # in range: the guard changes nothing
+    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=flow, steps=5).theta,
+                               fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf).theta)
+    # flow_path applies the same factor; its end point is fused_adapt's
+    path = flow_path(backbone, far, sy, flow, steps=5)
+    torch.testing.assert_close(path[0, -1], theta0)
+    with pytest.raises(ValueError, match="ood_radius must be > 1"):
+        fused_adapt(backbone, sx, sy, flow=flow, ood_radius=1.0)
+
+
+def test_ood_guard_shrinks_linearly_between_one_and_ood_radius(fitted):
+    backbone, eps, flow = fitted
+    sx, sy, _, _ = eps[0]
+    theta0 = flow.subset.vector(backbone)
+    free = fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf).theta
+    d = float(flow.net.task_distance(flow.encoder(sx, sy)))
+    radius = flow.task_radius
+    try:
+        flow.task_radius = d / 1.5  # the task sits halfway between the radius and 2x the radius
+        half = fused_adapt(backbone, sx, sy, flow=flow, steps=5).theta
+    finally:
+        flow.task_radius = radius
+    torch.testing.assert_close(half - theta0, 0.5 * (free - theta0), atol=1e-6, rtol=1e-5)
