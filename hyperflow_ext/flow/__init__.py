@@ -4,9 +4,11 @@
 * :func:`fused_adapt` — adapts a backbone to support sets with a few fused ODE steps.
 * :func:`flow_path` — every state along that integration (for plots and analysis).
 * :func:`drift_integrate` — the fused integrator on the ``torch`` / ``native`` / ``triton`` back-ends.
+* :mod:`~hyperflow_ext.flow.baselines` — the comparison methods: ``direct_transfer``, ``finetune_adapt``.
 * Building blocks: :class:`DriftNetwork`, :class:`Interpolant`, :func:`odeint`, :class:`TaskEncoder`,
   :class:`ParamSubset`, :func:`record_trajectories`, :func:`train_drift`.
 """
+from . import baselines
 from .adapted import AdaptedProtoNet
 from .drift import DriftNetwork, PackedDrift, time_features
 from .functional import features_with, finetune
@@ -21,8 +23,8 @@ from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
 from .update import euler_update, euler_update_reference
 
 __all__ = [
-    "HyperFlow", "fused_adapt", "flow_path", "AdaptedProtoNet", "DriftNetwork", "PackedDrift", "time_features",
-    "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
+    "HyperFlow", "fused_adapt", "flow_path", "baselines", "AdaptedProtoNet", "DriftNetwork", "PackedDrift",
+    "time_features", "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
     "Interpolant", "ParamSubset", "TABLEAUS", "Tableau", "get_tableau", "odeint", "TaskEncoder",
     "DriftTrainConfig", "train_drift", "TrajectoryConfig", "TrajectorySet", "record_trajectories",
     "euler_update", "euler_update_reference",
