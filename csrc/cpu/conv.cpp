@@ -12,8 +12,11 @@
 // Lanes with j >= wo are computed and dropped; nb > 1 keeps small maps (4x4, 2x2) from wasting
 // most SIMD lanes. The epilogue adds the bias, applies ReLU and writes y through its strides.
 //
-// Parallel over (sample group, lane tile, block of output channels), so batch 1 also uses every
-// thread; a tile's input stays in L2 while its output channels run.
+// One parallel region with one barrier (its end): with a sample group per thread or more, each thread
+// packs and computes whole groups; with fewer groups (batch 1), every thread packs the small input
+// itself and takes a static share of (group, lane tile, block of output channels) items, so batch 1
+// also uses every thread. A tile's input stays in L2 while its output channels run. Channels-last
+// input and output go through 16x16 register transposes (the pack and the epilogue).
 #include "hf_conv.h"
 
 #include <algorithm>
@@ -139,8 +142,7 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
 
 #if defined(HF_SPARSE_AVX512)
 // Channels-last input (xs_c == 1), stride 1 (one phase), nb <= W: the packed buffer of group gi from
-// (column, channel) or (sample, channel) blocks transposed in registers, every element written. Work
-// shared over padded rows (call inside a parallel region).
+// (column, channel) or (sample, channel) blocks transposed in registers, every element written.
 template <typename T>
 void pack_group_nhwc(const SparseConvParams& p, const Packing& k, const T* __restrict x, std::int64_t gi,
                      T* __restrict dst) {
@@ -148,7 +150,6 @@ void pack_group_nhwc(const SparseConvParams& p, const Packing& k, const T* __res
   const std::int64_t chan = k.plane, nvalid = std::min(k.nb, p.n - gi * k.nb);
   const std::int64_t q_lo = std::min(p.pw, k.wq), q_hi = std::min(p.w + p.pw, k.wq);
   const T* xg = x + gi * k.nb * p.xs_n;
-#pragma omp for schedule(static)
   for (std::int64_t r = 0; r < k.hq; ++r) {
     const std::int64_t yy = r - p.ph;
     const std::int64_t rl = r * k.wq * k.nb, rlen = k.wq * k.nb;
@@ -283,7 +284,6 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
     fill_offsets<I>(p, k, col, buf);
     off = buf;
   }
-  T* packed = scratch<T>(0, k.groups * k.gsize);
   const std::int64_t tile_rows = std::max<std::int64_t>(1, kTileLanes / (k.wq * nb));
   const std::int64_t tiles = (p.ho + tile_rows - 1) / tile_rows;
   const int threads = max_threads();
@@ -304,43 +304,56 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
 #endif
   const std::int64_t ldt = round_up(tile_rows * k.wq * nb, 16);
   const bool par = threads > 1 && (p.nnz + p.out_c) * k.grid * k.groups > kParallelWork;
-#pragma omp parallel if (par)
-  {
+  // One group's packed input (into dst), serially: the caller's thread owns dst.
+  auto pack = [&](std::int64_t gi, T* dst) {
 #if defined(HF_SPARSE_AVX512)
-    if (nhwc_in) {
-      for (std::int64_t gi = 0; gi < k.groups; ++gi) pack_group_nhwc(p, k, x, gi, packed + gi * k.gsize);
-    } else
+    if (nhwc_in) return pack_group_nhwc(p, k, x, gi, dst);
 #endif
-    {
-#pragma omp for schedule(static) collapse(2)
-      for (std::int64_t gi = 0; gi < k.groups; ++gi)
-        for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, packed + gi * k.gsize);
-    }
-    T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
-#pragma omp for schedule(dynamic, 1) collapse(3)
-    for (std::int64_t gi = 0; gi < k.groups; ++gi) {
-      for (std::int64_t t = 0; t < tiles; ++t) {
-        for (std::int64_t b = 0; b < oblocks; ++b) {
-          const std::int64_t i0 = t * tile_rows, i1 = std::min(p.ho, i0 + tile_rows);
-          const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
-          const std::int64_t o1 = std::min(p.out_c, (b + 1) * ob);
-          const T* src = packed + gi * k.gsize + g0;
-          for (std::int64_t o0 = b * ob; o0 < o1; o0 += W) {
-            const std::int64_t no = std::min(W, o1 - o0);
-            for (std::int64_t o = o0; o < o0 + no; ++o) {
-              T* to = tile + (nhwc_out ? (o - o0) * ldt : 0);
-              const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-              gather_row(off + j0, val + j0, j1 - j0, src, 1, len, to);
-              epilogue_tile(to, len, bias, o, p.relu);
-              if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
-            }
-#if defined(HF_SPARSE_AVX512)
-            if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
-#endif
-          }
-        }
+    for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, dst);
+  };
+  // Output rows [i0, i1) of group gi for output channels [o_begin, o_end), from its packed input.
+  auto compute = [&](const T* packed_g, T* tile, std::int64_t gi, std::int64_t t, std::int64_t o_begin,
+                     std::int64_t o_end) {
+    const std::int64_t i0 = t * tile_rows, i1 = std::min(p.ho, i0 + tile_rows);
+    const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
+    const T* src = packed_g + g0;
+    for (std::int64_t o0 = o_begin; o0 < o_end; o0 += W) {
+      const std::int64_t no = std::min(W, o_end - o0);
+      for (std::int64_t o = o0; o < o0 + no; ++o) {
+        T* to = tile + (nhwc_out ? (o - o0) * ldt : 0);
+        const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
+        gather_row(off + j0, val + j0, j1 - j0, src, 1, len, to);
+        epilogue_tile(to, len, bias, o, p.relu);
+        if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
       }
+#if defined(HF_SPARSE_AVX512)
+      if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
+#endif
     }
+  };
+  // A single barrier (the region's end): with at least a group per thread every thread packs and
+  // computes whole groups (its packed input stays in its L2); otherwise every thread packs all the
+  // (few, small) groups itself and takes a static share of (group, tile, channel block) items.
+  if (k.groups >= threads || !par) {
+#pragma omp parallel for schedule(static) if (par)
+    for (std::int64_t gi = 0; gi < k.groups; ++gi) {
+      T* packed = scratch<T>(0, k.gsize);
+      T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
+      pack(gi, packed);
+      for (std::int64_t t = 0; t < tiles; ++t) compute(packed, tile, gi, t, 0, p.out_c);
+    }
+    return;
+  }
+#pragma omp parallel
+  {
+    T* packed = scratch<T>(0, k.groups * k.gsize);
+    T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
+    for (std::int64_t gi = 0; gi < k.groups; ++gi) pack(gi, packed + gi * k.gsize);
+#pragma omp for schedule(static) collapse(3) nowait
+    for (std::int64_t gi = 0; gi < k.groups; ++gi)
+      for (std::int64_t t = 0; t < tiles; ++t)
+        for (std::int64_t b = 0; b < oblocks; ++b)
+          compute(packed + gi * k.gsize, tile, gi, t, b * ob, std::min(p.out_c, (b + 1) * ob));
   }
 }
 
