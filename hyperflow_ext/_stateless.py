@@ -12,7 +12,8 @@ forward (BatchNorm's running statistics) stays private to the call as well.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
@@ -33,10 +34,14 @@ def _substitutions(module: nn.Module, overrides: Mapping[str, torch.Tensor]) -> 
     return {id(named[n]): t for n, t in overrides.items()}
 
 
-def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.Module]) -> nn.Module:
+def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.Module],
+          hooks: Mapping[int, Callable]) -> nn.Module:
     if id(module) in memo:  # a submodule used twice stays one object in the view
         return memo[id(module)]
     state = module.__dict__.copy()
+    if id(module) in hooks:  # the view's own hook dict: the user's module never sees the hook
+        state["_forward_hooks"] = OrderedDict(module._forward_hooks)
+        state["_forward_hooks"][-1 - len(state["_forward_hooks"])] = hooks[id(module)]
     view = module.__class__.__new__(module.__class__)
     object.__setattr__(view, "__dict__", state)  # bypass nn.Module.__setattr__: nothing is registered
     memo[id(module)] = view
@@ -50,11 +55,13 @@ def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.M
             v = v.clone()  # running statistics updated in place stay private to the call
         buffers[k] = v
     state["_buffers"] = buffers
-    state["_modules"] = {k: (_view(m, subs, memo) if m is not None else None) for k, m in module._modules.items()}
+    state["_modules"] = {k: (_view(m, subs, memo, hooks) if m is not None else None)
+                         for k, m in module._modules.items()}
     return view
 
 
-def stateless_view(module: nn.Module, overrides: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+def stateless_view(module: nn.Module, overrides: Optional[Mapping[str, torch.Tensor]] = None,
+                   forward_hooks: Optional[Mapping[str, Callable]] = None) -> nn.Module:
     """A private shallow view of ``module`` with the named tensors replaced.
 
     The view shares every other parameter and buffer with ``module`` (no copy), except the
@@ -66,12 +73,22 @@ def stateless_view(module: nn.Module, overrides: Optional[Mapping[str, torch.Ten
         module: the user's module (read only).
         overrides: ``{qualified name: tensor}`` for parameters or buffers, as in
             ``module.named_parameters()``; a tied parameter is replaced under every name.
+        forward_hooks: ``{submodule name: hook(module, args, output)}`` that run in the view
+            only (after the module's own forward hooks).
 
     Raises:
-        ValueError: a name that is neither a parameter nor a buffer of ``module``.
+        ValueError: a name that is neither a parameter nor a buffer (or, for a hook, a
+            submodule) of ``module``.
     """
     subs = _substitutions(module, overrides) if overrides else {}
-    return _view(module, subs, {})
+    hooks: Dict[int, Callable] = {}
+    if forward_hooks:
+        mods = dict(module.named_modules(remove_duplicate=False))
+        unknown = [n for n in forward_hooks if n not in mods]
+        if unknown:
+            raise ValueError(f"stateless_view: the module has no submodule {unknown[:3]}")
+        hooks = {id(mods[n]): fn for n, fn in forward_hooks.items()}
+    return _view(module, subs, {}, hooks)
 
 
 def call_with(module: nn.Module, overrides: Optional[Mapping[str, torch.Tensor]], *args: Any, **kwargs: Any) -> Any:

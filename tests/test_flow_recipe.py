@@ -154,3 +154,46 @@ def test_ood_guard_shrinks_linearly_between_one_and_ood_radius(fitted):
     finally:
         flow.task_radius = radius
     torch.testing.assert_close(half - theta0, 0.5 * (free - theta0), atol=1e-6, rtol=1e-5)
+
+
+def test_layer_statistics_match_a_hand_computed_reference_and_leave_no_hook(fitted):
+    backbone, eps, _ = fitted
+    flow = HyperFlow(backbone, params="bias", hidden=32, task_stats="layers")
+    sx, sy, qx, qy = eps[0]
+    flow._prepare(sx)
+    assert flow.encoder.layers == ["0", "1", "4", "5", "9"]  # every module owning an adapted bias
+    assert flow.encoder.layer_dims == [8, 8, 16, 16, 24]
+    z = flow.encoder(sx, sy)
+    assert z.shape == (1, flow.net.task_dim) and flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
+    final = HyperFlow(backbone, params="bias", hidden=32)
+    final._prepare(sx)
+    torch.testing.assert_close(z[:, :final.net.task_dim], final.encoder(sx, sy))
+    # reference: run the layers one by one and take channel means by hand
+    acts, h = {}, sx
+    with torch.no_grad():
+        for name, mod in backbone.named_children():
+            h = mod(h)
+            acts[name] = h.mean(dim=(2, 3)) if h.dim() == 4 else h
+    parts = []
+    for name in flow.encoder.layers:
+        m = acts[name]
+        protos = torch.stack([m[sy == c].mean(0) for c in range(3)])
+        parts += [m.mean(0), protos.std(0, unbiased=False)]
+    torch.testing.assert_close(z[0, final.net.task_dim:], torch.cat(parts), atol=1e-5, rtol=1e-5)
+    assert all(not m._forward_hooks for m in backbone.modules())
+
+
+@pytest.mark.filterwarnings("ignore:HyperFlow.fit.*barely move")
+def test_layer_statistics_flow_fits_adapts_and_round_trips(fitted, tmp_path):
+    backbone, eps, _ = fitted
+    flow = HyperFlow(backbone, params="bias", hidden=32, task_stats="layers")
+    flow.fit(eps, trajectory_steps=4, interpolation="linear", train_config=DriftTrainConfig(iters=10),
+             progress=False, lr=3e-2)
+    sx, sy, qx, _ = eps[2]
+    out = fused_adapt(backbone, sx, sy, flow=flow, steps=4)(qx)
+    flow.save(tmp_path / "layers.safetensors")
+    loaded = HyperFlow.load(tmp_path / "layers.safetensors", backbone)
+    assert loaded.task_stats == "layers" and loaded.encoder.layers == flow.encoder.layers
+    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=loaded, steps=4)(qx), out)
+    with pytest.raises(ValueError, match="task_stats must be one of"):
+        HyperFlow(backbone, task_stats="everything")

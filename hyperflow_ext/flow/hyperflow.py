@@ -55,6 +55,16 @@ def _episode_list(op: str, episodes: Iterable, tasks: Optional[int]) -> list:
     return eps
 
 
+TASK_STATS = ("final", "layers")
+
+
+def _adapted_layers(subset: ParamSubset, encoder: nn.Module) -> List[str]:
+    """The encoder's submodules that own an adapted parameter, in order (for ``task_stats="layers"``)."""
+    modules = dict(encoder.named_modules())
+    names = dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "" for n in subset.names)
+    return [n for n in names if n and n in modules]
+
+
 DEFAULT_TASKS = 200      # episodes recorded from an unbounded iterable when tasks is not given
 RECIPE_TASKS = 20        # meta-training episodes that score the learning-rate grid
 MIN_LOSS_DROP = 0.05     # fine-tuning that lowers its loss by less than this barely moves: warn
@@ -73,6 +83,10 @@ class HyperFlow:
         hidden: drift-network width ``H``.
         encoder: frozen task encoder network; default: ``backbone`` itself at its pretrained values.
         seed: seeds the drift network's initialisation and training.
+        task_stats: what the task embedding ``z`` summarises: ``"final"`` (statistics of the
+            final features and of the head's loss gradient) or ``"layers"`` (also, for every
+            layer that owns an adapted parameter, its channel means over the support set and
+            their spread across classes, collected by hooks in the encoder's one forward).
 
     Example:
         >>> flow = HyperFlow(backbone, params="bias")
@@ -82,15 +96,18 @@ class HyperFlow:
 
     def __init__(self, backbone: nn.Module, params: ParamSpec = "bias", metric: str = "cosine",
                  scale: float = 10.0, hidden: int = 256, encoder: Optional[nn.Module] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, task_stats: str = "final") -> None:
+        if task_stats not in TASK_STATS:
+            raise ValueError(f"HyperFlow: task_stats must be one of {TASK_STATS}, got {task_stats!r}")
         self.backbone = backbone  # referenced, never modified or copied
         self.subset = ParamSubset(backbone, params)
         self.metric, self.scale, self.seed = metric, float(scale), seed
-        self.hidden = hidden
+        self.hidden, self.task_stats = hidden, task_stats
         enc = encoder if encoder is not None else backbone
-        self.encoder = TaskEncoder(enc, _declared_feature_dim(enc), self.scale)
+        layers = _adapted_layers(self.subset, enc) if task_stats == "layers" else ()
+        self.encoder = TaskEncoder(enc, _declared_feature_dim(enc), self.scale, layers=layers)
         self.net: Optional[DriftNetwork] = None
-        if self.encoder.feature_dim is not None:
+        if self.encoder.ready:
             self._build_net()
         self.max_rate = math.inf          # largest drift rate seen in training (for the guard)
         self.task_radius = math.inf       # farthest training task embedding (for the OOD guard)
@@ -109,9 +126,13 @@ class HyperFlow:
 
     def _prepare(self, support_x: torch.Tensor) -> None:
         """Infer the feature size from one support image and build the drift network, if not yet."""
-        if self.encoder.feature_dim is None:
-            dim = self.encoder.infer_feature_dim(support_x)
-            logger.info("HyperFlow: the backbone has no feature_dim attribute; inferred %d from one forward", dim)
+        if not self.encoder.ready:
+            declared = self.encoder.feature_dim
+            dim = self.encoder.probe(support_x)
+            if declared is None:
+                logger.info("HyperFlow: the backbone has no feature_dim attribute; inferred %d from one forward", dim)
+            elif declared != dim:
+                raise ValueError(f"HyperFlow: the backbone declares feature_dim={declared} but outputs {dim} features")
         if self.net is None:
             self._build_net()
 
@@ -199,6 +220,9 @@ class HyperFlow:
                                "on; using the default lr %g (pass lr= to choose it)", TrajectoryConfig.lr)
             trajectories = self.record(eps, len(eps), trajectory_steps, store, progress, **trajectory_config)
         elif self.net is None:
+            if self.encoder.layers:
+                raise ValueError("HyperFlow.fit: with task_stats='layers' and a backbone without feature_dim, pass "
+                                 "episodes (one support image sizes the task embedding)")
             self.encoder.feature_dim = (trajectories.z.shape[-1] - 1) // 5
             self._build_net()
         if trajectories.deltas.shape[-1] != self.subset.numel:
@@ -335,7 +359,9 @@ class HyperFlow:
                 "max_rate": self.max_rate if math.isfinite(self.max_rate) else None,
                 "task_radius": self.task_radius if math.isfinite(self.task_radius) else None,
                 "recipe": self.recipe,
-                "interpolation": self.interpolation, "horizon": self.horizon}
+                "interpolation": self.interpolation, "horizon": self.horizon, "task_stats": self.task_stats,
+                "feature_dim": self.encoder.feature_dim, "layers": self.encoder.layers,
+                "layer_dims": self.encoder.layer_dims}
         return dict(self.net.state_dict()), meta
 
     def save(self, path: os.PathLike) -> None:
@@ -358,9 +384,12 @@ class HyperFlow:
         if missing:
             raise ValueError(f"HyperFlow.load: the backbone lacks adapted parameters {missing[:3]}")
         flow = cls(backbone, params=list(meta["names"]), metric=meta["metric"], scale=meta["scale"],
-                   hidden=meta["hidden"], encoder=encoder, seed=meta["seed"])
-        if flow.encoder.feature_dim is None:  # checked against the backbone's output at the first call
-            flow.encoder.feature_dim = (int(meta["task_dim"]) - 1) // 5
+                   hidden=meta["hidden"], encoder=encoder, seed=meta["seed"],
+                   task_stats=meta.get("task_stats", "final"))
+        if not flow.encoder.ready:  # checked against the backbone's output at the first call
+            flow.encoder.feature_dim = meta.get("feature_dim") or (int(meta["task_dim"]) - 1) // 5
+            flow.encoder.layers = list(meta.get("layers") or [])
+            flow.encoder.layer_dims = list(meta.get("layer_dims") or [])
         if flow.subset.numel != meta["numel"] or flow.encoder.dim != meta["task_dim"]:
             raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
                              f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")
@@ -503,7 +532,7 @@ def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int
                           f"their last good state is returned", RuntimeWarning, stacklevel=3)
         trust = _trust(flow, z, ood_radius)
         if bool((trust < 1).any()):
-            logger.info("fused_adapt: %d of %d task(s) lie outside the training tasks' range; their updates are "
+            logger.debug("fused_adapt: %d of %d task(s) lie outside the training tasks' range; their updates are "
                         "shrunk toward the pretrained parameters (min factor %.2f)", int((trust < 1).sum()),
                         trust.numel(), float(trust.min()))
             delta = delta * trust.to(delta)[:, None]

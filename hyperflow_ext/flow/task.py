@@ -1,7 +1,7 @@
 """The frozen task encoder: a support set → an order-invariant task embedding ``z``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,17 @@ from ..models import prototypes
 __all__ = ["TaskEncoder", "ENCODER_VERSION"]
 
 ENCODER_VERSION = "stats+headgrad/2"  # part of the trajectory-store key: z changes when this does
+
+
+def _channel_means(output) -> torch.Tensor:
+    """Per-image channel means of a layer's output: ``(n, C, H, W)`` / ``(n, T, C)`` / ``(n, C)`` → ``(n, C)``."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if output.dim() == 4:
+        return output.mean(dim=(2, 3))
+    if output.dim() == 3:
+        return output.mean(dim=1)
+    return output.reshape(output.shape[0], -1)
 
 
 class TaskEncoder(nn.Module):
@@ -46,38 +57,81 @@ class TaskEncoder(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, feature_dim: Optional[int] = None, scale: float = 10.0,
-                 parts: int = 5) -> None:
+                 parts: int = 5, layers: Sequence[str] = ()) -> None:
         super().__init__()
         if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
             raise ValueError(f"TaskEncoder: parts must be a positive int, got {parts!r}")
         if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int)
                                         or feature_dim < 1):
             raise ValueError(f"TaskEncoder: feature_dim must be a positive int or None, got {feature_dim!r}")
+        modules = dict(encoder.named_modules())
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
+            raise ValueError(f"TaskEncoder: the encoder has no submodule {unknown[:3]}")
         self.encoder = encoder
         self.feature_dim = feature_dim
         self.scale = scale
         self.parts = parts
+        self.layers: List[str] = list(layers)
+        self.layer_dims: Optional[List[int]] = [] if not self.layers else None  # channels per layer
+
+    @property
+    def ready(self) -> bool:
+        """Whether :attr:`dim` is known (else :meth:`probe` must run once)."""
+        return self.feature_dim is not None and self.layer_dims is not None
+
+    @property
+    def version(self) -> str:
+        """Names what ``z`` holds (part of the trajectory-store key)."""
+        return ENCODER_VERSION + (f"+layers:{','.join(self.layers)}" if self.layers else "")
 
     @property
     def dim(self) -> int:
-        if self.feature_dim is None:
-            raise ValueError("TaskEncoder: feature_dim is unknown until infer_feature_dim(sample) has run")
-        return 5 * self.feature_dim + 1
+        if not self.ready:
+            raise ValueError("TaskEncoder: the embedding size is unknown until probe(sample) has run")
+        return 5 * self.feature_dim + 1 + 2 * sum(self.layer_dims)
 
     @torch.no_grad()
-    def infer_feature_dim(self, sample: torch.Tensor) -> int:
-        """Set :attr:`feature_dim` from one forward of ``sample[:1]`` (a batch of images); return it.
+    def probe(self, sample: torch.Tensor) -> int:
+        """Set :attr:`feature_dim` (and the layers' channel counts) from one forward of ``sample[:1]``.
+
+        Returns:
+            The feature size ``d``.
 
         Raises:
             ValueError: the encoder does not map ``(n, C, H, W)`` to ``(n, d)`` features.
         """
-        out = stateless_view(self.encoder)(sample[:1])
+        out, stats = self._encode(sample[:1], strict=False)
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"TaskEncoder: the backbone must map (n, C, H, W) images to (n, d) features, got "
                              f"{got} for one image of shape {tuple(sample.shape[1:])} (end it with nn.Flatten?)")
         self.feature_dim = int(out.shape[1])
+        # a layer whose module the backbone does not call (a fused kernel used instead) is dropped
+        self.layers = [n for n in self.layers if n in stats]
+        self.layer_dims = [int(stats[n].shape[-1]) for n in self.layers]
         return self.feature_dim
+
+    def _encode(self, x: torch.Tensor, strict: bool = True):
+        """Features ``(n, d)`` and per-image channel means ``(n, C_l)`` of the layers, in one forward
+        (a list in :attr:`layers` order; with ``strict=False`` a dict of the layers that ran)."""
+        stats: Dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            def hook(_module, _args, output):
+                stats[name] = _channel_means(output)
+            return hook
+
+        # A private view: a user's module in training mode keeps its statistics, and the hooks
+        # live in the view only.
+        view = stateless_view(self.encoder, forward_hooks={n: keep(n) for n in self.layers})
+        out = view(x)
+        if not strict:
+            return out, stats
+        missing = [n for n in self.layers if n not in stats]
+        if missing:
+            raise ValueError(f"TaskEncoder: layers {missing[:3]} did not run in the encoder's forward")
+        return out, [stats[n] for n in self.layers]
 
     @torch.no_grad()
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None) -> torch.Tensor:
@@ -88,8 +142,8 @@ class TaskEncoder(nn.Module):
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts, flat.shape[0]))
-        encoder = stateless_view(self.encoder)  # a user's module in training mode keeps its statistics
-        raw = torch.cat([encoder(chunk) for chunk in chunks])
+        outs = [self._encode(chunk) for chunk in chunks]
+        raw = torch.cat([o for o, _ in outs])
         if raw.dim() != 2 or (self.feature_dim is not None and raw.shape[1] != self.feature_dim):
             raise ValueError(f"TaskEncoder: expected ({flat.shape[0]}, {self.feature_dim}) features from the "
                              f"backbone, got {tuple(raw.shape)}")
@@ -101,8 +155,13 @@ class TaskEncoder(nn.Module):
         within = centred.pow(2).mean(dim=1).sqrt()
         grad = self._head_gradient(raw, feats, support_y, way)
         inv_shots = torch.full((tasks, 1), way / shots, dtype=feats.dtype, device=feats.device)
-        return torch.cat([feats.mean(dim=1), protos.std(dim=1, unbiased=False), within,
-                          grad.mean(dim=1), grad.abs().mean(dim=1), inv_shots], dim=-1)
+        parts = [feats.mean(dim=1), protos.std(dim=1, unbiased=False), within,
+                 grad.mean(dim=1), grad.abs().mean(dim=1), inv_shots]
+        for i in range(len(self.layers)):
+            # per layer: where the support set sits in each channel, and how far its classes spread
+            means = torch.cat([st[i] for _, st in outs]).unflatten(0, (tasks, shots)).to(feats.dtype)
+            parts += [means.mean(dim=1), prototypes(means, support_y, way).std(dim=1, unbiased=False)]
+        return torch.cat(parts, dim=-1)
 
     def _head_gradient(self, raw: torch.Tensor, unit: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
         """``∂ CE(scale · cos(f_i, p_c)) / ∂ f_i`` with the prototypes held fixed: ``(tasks, shots, d)``."""

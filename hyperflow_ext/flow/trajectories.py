@@ -57,11 +57,12 @@ class TrajectoryConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"TrajectoryConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
-    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module) -> str:
-        """Key of a trajectory store: the settings, the seed and the backbone's exact weights
-        (each chunk file adds the fingerprint of its own episodes)."""
+    def digest(self, subset: ParamSubset, seed: int, backbone: nn.Module,
+               encoder_version: str = ENCODER_VERSION) -> str:
+        """Key of a trajectory store: the settings, the seed, what the task embedding holds and the
+        backbone's exact weights (each chunk file adds the fingerprint of its own episodes)."""
         h = hashlib.sha256(json.dumps({**asdict(self), "names": subset.names, "seed": seed,
-                                       "encoder": ENCODER_VERSION}, sort_keys=True).encode())
+                                       "encoder": encoder_version}, sort_keys=True).encode())
         for name, tensor in backbone.state_dict().items():
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -140,7 +141,7 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     if chunk_size < 1:
         raise ValueError(f"record_trajectories: chunk_size must be >= 1, got {chunk_size}")
     episodes = iter(episodes)
-    digest = config.digest(subset, seed, backbone)
+    digest = config.digest(subset, seed, backbone, encoder.version)
     store_path = Path(store) if store is not None else None
     theta_pre = subset.vector(backbone)
     gen = torch.Generator().manual_seed(seed)
