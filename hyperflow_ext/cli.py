@@ -102,14 +102,14 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import cache_dir
-    from .data import benchmark_domains
+    from .data import fewshot_benchmark
     from .demo import _held_out_episodes, _mixed_episodes
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt" + (out.suffix or ".safetensors"))
     backbone = _backbone(args)
-    meta = benchmark_domains(args.cache_dir, progress=not args.quiet).meta
+    meta = fewshot_benchmark(args.cache_dir, progress=not args.quiet).meta
     flow = HyperFlow(backbone, params=args.params, seed=args.seed)
     query = 5 if args.objective == "query" else 0
     flow.fit(_mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,

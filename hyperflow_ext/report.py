@@ -163,7 +163,8 @@ native build: {meta['native'].get('native_build', 'missing')}.
 
 ## Few-shot adaptation (mean over target domains)
 
-HyperFlow is meta-trained on the meta-training scripts and their 8x8 coarse scans (never seen by the
+HyperFlow is meta-trained on the meta-training domains of `fewshot_benchmark` (printed scripts, their 8x8 coarse
+scans, Hershey stroke families and capture shifts; never seen by the
 backbone, never tested on); its integration horizon is chosen by query accuracy (%) on held-out meta-training episodes
 (5-way 5-shot; `none` = the unadapted backbone):
 

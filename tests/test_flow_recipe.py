@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
-from hyperflow_ext.flow.baselines import finetune_adapt, tune_lr
+from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt, support_statistics, tune_lr
 
 
 def _bn_backbone() -> nn.Sequential:
@@ -197,3 +197,34 @@ def test_layer_statistics_flow_fits_adapts_and_round_trips(fitted, tmp_path):
     torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=loaded, steps=4)(qx), out)
     with pytest.raises(ValueError, match="task_stats must be one of"):
         HyperFlow(backbone, task_stats="everything")
+
+
+def test_support_statistics_baseline_matches_batchnorm_in_training_mode_and_keeps_the_buffers():
+    backbone = _bn_backbone()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    sx, sy, qx, _ = _episodes(1)[0]
+    model = support_statistics(backbone, sx, sy)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
+    # reference: a copy whose BatchNorm layers took the support set's statistics (momentum 1)
+    import copy
+    ref = copy.deepcopy(backbone)
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = 1.0
+    ref.train()
+    with torch.no_grad():
+        ref(sx)
+    ref.eval()
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(model.buffers[f"{name}.running_mean"], m.running_mean)
+            torch.testing.assert_close(model.buffers[f"{name}.running_var"], m.running_var)
+    with torch.no_grad():
+        feats_q, feats_s = ref(qx), ref(sx)
+    protos = torch.stack([feats_s[sy == c].mean(0) for c in range(3)])
+    expected = 10.0 * torch.nn.functional.normalize(feats_q, dim=-1) @ torch.nn.functional.normalize(protos, dim=-1).T
+    torch.testing.assert_close(model(qx), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(qx), direct_transfer(backbone, sx, sy)(qx))
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        support_statistics(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()), sx, sy)

@@ -1,7 +1,7 @@
 """A ProtoNet whose selected backbone parameters are replaced by adapted values."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -26,6 +26,8 @@ class AdaptedProtoNet(nn.Module):
         support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
         support_y: ``(shots,)`` or ``(tasks, shots)``.
         way: number of classes.
+        buffers: ``{name: tensor}`` buffers substituted as well (one task only), e.g. BatchNorm
+            statistics re-estimated on the support set.
 
     Shape:
         - query_x: ``(queries, C, H, W)`` or ``(tasks, queries, C, H, W)`` (matching ``theta``).
@@ -33,13 +35,15 @@ class AdaptedProtoNet(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, support_x: torch.Tensor,
-                 support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0) -> None:
+                 support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
+                 buffers: Optional[Dict[str, torch.Tensor]] = None) -> None:
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not a submodule: nothing is copied or re-registered
         self.subset = subset
         self.register_buffer("theta", theta.detach())
         self.support_x, self.support_y = support_x, support_y
         self.way, self.metric, self.scale = way, metric, scale
+        self.buffers = dict(buffers or {})
         self._protos: Optional[torch.Tensor] = None
 
     @property
@@ -57,7 +61,7 @@ class AdaptedProtoNet(nn.Module):
                              f"{'a batch of tasks' if self.batched else 'one task'}, got shape {tuple(x.shape)}")
         if self.batched and x.shape[0] != self.theta.shape[0]:
             raise ValueError(f"AdaptedProtoNet: query batch has {x.shape[0]} tasks, the model {self.theta.shape[0]}")
-        return features_with(self.backbone, self.subset, self.theta, x)
+        return features_with(self.backbone, self.subset, self.theta, x, buffers=self.buffers)
 
     def prototypes(self) -> torch.Tensor:
         if self._protos is None:

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._stateless import stateless_view
 from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
 from .checks import check_support
 from .functional import features_with, finetune
 from .params import ParamSpec, ParamSubset
 
-__all__ = ["direct_transfer", "finetune_adapt", "tune_lr", "LrChoice", "LR_GRID"]
+__all__ = ["direct_transfer", "support_statistics", "finetune_adapt", "tune_lr", "LrChoice", "LR_GRID"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,40 @@ def direct_transfer(backbone: nn.Module, support_x: torch.Tensor, support_y: tor
     way, _ = check_support("direct_transfer", backbone, support_x, support_y, way)
     subset = ParamSubset(backbone, "bias" if any(n.endswith("bias") for n, _ in backbone.named_parameters()) else "all")
     return AdaptedProtoNet(backbone, subset, subset.vector(backbone), support_x, support_y, way, metric, scale)
+
+
+def support_statistics(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
+                       metric: str = "cosine", scale: float = 10.0, way: Optional[int] = None) -> AdaptedProtoNet:
+    """Gradient-free baseline for BatchNorm backbones: re-estimate every BatchNorm layer's
+    statistics on the support set (one forward, no gradients), then a ProtoNet on that backbone.
+
+    The statistics live in the returned model; the backbone's own buffers are not touched.
+
+    Raises:
+        ValueError: the backbone has no BatchNorm layer with running statistics, or bad support data.
+    """
+    way, batched = check_support("support_statistics", backbone, support_x, support_y, way)
+    if batched:
+        raise NotImplementedError("support_statistics: adapt one task at a time (support_x of shape (shots, C, H, W))")
+    norms = {n: m for n, m in backbone.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    if not norms:
+        raise ValueError("support_statistics: the backbone has no BatchNorm layer with running statistics")
+    fresh: Dict[str, torch.Tensor] = {}
+    for n, m in norms.items():
+        fresh[f"{n}.running_mean"] = torch.zeros_like(m.running_mean)
+        fresh[f"{n}.running_var"] = torch.ones_like(m.running_var)
+        fresh[f"{n}.num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
+    view = stateless_view(backbone, fresh)
+    for n, m in view.named_modules():
+        if n in norms:  # the view's own flags: batch statistics, written into the fresh buffers
+            m.training, m.momentum = True, 1.0
+    with torch.no_grad():
+        view(support_x)
+    stats = {k: v for k, v in fresh.items() if not k.endswith("num_batches_tracked")}
+    subset = ParamSubset(backbone, "bias" if any(n.endswith("bias") for n, _ in backbone.named_parameters()) else "all")
+    return AdaptedProtoNet(backbone, subset, subset.vector(backbone), support_x, support_y, way, metric, scale,
+                           buffers=stats)
 
 
 def finetune_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,

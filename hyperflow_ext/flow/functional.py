@@ -5,7 +5,7 @@ Both HyperFlow's trajectory recorder and the fine-tuning baselines call :func:`f
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,9 @@ OBJECTIVES = ("support", "query")
 
 
 def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, x: torch.Tensor,
-                  shared_x: bool = False) -> torch.Tensor:
-    """Backbone features with the selected parameters replaced by ``theta``.
+                  shared_x: bool = False, buffers: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Backbone features with the selected parameters replaced by ``theta`` (and named buffers by
+    ``buffers``, e.g. re-estimated BatchNorm statistics).
 
     Shape:
         - theta: ``(P,)`` or ``(runs, P)``.
@@ -33,12 +34,13 @@ def features_with(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor,
     """
     # A private view per call, never functional_call: that swaps the backbone's own attributes for
     # the length of the call, and overlapping calls (serving threads) corrupt it for good.
+    extra = buffers or {}
     if theta.dim() == 1:
-        return call_with(backbone, subset.unflatten(theta), x)
+        return call_with(backbone, {**subset.unflatten(theta), **extra}, x)
     # A loop, not vmap: vmap cannot run channels-last convolution maps through GroupNorm, and
     # the runs are few (perturbed starts, a handful of tasks).
     params = subset.unflatten(theta)
-    return torch.stack([call_with(backbone, {k: v[r] for k, v in params.items()}, x if shared_x else x[r])
+    return torch.stack([call_with(backbone, {**{k: v[r] for k, v in params.items()}, **extra}, x if shared_x else x[r])
                         for r in range(theta.shape[0])])
 
 
