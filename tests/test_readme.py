@@ -39,6 +39,7 @@ TINY_DRIFT = DriftTrainConfig(iters=20, batch_size=64, eval_every=10)
 TINY_BACKBONES = {"conv4": {"hidden": 8, "groups": 2}, "resnet8": {"widths": (8, 8, 8), "groups": 2},
                   "vit_tiny": {"image_size": SIDE, "dim": 16, "depth": 1, "heads": 2}}
 REAL = {"load_pretrained": hf.models.load_pretrained, "benchmark_domains": hf.data.benchmark_domains,
+        "fewshot_benchmark": hf.data.fewshot_benchmark,
         "fit": HyperFlow.fit, "tune_horizon": HyperFlow.tune_horizon}  # taken before any test patches them
 
 
@@ -136,10 +137,15 @@ class StandIns:
             self.calls.append("benchmark_domains")
             return self.split
 
+        def fewshot_benchmark(*args, **kwargs):
+            bound(REAL["fewshot_benchmark"], args, kwargs)
+            self.calls.append("fewshot_benchmark")
+            return self.split
+
         def fit(flow, *args, **kwargs):  # the real one with fewer tasks, steps, runs and iterations
             args_ = bound(real_fit, (flow,) + args, kwargs)
             for key, most in TINY_FIT.items():
-                args_[key] = min(args_.get(key, most), most)
+                args_[key] = most if args_.get(key) is None else min(args_[key], most)
             if args_["train_config"] == DriftTrainConfig():
                 args_["train_config"] = TINY_DRIFT
             args_["progress"] = False
@@ -156,6 +162,7 @@ class StandIns:
 
         monkeypatch.setattr(hf.models, "load_pretrained", load_pretrained)
         monkeypatch.setattr(hf.data, "benchmark_domains", benchmark_domains)
+        monkeypatch.setattr(hf.data, "fewshot_benchmark", fewshot_benchmark)
         monkeypatch.setattr(HyperFlow, "fit", fit)
         monkeypatch.setattr(HyperFlow, "tune_horizon", tune_horizon)
         monkeypatch.setenv("HYPERFLOW_CACHE", str(tmp_path / "cache"))
@@ -208,7 +215,8 @@ def one_thread():
 def test_readme_python_examples_run(monkeypatch, tmp_path, one_thread):
     ns, stand_ins = run_python_blocks(README.read_text(encoding="utf-8"), monkeypatch, tmp_path)
     # the tiny entry points were the ones used, so the examples did run the real code paths
-    assert {"load_pretrained", "benchmark_domains", "fit"} <= set(stand_ins.calls)
+    assert {"load_pretrained", "fit"} <= set(stand_ins.calls)
+    assert {"benchmark_domains", "fewshot_benchmark"} & set(stand_ins.calls)
     results = [v for k, v in ns.items() if not k.startswith("__")]
     assert any(isinstance(v, HyperFlow) and v.interpolation for v in results), "no fitted HyperFlow"
     if "logits" in ns:
