@@ -176,3 +176,17 @@ def test_native_entry_rejects_inconsistent_sizes():
         mod.sparse_conv2d(**args)
     with pytest.raises(ValueError, match="batch_block"):
         mod.sparse_conv2d(**{**args, "ho": 4, "off": 8})
+
+
+@pytest.mark.skipif(not native.cuda_available(), reason="needs a CUDA device and the CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_twin_matches_conv2d(dtype):
+    gen = torch.Generator().manual_seed(5)
+    weight = _masked_weight(12, 7, 3, 3, 0.3, dtype, gen)
+    bias = torch.randn(12, dtype=dtype, generator=gen)
+    x = torch.randn(3, 7, 9, 8, dtype=dtype, generator=gen)
+    for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), (1, 2, 2)):
+        want = F.conv2d(x, weight, bias, stride, padding, dilation).relu()
+        csr = CSRMatrix.from_dense(weight.reshape(12, -1)).to("cuda")
+        y = csr_conv2d(x.cuda(), csr, 3, bias.cuda(), stride, padding, dilation, relu=True)
+        torch.testing.assert_close(y.cpu(), want, **TOL[dtype])

@@ -136,14 +136,12 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
     if h < 1 or w < 1 or ho < 1 or wo < 1:
         raise ValueError(f"{op}: input {(h, w)} is too small for kernel {(kh, kw)} with padding {(ph, pw)} "
                          f"and dilation {(dh, dw)}")
-    if channels_last is None:
-        channels_last = _is_channels_last(x)
     run = _runner(x, weight, (kh, kw), bias, (sh, sw), (ph, pw), (dh, dw), relu, backend, batch_block, algo,
-                  channels_last)
+                  _is_channels_last(x) if channels_last is None else channels_last)
     if plans is not None:
         if len(plans) >= 16:
             plans.clear()
-        plans[_plan_key(x if not unbatched else x.squeeze(0), bias, backend)] = run
+        plans[_plan_key(x if not unbatched else x.squeeze(0), bias, backend, channels_last)] = run
     return run(x.squeeze(0) if unbatched else x)
 
 
@@ -151,10 +149,12 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def _plan_key(x: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str]) -> tuple:
-    """What a prepared call depends on besides the layer: the input's geometry and the back-end."""
+def _plan_key(x: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str],
+              channels_last: Optional[bool]) -> tuple:
+    """What a prepared call depends on besides the layer: the input's geometry, the output format and
+    the back-end."""
     return (x.shape, x.stride(), x.dtype, x.device, 0 if bias is None else bias.data_ptr(), backend,
-            os.environ.get("HYPERFLOW_BACKEND"))
+            os.environ.get("HYPERFLOW_BACKEND"), channels_last)
 
 
 def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: Optional[torch.Tensor],
@@ -284,9 +284,9 @@ class SparseConv2d(_CSRBuffers):
         self.in_channels, self.out_channels = int(in_channels), weight.shape[0]
         self.kernel_size, self.stride = _pair(op, "kernel_size", kernel_size, 1), _pair(op, "stride", stride, 1)
         self.padding, self.dilation = _pair(op, "padding", padding, 0), _pair(op, "dilation", dilation, 1)
-        if channels_last is not None and not isinstance(channels_last, bool):
-            raise ValueError(f"{op}: channels_last must be None or a bool, got {channels_last!r}")
-        self.relu, self.channels_last = relu, channels_last
+        self.relu = relu
+        self._plans: Tuple[Optional[CSRMatrix], Dict[tuple, Callable]] = (None, {})
+        self.channels_last = channels_last
         if weight.shape[1] != self.in_channels * self.kernel_size[0] * self.kernel_size[1]:
             raise ValueError(f"{op}: weight must have in_channels·kh·kw = "
                              f"{self.in_channels * self.kernel_size[0] * self.kernel_size[1]} columns, "
@@ -296,7 +296,17 @@ class SparseConv2d(_CSRBuffers):
             _check_bias(op, bias, self.out_channels, weight)
             bias = bias.detach().contiguous()
         self.register_buffer("bias", bias)
-        self._plans: Tuple[Optional[CSRMatrix], Dict[tuple, Callable]] = (None, {})
+
+    @property
+    def channels_last(self) -> Optional[bool]:
+        """Output memory format: ``True`` channels-last, ``False`` NCHW, ``None`` the input's."""
+        return self._channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"SparseConv2d: channels_last must be None or a bool, got {value!r}")
+        self._channels_last = value  # part of the prepared calls' key: switching back and forth is free
 
     @classmethod
     def from_conv2d(cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None, relu: bool = False,
@@ -335,7 +345,7 @@ class SparseConv2d(_CSRBuffers):
         if self._plans[0] is not csr:  # a new weight structure: the prepared calls are stale
             self._plans = (csr, {})
         if isinstance(x, torch.Tensor) and x.layout == torch.strided:
-            run = self._plans[1].get(_plan_key(x, self.bias, None))
+            run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last))
             if run is not None:  # same geometry as a validated call: only the autograd check is per call
                 if x.requires_grad and torch.is_grad_enabled():
                     raise NotImplementedError("csr_conv2d is inference-only (no autograd): call it under "
