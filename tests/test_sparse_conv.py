@@ -27,9 +27,10 @@ def _masked_weight(out_c, in_c, kh, kw, density, dtype, gen):
        dilation=st.tuples(st.integers(1, 3), st.integers(1, 3)), density=st.sampled_from([0.0, 0.3, 1.0]),
        double=st.booleans(), relu=st.booleans(), use_bias=st.booleans(), batch_block=st.sampled_from([0, 1, 2, 16]),
        algo=st.sampled_from(["packed", "direct"]), channels_last=st.booleans(),
-       out_format=st.sampled_from([None, True, False]), seed=st.integers(0, 2**16))
+       out_format=st.sampled_from([None, True, False]), residual=st.sampled_from([None, "nchw", "nhwc"]),
+       seed=st.integers(0, 2**16))
 def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding, dilation, density, double, relu,
-                                   use_bias, batch_block, algo, channels_last, out_format, seed):
+                                   use_bias, batch_block, algo, channels_last, out_format, residual, seed):
     ho, wo = (conv_out_size(s, k, st_, p, d) for s, k, st_, p, d in
               zip((h, w), (kh, kw), stride, padding, dilation))
     assume(ho >= 1 and wo >= 1)
@@ -41,9 +42,16 @@ def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     csr = CSRMatrix.from_dense(weight.reshape(out_c, -1), index_dtype=torch.int32 if seed % 2 else torch.int64)
+    res = None
+    if residual is not None:
+        res = torch.randn(n, out_c, ho, wo, dtype=dtype, generator=gen)
+        if residual == "nhwc":
+            res = res.contiguous(memory_format=torch.channels_last)
     y = csr_conv2d(x, csr, (kh, kw), bias, stride, padding, dilation, relu, batch_block=batch_block, algo=algo,
-                   channels_last=out_format)
+                   channels_last=out_format, residual=res)
     want = F.conv2d(x, weight, bias, stride, padding, dilation)
+    if res is not None:
+        want = want + res
     if relu:
         want = want.relu()
     assert y.shape == want.shape == (n, out_c, ho, wo)
@@ -69,10 +77,15 @@ def test_layer_sized_convolutions(dtype, density, n, hw, stride, layout):
                                  channels_last=True if layout in ("nhwc_out", "nhwc") else None)
     with torch.inference_mode():
         y = sp(x)
-        y_again = sp(x)  # second call: cached offsets
-    want = F.conv2d(x, weight, bias, stride, 1).relu()
-    torch.testing.assert_close(y, want, **TOL[dtype])
-    torch.testing.assert_close(y_again, want, **TOL[dtype])
+        y_again = sp(x)  # second call: the prepared call
+        res = torch.randn(y.shape, dtype=dtype, generator=gen)
+        y_res = sp(x, res)
+        y_res_again = sp(x, res)
+    want = F.conv2d(x, weight, bias, stride, 1)
+    torch.testing.assert_close(y, want.relu(), **TOL[dtype])
+    torch.testing.assert_close(y_again, want.relu(), **TOL[dtype])
+    torch.testing.assert_close(y_res, (want + res).relu(), **TOL[dtype])
+    torch.testing.assert_close(y_res_again, (want + res).relu(), **TOL[dtype])
 
 
 def test_empty_output_channels_give_bias_and_relu():
@@ -100,6 +113,10 @@ def test_one_by_one_convolutions_use_the_spmm_path_and_match():
                            channels_last=cl)
             want = F.conv2d(x, weight, bias, stride)
             torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
+            res = torch.randn(want.shape, generator=gen)
+            y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu,
+                           channels_last=cl, residual=res)
+            torch.testing.assert_close(y, (want + res).relu() if relu else want + res, atol=1e-4, rtol=1e-4)
 
 
 def test_unbatched_input_and_torch_backend_agree():
@@ -148,6 +165,8 @@ def test_bad_input_is_rejected_with_clear_errors():
             csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, padding=-1)
         with pytest.raises(ValueError, match="csr_conv2d: bias must have shape"):
             csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, torch.zeros(4))
+        with pytest.raises(ValueError, match="csr_conv2d: residual must have shape"):
+            csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, residual=torch.zeros(1, 5, 6, 6))
         with pytest.raises(ValueError, match="csr_conv2d: relu must be a bool"):
             csr_conv2d(torch.randn(1, 4, 6, 6), csr, 3, relu=1)
         with pytest.raises(ValueError, match="csr_conv2d: algo"):
@@ -171,7 +190,7 @@ def test_native_entry_rejects_inconsistent_sizes():
     mod = native.cpu_module()
     args = dict(rowptr=1, col=1, val=1, x=1, bias=0, y=1, n=1, in_c=1, h=4, w=4, out_c=1, ho=3, wo=4, kh=3, kw=3, sh=1,
                 sw=1, ph=1, pw=1, dh=1, dw=1, nnz=1, xs_n=16, xs_c=16, xs_h=4, xs_w=1, ys_n=16, ys_c=16, ys_h=4,
-                ys_w=1, batch_block=0, off=0, algo=0, relu=False, dtype=0, itype=0, stream=0)
+                ys_w=1, res=0, rs_n=0, rs_c=0, rs_h=0, rs_w=0, batch_block=0, off=0, algo=0, relu=False, dtype=0, itype=0, stream=0)
     with pytest.raises(ValueError, match="output size"):
         mod.sparse_conv2d(**args)
     with pytest.raises(ValueError, match="batch_block"):

@@ -51,8 +51,10 @@ def test_sparsify_folds_fuses_and_matches(cls):
     assert convs and all(r["bn"] for r in convs.values())
     first = "features.0" if cls is VGGStyle else "stem.0"
     assert convs[first]["relu"]
-    if cls is ResNetStyle:  # the ReLU comes after the residual add: conv2 must not fuse it
-        assert not convs["blocks.0.conv2"]["relu"] and convs["blocks.0.conv1"]["relu"]
+    if cls is ResNetStyle:  # relu(bn2(conv2(.)) + shortcut): conv2 takes the residual and the ReLU
+        assert convs["blocks.0.conv2"]["residual"] and convs["blocks.0.conv2"]["relu"]
+        assert convs["blocks.0.conv1"]["relu"] and not convs["blocks.0.conv1"]["residual"]
+        assert isinstance(sparse, torch.fx.GraphModule)
     for r in report:
         assert r["kind"] in ("sparse", "dense") and r["sparse_ms"] > 0 and r["dense_ms"] > 0
         mod = sparse.get_submodule(r["name"])
@@ -70,6 +72,25 @@ def test_sparsify_without_example_input_makes_everything_sparse_and_keeps_the_or
     assert isinstance(sparse.features[2], nn.Identity) and sparse.features[0].relu
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])  # a copy was rewritten
+
+
+def test_residual_fusion_takes_only_single_use_convolutions():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.other = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(y + self.other(y))  # conv's output has two users: only `other` fuses (r = y)
+
+    model = Block().eval()
+    sparse, report = sparsify(model)
+    assert {r["name"]: r["residual"] for r in report} == {"conv": False, "other": True}
+    x = torch.randn(2, 4, 5, 5)
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 def test_fusion_without_folding_is_refused_when_the_relu_follows_the_norm():

@@ -17,11 +17,11 @@ using i64 = std::int64_t;
 #define HF_CONV_SIG                                                                                                   \
   u rowptr, u col, u val, u x, u bias, u y, i64 n, i64 in_c, i64 h, i64 w, i64 out_c, i64 ho, i64 wo, i64 kh, i64 kw, \
       i64 sh, i64 sw, i64 ph, i64 pw, i64 dh, i64 dw, i64 nnz, i64 xs_n, i64 xs_c, i64 xs_h, i64 xs_w, i64 ys_n,      \
-      i64 ys_c, i64 ys_h, i64 ys_w, i64 batch_block, u off, int algo, bool relu, int dtype, int itype, u stream
+      i64 ys_c, i64 ys_h, i64 ys_w, u res, i64 rs_n, i64 rs_c, i64 rs_h, i64 rs_w, i64 batch_block, u off, int algo, bool relu, int dtype, int itype, u stream
 #define HF_CONV_PARAMS                                                                                                \
   SparseConvParams {                                                                                                  \
     rowptr, col, val, x, bias, y, n, in_c, h, w, out_c, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw, nnz, xs_n, xs_c,      \
-        xs_h, xs_w, ys_n, ys_c, ys_h, ys_w, batch_block, off, algo, relu, dtype, itype, stream                        \
+        xs_h, xs_w, ys_n, ys_c, ys_h, ys_w, res, rs_n, rs_c, rs_h, rs_w, batch_block, off, algo, relu, dtype, itype, stream                        \
   }
 }  // namespace conv_bind
 
@@ -30,7 +30,8 @@ using i64 = std::int64_t;
       py::arg("in_c"), py::arg("h"), py::arg("w"), py::arg("out_c"), py::arg("ho"), py::arg("wo"), py::arg("kh"),    \
       py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("ph"), py::arg("pw"), py::arg("dh"), py::arg("dw"),       \
       py::arg("nnz"), py::arg("xs_n"), py::arg("xs_c"), py::arg("xs_h"), py::arg("xs_w"), py::arg("ys_n"),           \
-      py::arg("ys_c"), py::arg("ys_h"), py::arg("ys_w"), py::arg("batch_block"), py::arg("off"), py::arg("algo"),    \
+      py::arg("ys_c"), py::arg("ys_h"), py::arg("ys_w"), py::arg("res"), py::arg("rs_n"), py::arg("rs_c"),          \
+      py::arg("rs_h"), py::arg("rs_w"), py::arg("batch_block"), py::arg("off"), py::arg("algo"),    \
       py::arg("relu"), py::arg("dtype"), py::arg("itype"), py::arg("stream")
 
 template <class Tag>

@@ -203,6 +203,36 @@ void store_rows_nhwc(const SparseConvParams& p, const Packing& k, const T* __res
 }
 #endif
 
+// y = act(y + residual) over output rows [i0, i1), channels [o0, o1) of group gi (after the stores;
+// with a residual the tile epilogue adds only the bias).
+template <typename T>
+void add_residual(const SparseConvParams& p, const Packing& k, std::int64_t gi, std::int64_t o0, std::int64_t o1,
+                  std::int64_t i0, std::int64_t i1, T* __restrict y) {
+  const T* __restrict r = ptr<const T>(p.res);
+  const bool relu = p.relu;
+  const std::int64_t s0 = gi * k.nb, s1 = std::min(p.n, s0 + k.nb);
+  for (std::int64_t b = s0; b < s1; ++b)
+    for (std::int64_t i = i0; i < i1; ++i) {
+      T* yr = y + b * p.ys_n + i * p.ys_h;
+      const T* rr = r + b * p.rs_n + i * p.rs_h;
+      if (p.ys_c == 1 && p.rs_c == 1) {  // channels-last: contiguous runs of channels
+        for (std::int64_t j = 0; j < p.wo; ++j) {
+          T* __restrict yj = yr + j * p.ys_w;
+          const T* __restrict rj = rr + j * p.rs_w;
+#pragma omp simd
+          for (std::int64_t o = o0; o < o1; ++o) yj[o] = conv_epilogue(yj[o], static_cast<const T*>(nullptr), 0, relu, rj[o]);
+        }
+      } else {
+        for (std::int64_t o = o0; o < o1; ++o) {
+          T* __restrict yo = yr + o * p.ys_c;
+          const T* __restrict ro = rr + o * p.rs_c;
+          for (std::int64_t j = 0; j < p.wo; ++j)
+            yo[j * p.ys_w] = conv_epilogue(yo[j * p.ys_w], static_cast<const T*>(nullptr), 0, relu, ro[j * p.rs_w]);
+        }
+      }
+    }
+}
+
 // bias + ReLU over one output channel's tile (contiguous, vectorised).
 template <typename T>
 inline void epilogue_tile(T* __restrict tile, std::int64_t len, const T* bias, std::int64_t o, bool relu) {
@@ -323,13 +353,14 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
         T* to = tile + (nhwc_out ? (o - o0) * ldt : 0);
         const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
         gather_row(off + j0, val + j0, j1 - j0, src, 1, len, to);
-        epilogue_tile(to, len, bias, o, p.relu);
+        epilogue_tile(to, len, bias, o, p.relu && !p.res);
         if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
       }
 #if defined(HF_SPARSE_AVX512)
       if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
 #endif
     }
+    if (p.res) add_residual(p, k, gi, o_begin, o_end, i0, i1, y);
   };
   // A single barrier (the region's end): with at least a group per thread every thread packs and
   // computes whole groups (its packed input stays in its L2); otherwise every thread packs all the
@@ -371,7 +402,8 @@ void conv_direct(const SparseConvParams& p) {
       for (std::int64_t i = 0; i < p.ho; ++i)
         for (std::int64_t j = 0; j < p.wo; ++j)
           y[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] =
-              conv_epilogue(sparse_conv_point(p, rowptr, col, val, x, b, o, i, j), bias, o, p.relu);
+              conv_epilogue(sparse_conv_point(p, rowptr, col, val, x, b, o, i, j), bias, o, p.relu,
+                            conv_residual(p, ptr<const T>(p.res), b, o, i, j));
 }
 
 }  // namespace

@@ -22,7 +22,8 @@ __global__ void sparse_conv2d_kernel(SparseConvParams p) {
   const T acc = sparse_conv_point(p, reinterpret_cast<const I*>(p.rowptr), reinterpret_cast<const I*>(p.col),
                                   reinterpret_cast<const T*>(p.val), reinterpret_cast<const T*>(p.x), b, o, i, j);
   const T* bias = p.bias ? reinterpret_cast<const T*>(p.bias) : nullptr;
-  reinterpret_cast<T*>(p.y)[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] = conv_epilogue(acc, bias, o, p.relu);
+  const T r = conv_residual(p, reinterpret_cast<const T*>(p.res), b, o, i, j);
+  reinterpret_cast<T*>(p.y)[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] = conv_epilogue(acc, bias, o, p.relu, r);
 }
 
 }  // namespace

@@ -22,6 +22,8 @@ struct SparseConvParams {
   std::uintptr_t y;       // n x out_c x ho x wo, element (b, o, i, j) at y[b*ys_n + o*ys_c + i*ys_h + j*ys_w]
   std::int64_t n, in_c, h, w, out_c, ho, wo, kh, kw, sh, sw, ph, pw, dh, dw, nnz;
   std::int64_t xs_n, xs_c, xs_h, xs_w, ys_n, ys_c, ys_h, ys_w;
+  std::uintptr_t res;                // n x out_c x ho x wo added before the ReLU (a residual), strides rs_*, or 0
+  std::int64_t rs_n, rs_c, rs_h, rs_w;
   std::int64_t batch_block;  // CPU: samples interleaved in the packed input (1 = one sample's planes); 0 = auto
   std::uintptr_t off;        // CPU: nnz int32 tap offsets from sparse_conv2d_offsets for this geometry and
                              // batch_block (then batch_block != 0), or 0 to compute them in the call
@@ -46,16 +48,22 @@ HF_HD void conv_tap(I col, std::int64_t kh, std::int64_t kw, std::int64_t& c, st
   kx = k % kw;
 }
 
-// bias + accumulator, then ReLU when asked (a NaN stays NaN, as in torch.relu).
+// bias + accumulator (+ a residual), then ReLU when asked (a NaN stays NaN, as in torch.relu).
 template <typename T>
-HF_HD T conv_epilogue(T acc, const T* bias, std::int64_t o, bool relu) {
-  const T v = bias ? acc + bias[o] : acc;
+HF_HD T conv_epilogue(T acc, const T* bias, std::int64_t o, bool relu, T res = T(0)) {
+  const T v = (bias ? acc + bias[o] : acc) + res;
   return relu && !(v > T(0)) && v == v ? T(0) : v;
 }
 
 // One output y[b, o, i, j] before the epilogue: the sum over row o's nonzeros of the weight times
 // the input tap, skipping taps that fall in the zero padding. The CUDA kernel runs this per output;
 // the CPU runs it with algo = 1 (the tests check it against F.conv2d there).
+template <typename T>
+HF_HD T conv_residual(const SparseConvParams& p, const T* res, std::int64_t b, std::int64_t o, std::int64_t i,
+                      std::int64_t j) {
+  return res ? res[b * p.rs_n + o * p.rs_c + i * p.rs_h + j * p.rs_w] : T(0);
+}
+
 template <typename T, typename I>
 HF_HD T sparse_conv_point(const SparseConvParams& p, const I* rowptr, const I* col, const T* val, const T* x,
                           std::int64_t b, std::int64_t o, std::int64_t i, std::int64_t j) {

@@ -61,9 +61,11 @@ def csr_conv2d_reference(x: torch.Tensor, weight: CSRMatrix, kernel_size: Tuple[
 
 def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Optional[torch.Tensor] = None,
                stride: _Pair = 1, padding: _Pair = 0, dilation: _Pair = 1, relu: bool = False,
-               backend: Optional[str] = None, *, channels_last: Optional[bool] = None, batch_block: int = 0,
-               algo: str = "packed", plans: Optional[Dict[tuple, Callable]] = None) -> torch.Tensor:
-    """2-D convolution (groups = 1, zero padding) with a CSR weight, bias and ReLU fused.
+               backend: Optional[str] = None, *, residual: Optional[torch.Tensor] = None,
+               channels_last: Optional[bool] = None, batch_block: int = 0, algo: str = "packed",
+               plans: Optional[Dict[tuple, Callable]] = None) -> torch.Tensor:
+    """2-D convolution (groups = 1, zero padding) with a CSR weight; bias, a residual and ReLU fused:
+    ``act(conv2d(x, W) + bias + residual)``.
 
     Args:
         x: ``(batch, in_channels, height, width)`` or unbatched ``(in_channels, height, width)``, same
@@ -73,6 +75,8 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
         kernel_size, stride, padding, dilation: as :func:`torch.nn.functional.conv2d` (ints or pairs).
         bias: optional ``(out_channels,)``.
         relu: apply ``max(·, 0)`` to the result (NaN stays NaN, as ``torch.relu``).
+        residual: optional tensor of the output's shape (any strides) added before the ReLU — a residual
+            block's ``relu(conv(x) + shortcut)`` in one pass.
         backend: ``"auto" | "native" | "torch"``.
         channels_last: memory format of the output: ``True`` channels-last, ``False`` NCHW, ``None``
             (default) the input's (channels-last when ``x`` is, as ``F.conv2d``).
@@ -136,13 +140,22 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
     if h < 1 or w < 1 or ho < 1 or wo < 1:
         raise ValueError(f"{op}: input {(h, w)} is too small for kernel {(kh, kw)} with padding {(ph, pw)} "
                          f"and dilation {(dh, dw)}")
+    if residual is not None:
+        check_tensor(op, "residual", residual, dtypes=(weight.dtype,), device=weight.device,
+                     shape=(out_c, ho, wo) if unbatched else (n, out_c, ho, wo))
+        if unbatched:
+            residual = residual.unsqueeze(0)
     run = _runner(x, weight, (kh, kw), bias, (sh, sw), (ph, pw), (dh, dw), relu, backend, batch_block, algo,
-                  _is_channels_last(x) if channels_last is None else channels_last)
+                  _is_channels_last(x) if channels_last is None else channels_last,
+                  None if residual is None else residual.stride())
     if plans is not None:
         if len(plans) >= 16:
             plans.clear()
-        plans[_plan_key(x if not unbatched else x.squeeze(0), bias, backend, channels_last)] = run
-    return run(x.squeeze(0) if unbatched else x)
+        plans[_plan_key(x if not unbatched else x.squeeze(0), bias, backend, channels_last,
+                        None if residual is None else residual.squeeze(0) if unbatched else residual)] = run
+    if residual is None:
+        return run(x.squeeze(0) if unbatched else x)
+    return run(x.squeeze(0), residual.squeeze(0)) if unbatched else run(x, residual)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -150,18 +163,19 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 
 def _plan_key(x: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str],
-              channels_last: Optional[bool]) -> tuple:
-    """What a prepared call depends on besides the layer: the input's geometry, the output format and
-    the back-end."""
+              channels_last: Optional[bool], residual: Optional[torch.Tensor] = None) -> tuple:
+    """What a prepared call depends on besides the layer: the input's (and residual's) geometry, the
+    output format and the back-end."""
     return (x.shape, x.stride(), x.dtype, x.device, 0 if bias is None else bias.data_ptr(), backend,
-            os.environ.get("HYPERFLOW_BACKEND"), channels_last)
+            os.environ.get("HYPERFLOW_BACKEND"), channels_last,
+            None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
 
 
 def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: Optional[torch.Tensor],
             stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
             backend: Optional[str], batch_block: int, algo: str,
-            channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A call for inputs of exactly x's geometry (validated by the caller): ``run(x) -> y``.
+            channels_last: bool, res_strides: Optional[Tuple[int, ...]] = None) -> Callable[..., torch.Tensor]:
+    """A call for inputs of exactly x's geometry (validated by the caller): ``run(x[, residual]) -> y``.
 
     Everything but the input and output pointers is fixed here (sizes, strides, the batch block and the
     tap offsets), so a layer that sees one input geometry pays for the checks and the planning once.
@@ -174,41 +188,51 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
     shape = (n, out_c, ho, wo)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def squeeze(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda t: fn(t.unsqueeze(0)).squeeze(0) if t.dim() == 3 else fn(t)
+    def squeeze(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def run(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
+            if t.dim() == 3:
+                return fn(t.unsqueeze(0), None if r is None else r.unsqueeze(0)).squeeze(0)
+            return fn(t, r)
+        return run
+
+    def torch_epilogue(y: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        if r is not None:
+            y = y.add_(r)
+        return y.relu_() if relu else y
 
     if _pick_backend(backend, weight.device, "csr_conv2d") == "torch":
-        def run_torch(t: torch.Tensor) -> torch.Tensor:
+        def run_torch(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
             with torch.no_grad():
-                y = csr_conv2d_reference(t, weight, kernel, bias, stride, padding, dilation, relu)
-                return y.contiguous(memory_format=fmt) if t.dim() == 4 else y
+                y = csr_conv2d_reference(t, weight, kernel, bias, stride, padding, dilation, False)
+                return torch_epilogue(y.contiguous(memory_format=fmt), r)
         return squeeze(run_torch)
     if n == 0 or out_c == 0:
-        return squeeze(lambda t: torch.empty(shape, dtype=dtype_, device=device, memory_format=fmt))
+        return squeeze(lambda t, r: torch.empty(shape, dtype=dtype_, device=device, memory_format=fmt))
     cuda = device.type == "cuda"
     mod = native.cuda_module() if cuda else native.cpu_module()
     itype, dtype = INDEX_CODES[weight.crow_indices.dtype], FLOAT_CODES[weight.dtype]
     if kh == kw == 1 and sh == sw == 1 and ph == pw == 0 and not cuda and algo == "packed":
         if channels_last:  # (N·H·W, C) rows: the CSR linear kernel, bias fused
-            def run_1x1(t: torch.Tensor) -> torch.Tensor:
+            def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
                 rows = t.permute(0, 2, 3, 1).reshape(-1, in_c)
-                y = csr_linear(rows, weight, bias).view(n, h, w, out_c).permute(0, 3, 1, 2)
-                return y.relu_() if relu else y
+                return torch_epilogue(csr_linear(rows, weight, bias).view(n, h, w, out_c).permute(0, 3, 1, 2), r)
             return squeeze(run_1x1)
 
-        def run_1x1(t: torch.Tensor) -> torch.Tensor:
+        def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
             y = torch.empty(shape, dtype=dtype_, device=device)
             _conv1x1(mod, t, weight, y, dtype, itype)
             if bias is not None:
                 y.add_(bias.view(1, -1, 1, 1))
-            return y.relu_() if relu else y
+            return torch_epilogue(y, r)
         return squeeze(run_1x1)
     ys = (ho * wo * out_c, 1, wo * out_c, out_c) if channels_last else (out_c * ho * wo, ho * wo, wo, 1)
+    rs = res_strides if res_strides is not None else (0, 0, 0, 0)
     args = dict(rowptr=weight.crow_indices.data_ptr(), col=weight.col_indices.data_ptr(),
                 val=weight.values.data_ptr(), x=0, bias=0 if bias is None else bias.data_ptr(), y=0, n=n, in_c=in_c,
                 h=h, w=w, out_c=out_c, ho=ho, wo=wo, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw,
                 nnz=weight.nnz, xs_n=x.stride(0), xs_c=x.stride(1), xs_h=x.stride(2), xs_w=x.stride(3), ys_n=ys[0],
-                ys_c=ys[1], ys_h=ys[2], ys_w=ys[3], batch_block=min(batch_block, n), off=0, algo=_ALGOS[algo],
+                ys_c=ys[1], ys_h=ys[2], ys_w=ys[3], res=0, rs_n=rs[0], rs_c=rs[1], rs_h=rs[2], rs_w=rs[3],
+                batch_block=min(batch_block, n), off=0, algo=_ALGOS[algo],
                 relu=relu, dtype=dtype, itype=itype, stream=stream_handle(device))
     offsets = None
     if not cuda and algo == "packed":
@@ -216,13 +240,13 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
         if offsets is not None:
             args["off"] = offsets.data_ptr()
     values = list(args.values())
-    head, b_ptr, tail = tuple(values[:3]), values[4], tuple(values[6:])
+    head, b_ptr, mid, tail = tuple(values[:3]), values[4], tuple(values[6:30]), tuple(values[31:])
     fn = mod.sparse_conv2d
     keep = (weight, bias, offsets)  # alive as long as the runner: the pointers above stay valid
 
-    def run(t: torch.Tensor) -> torch.Tensor:
+    def run(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = torch.empty(shape, dtype=dtype_, device=device, memory_format=fmt)
-        fn(*head, t.data_ptr(), b_ptr, y.data_ptr(), *tail)
+        fn(*head, t.data_ptr(), b_ptr, y.data_ptr(), *mid, 0 if r is None else r.data_ptr(), *tail)
         return y
 
     run.keep = keep  # type: ignore[attr-defined]
@@ -285,6 +309,8 @@ class SparseConv2d(_CSRBuffers):
         self.kernel_size, self.stride = _pair(op, "kernel_size", kernel_size, 1), _pair(op, "stride", stride, 1)
         self.padding, self.dilation = _pair(op, "padding", padding, 0), _pair(op, "dilation", dilation, 1)
         self.relu = relu
+        #: set by :func:`~hyperflow_ext.sparse.fuse_residuals`: forward receives the residual of a rewritten graph
+        self.residual_fused = False
         self._plans: Tuple[Optional[CSRMatrix], Dict[tuple, Callable]] = (None, {})
         self.channels_last = channels_last
         if weight.shape[1] != self.in_channels * self.kernel_size[0] * self.kernel_size[1]:
@@ -340,19 +366,20 @@ class SparseConv2d(_CSRBuffers):
         csr = CSRMatrix.from_dense(w2, index_dtype=_index_dtype(*w2.shape, w2.numel()))
         return cls(csr, in_c, (kh, kw), stride, padding, dilation, bias, relu, channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``act(conv(x) + bias [+ residual])``; ``residual`` as in :func:`csr_conv2d`."""
         csr = self.csr()
         if self._plans[0] is not csr:  # a new weight structure: the prepared calls are stale
             self._plans = (csr, {})
         if isinstance(x, torch.Tensor) and x.layout == torch.strided:
-            run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last))
+            run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last, residual))
             if run is not None:  # same geometry as a validated call: only the autograd check is per call
                 if x.requires_grad and torch.is_grad_enabled():
                     raise NotImplementedError("csr_conv2d is inference-only (no autograd): call it under "
                                               "torch.no_grad() / torch.inference_mode(), or pass x.detach()")
-                return run(x)
+                return run(x) if residual is None else run(x, residual)
         return csr_conv2d(x, csr, self.kernel_size, self.bias, self.stride, self.padding, self.dilation, self.relu,
-                          channels_last=self.channels_last, plans=self._plans[1])
+                          residual=residual, channels_last=self.channels_last, plans=self._plans[1])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -10,6 +10,10 @@
    ``F.relu`` stays in ``forward`` and is then a no-op, so fusing is always safe).
    The structure is read from a ``torch.fx`` trace; a model that does not trace falls back to
    consecutive children of ``nn.Sequential`` containers.
+   **Residual fusion**: ``relu(conv(x) + r)`` (a residual block's last convolution, its norm folded,
+   ``r`` not computed from the convolution) becomes one call ``conv(x, r)`` that adds ``r`` and applies
+   the ReLU in the kernel's epilogue; the model is then returned as a ``torch.fx.GraphModule`` (same
+   module names and state dict), and :func:`load` re-applies the same rewrite.
 3. **Sparse or dense, by measurement.** Each selected ``Conv2d`` / ``Linear`` becomes a
    :class:`~hyperflow_ext.sparse.SparseConv2d` (writing channels-last maps, on which torch's CPU pooling
    is much faster) / :class:`~hyperflow_ext.sparse.SparseLinear`. With an
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 import statistics
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -41,12 +46,13 @@ from .conv import SparseConv2d
 from .csr import CSRMatrix
 from .linear import SparseLinear
 
-__all__ = ["DenseConv2d", "fold_batchnorm", "sparsify", "format_report", "save", "load", "FORMAT"]
+__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "save", "load", "FORMAT"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "hyperflow-sparse/1"
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCS = (operator.add, torch.add)
 
 
 class DenseConv2d(nn.Conv2d):
@@ -162,6 +168,93 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+def _is_add(node: fx.Node) -> bool:
+    if node.kwargs or len(node.args) != 2:
+        return False
+    return (node.op == "call_function" and node.target in _ADD_FUNCS) or \
+        (node.op == "call_method" and node.target == "add")
+
+
+def _depends_on(node: fx.Node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def fuse_residuals(model: nn.Module, only: Optional[Iterable[str]] = None) -> Tuple[nn.Module, List[str]]:
+    """Rewrite ``relu(conv(x) + r)`` into ``conv(x, r)`` for :class:`SparseConv2d` layers (fx graph).
+
+    Args:
+        model: a model whose convolutions are already :class:`SparseConv2d` (norms folded to Identity).
+        only: the layer names to fuse (as recorded by :func:`save`); default: every site found, for
+            convolutions without a fused ReLU of their own.
+
+    Returns:
+        ``(model or a GraphModule, fused layer names)``; ``model`` itself when nothing was fused or it
+        does not trace.
+    """
+    wanted = None if only is None else set(only)
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # data-dependent control flow: no rewrite
+        return model, []
+    modules = dict(model.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    fused: List[str] = []
+    for node in list(graph.nodes):
+        name = str(node.target)
+        mod = modules.get(name) if node.op == "call_module" else None
+        if not isinstance(mod, SparseConv2d) or calls[name] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        if (wanted is None and mod.relu) or (wanted is not None and name not in wanted):
+            continue
+        chain, head = [node], node
+        while len(head.users) == 1:
+            u = next(iter(head.users))
+            if u.op == "call_module" and isinstance(modules.get(str(u.target)), nn.Identity) and len(u.args) == 1:
+                chain.append(u)
+                head = u
+            else:
+                break
+        if len(head.users) != 1:
+            continue
+        add = next(iter(head.users))
+        if not _is_add(add) or add.args[0] is add.args[1] or len(add.users) != 1:
+            continue
+        other = add.args[1] if add.args[0] is head else add.args[0]
+        relu = next(iter(add.users))
+        if not isinstance(other, fx.Node) or not _is_relu(relu, modules) or _depends_on(other, node):
+            continue
+        with graph.inserting_before(add):
+            new = graph.call_module(name, args=(node.args[0], other))
+        relu.replace_all_uses_with(new)
+        graph.erase_node(relu)
+        graph.erase_node(add)
+        for n in reversed(chain):
+            if not n.users:
+                graph.erase_node(n)
+        mod.relu = True
+        mod.residual_fused = True
+        mod.residual_chain = [str(n.target) for n in chain[1:]]  # the folded norms the rewrite removed
+        fused.append(name)
+    if not fused:
+        return model, []
+    graph.lint()
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
+    gm.train(model.training)
+    return gm, fused
+
+
 # ----------------------------------------------------------------------------------------- sparsify
 def _time_pair(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, budget_s: float) -> Tuple[float, float]:
     with torch.inference_mode():
@@ -248,6 +341,11 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                 chosen, rec["kind"] = dense_mod, "dense"
         _set_module(model, name, chosen)
         report.append(rec)
+    if fuse_relu:
+        model, fused = fuse_residuals(model)
+        for r in report:
+            r["residual"] = r["name"] in fused
+            r["relu"] = r["relu"] or r["residual"]
     model.requires_grad_(False)
     if example_input is not None:
         _pick_layout(model, example_input, report, time_budget_s)
@@ -303,13 +401,14 @@ def _select_layers(op: str, modules: Dict[str, nn.Module], layers: Optional[Iter
 
 def format_report(report: List[Dict[str, Any]]) -> str:
     """A plain-text table of a :func:`sparsify` report."""
-    head = f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'sparse ms':>10} {'dense ms':>9} {'speedup':>8}"
+    head = (f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'res':>3} {'sparse ms':>10} "
+            f"{'dense ms':>9} {'speedup':>8}")
     rows = [head]
     for r in report:
         t = (f"{r['sparse_ms']:10.3f} {r['dense_ms']:9.3f} {r['speedup']:7.2f}x" if r["sparse_ms"] is not None
              else f"{'-':>10} {'-':>9} {'-':>8}")
         rows.append(f"{r['name']:<28} {r['kind']:<6} {r['density']:8.4f} {'y' if r['bn'] else '-':>3} "
-                    f"{'y' if r['relu'] else '-':>4} {t}")
+                    f"{'y' if r['relu'] else '-':>4} {'y' if r.get('residual') else '-':>3} {t}")
     return "\n".join(rows)
 
 
@@ -322,7 +421,8 @@ def _manifest(model: nn.Module) -> Dict[str, Any]:
             layers[name] = {"kind": "sparse_conv2d", "in_channels": m.in_channels, "shape": list(m.csr().shape),
                             "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
                             "dilation": list(m.dilation), "relu": m.relu, "bias": m.bias is not None,
-                            "channels_last": m.channels_last}
+                            "channels_last": m.channels_last, "residual": m.residual_fused,
+                            "residual_chain": list(getattr(m, "residual_chain", []))}
         elif isinstance(m, SparseLinear):
             layers[name] = {"kind": "sparse_linear", "shape": [m.out_features, m.in_features],
                             "bias": m.bias is not None}
@@ -408,6 +508,17 @@ def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
         _set_module(model, name, nn.Identity())
     for name, spec in manifest["layers"].items():
         _set_module(model, name, _build(op, name, spec, tensors).to(device))
+    residual = [n for n, spec in manifest["layers"].items() if spec.get("residual")]
+    for n in residual:
+        for folded in manifest["layers"][n].get("residual_chain", []):
+            if folded not in names:
+                raise ValueError(f"{op}: the factory's model has no module {folded!r} (another architecture?)")
+            _set_module(model, folded, nn.Identity())
+    if residual:
+        model, done = fuse_residuals(model, only=residual)
+        if set(done) != set(residual):
+            raise ValueError(f"{op}: could not re-apply the residual fusion of {sorted(set(residual) - set(done))} "
+                             f"to the factory's model (another architecture?)")
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
