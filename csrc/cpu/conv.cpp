@@ -47,6 +47,35 @@ int max_threads() {
 #endif
 }
 
+// Short row copies and zero fills (a 4x4 map has rows of 4-6 elements): masked register moves, not
+// memset / memmove calls per row.
+template <typename T>
+inline void copy_row(T* __restrict d, const T* __restrict s, std::int64_t n) {
+#if defined(HF_SPARSE_AVX512)
+  using S = cpu::Simd<T>;
+  std::int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) S::store(d + i, S::load(s + i));
+  if (i < n) {
+    const typename S::M m = S::tail(n - i);
+    S::store(m, d + i, S::loadz(m, s + i));
+  }
+#else
+  std::copy(s, s + n, d);
+#endif
+}
+
+template <typename T>
+inline void zero_row(T* __restrict d, std::int64_t n) {
+#if defined(HF_SPARSE_AVX512)
+  using S = cpu::Simd<T>;
+  std::int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) S::store(d + i, S::zero());
+  if (i < n) S::store(S::tail(n - i), d + i, S::zero());
+#else
+  std::fill(d, d + n, T(0));
+#endif
+}
+
 // Geometry of the packed input of one group of nb samples.
 struct Packing {
   std::int64_t nb, groups, phases, hq, wq, plane, gsize, grid;
@@ -96,17 +125,17 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
         T* __restrict row = d + r * k.wq * k.nb;
         const std::int64_t yy = r * p.sh + py - p.ph;
         if (yy < 0 || yy >= p.h) {
-          std::fill(row, row + k.wq * k.nb, T(0));
+          zero_row(row, k.wq * k.nb);
           continue;
         }
-        std::fill(row, row + q_lo * k.nb, T(0));
-        std::fill(row + q_hi * k.nb, row + k.wq * k.nb, T(0));
+        zero_row(row, q_lo * k.nb);
+        zero_row(row + q_hi * k.nb, (k.wq - q_hi) * k.nb);
         const std::int64_t x0 = q_lo * p.sw + px - p.pw;  // first source column
         if (k.nb == 1) {
           const T* __restrict s = x + gi * p.xs_n + c * p.xs_c + yy * p.xs_h + x0 * p.xs_w;
           const std::int64_t step = p.sw * p.xs_w;
           if (step == 1) {
-            std::copy(s, s + (q_hi - q_lo), row + q_lo);
+            copy_row(row + q_lo, s, q_hi - q_lo);
           } else {
             for (std::int64_t q = q_lo; q < q_hi; ++q) row[q] = s[(q - q_lo) * step];
           }
@@ -121,7 +150,7 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
               cpu::transpose_block(s + (q0 - q_lo), p.xs_n, nvalid, std::min(W, q_hi - q0), row + q0 * k.nb, k.nb,
                                    static_cast<const T*>(nullptr));
             if (nvalid < k.nb)
-              for (std::int64_t q = q_lo; q < q_hi; ++q) std::fill(row + q * k.nb + nvalid, row + (q + 1) * k.nb, T(0));
+              for (std::int64_t q = q_lo; q < q_hi; ++q) zero_row(row + q * k.nb + nvalid, k.nb - nvalid);
             continue;
           }
 #endif
@@ -156,10 +185,10 @@ void pack_group_nhwc(const SparseConvParams& p, const Packing& k, const T* __res
     for (std::int64_t c = 0; c < p.in_c; ++c) {  // zero padding (and absent samples) first
       T* row = dst + c * chan + rl;
       if (yy < 0 || yy >= p.h || nvalid < k.nb) {
-        std::fill(row, row + rlen, T(0));
+        zero_row(row, rlen);
       } else {
-        std::fill(row, row + q_lo * k.nb, T(0));
-        std::fill(row + q_hi * k.nb, row + rlen, T(0));
+        zero_row(row, q_lo * k.nb);
+        zero_row(row + q_hi * k.nb, rlen - q_hi * k.nb);
       }
     }
     if (yy < 0 || yy >= p.h) continue;
@@ -255,7 +284,7 @@ void store_rows(const SparseConvParams& p, const Packing& k, const T* __restrict
     T* __restrict yr = yo + i * p.ys_h;
     if (k.nb == 1) {
       if (p.ys_w == 1) {
-        std::copy(t, t + p.wo, yr);
+        copy_row(yr, t, p.wo);
       } else {
         for (std::int64_t j = 0; j < p.wo; ++j) yr[j * p.ys_w] = t[j];
       }

@@ -148,14 +148,12 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
     run = _runner(x, weight, (kh, kw), bias, (sh, sw), (ph, pw), (dh, dw), relu, backend, batch_block, algo,
                   _is_channels_last(x) if channels_last is None else channels_last,
                   None if residual is None else residual.stride())
-    if plans is not None:
+    if plans is not None and not unbatched:  # runners take 4-D inputs: the module looks up 4-D ones
         if len(plans) >= 16:
             plans.clear()
-        plans[_plan_key(x if not unbatched else x.squeeze(0), bias, backend, channels_last,
-                        None if residual is None else residual.squeeze(0) if unbatched else residual)] = run
-    if residual is None:
-        return run(x.squeeze(0) if unbatched else x)
-    return run(x.squeeze(0), residual.squeeze(0)) if unbatched else run(x, residual)
+        plans[_plan_key(x, bias, backend, channels_last, residual)] = run
+    y = run(x, residual)
+    return y.squeeze(0) if unbatched else y
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -175,7 +173,7 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
             stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int], relu: bool,
             backend: Optional[str], batch_block: int, algo: str,
             channels_last: bool, res_strides: Optional[Tuple[int, ...]] = None) -> Callable[..., torch.Tensor]:
-    """A call for inputs of exactly x's geometry (validated by the caller): ``run(x[, residual]) -> y``.
+    """A call for 4-D inputs of exactly x's geometry (validated by the caller): ``run(x[, residual]) -> y``.
 
     Everything but the input and output pointers is fixed here (sizes, strides, the batch block and the
     tap offsets), so a layer that sees one input geometry pays for the checks and the planning once.
@@ -188,43 +186,36 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
     shape = (n, out_c, ho, wo)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def squeeze(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def run(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
-            if t.dim() == 3:
-                return fn(t.unsqueeze(0), None if r is None else r.unsqueeze(0)).squeeze(0)
-            return fn(t, r)
-        return run
-
     def torch_epilogue(y: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
         if r is not None:
             y = y.add_(r)
         return y.relu_() if relu else y
 
     if _pick_backend(backend, weight.device, "csr_conv2d") == "torch":
-        def run_torch(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        def run_torch(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
             with torch.no_grad():
                 y = csr_conv2d_reference(t, weight, kernel, bias, stride, padding, dilation, False)
                 return torch_epilogue(y.contiguous(memory_format=fmt), r)
-        return squeeze(run_torch)
+        return run_torch
     if n == 0 or out_c == 0:
-        return squeeze(lambda t, r: torch.empty(shape, dtype=dtype_, device=device, memory_format=fmt))
+        return lambda t, r=None: torch.empty(shape, dtype=dtype_, device=device, memory_format=fmt)
     cuda = device.type == "cuda"
     mod = native.cuda_module() if cuda else native.cpu_module()
     itype, dtype = INDEX_CODES[weight.crow_indices.dtype], FLOAT_CODES[weight.dtype]
     if kh == kw == 1 and sh == sw == 1 and ph == pw == 0 and not cuda and algo == "packed":
         if channels_last:  # (N·H·W, C) rows: the CSR linear kernel, bias fused
-            def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+            def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
                 rows = t.permute(0, 2, 3, 1).reshape(-1, in_c)
                 return torch_epilogue(csr_linear(rows, weight, bias).view(n, h, w, out_c).permute(0, 3, 1, 2), r)
-            return squeeze(run_1x1)
+            return run_1x1
 
-        def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        def run_1x1(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
             y = torch.empty(shape, dtype=dtype_, device=device)
             _conv1x1(mod, t, weight, y, dtype, itype)
             if bias is not None:
                 y.add_(bias.view(1, -1, 1, 1))
             return torch_epilogue(y, r)
-        return squeeze(run_1x1)
+        return run_1x1
     ys = (ho * wo * out_c, 1, wo * out_c, out_c) if channels_last else (out_c * ho * wo, ho * wo, wo, 1)
     rs = res_strides if res_strides is not None else (0, 0, 0, 0)
     args = dict(rowptr=weight.crow_indices.data_ptr(), col=weight.col_indices.data_ptr(),
@@ -250,7 +241,7 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
         return y
 
     run.keep = keep  # type: ignore[attr-defined]
-    return squeeze(run)
+    return run
 
 
 def _plan_offsets(mod, kw: dict, nnz: int) -> Tuple[int, Optional[torch.Tensor]]:
@@ -371,7 +362,7 @@ class SparseConv2d(_CSRBuffers):
         csr = self.csr()
         if self._plans[0] is not csr:  # a new weight structure: the prepared calls are stale
             self._plans = (csr, {})
-        if isinstance(x, torch.Tensor) and x.layout == torch.strided:
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.layout == torch.strided:
             run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last, residual))
             if run is not None:  # same geometry as a validated call: only the autograd check is per call
                 if x.requires_grad and torch.is_grad_enabled():

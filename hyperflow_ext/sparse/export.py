@@ -274,13 +274,20 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         layers: names of the ``Conv2d`` / ``Linear`` modules to make sparse (default: all of them with
             ``groups == 1`` and zero padding mode); other convolutions are still BN-folded and fused.
         fold_bn: fold eval-mode ``BatchNorm2d`` into the preceding convolution.
-        fuse_relu: fuse a following ReLU into the convolution's epilogue.
-        time_budget_s: timing budget per layer (interleaved rounds, at least 7 each).
+        fuse_relu: fuse a following ReLU (and a residual add before it, see :func:`fuse_residuals`)
+            into the convolution's epilogue.
+        time_budget_s: timing budget per layer (interleaved rounds, at least 7 each); with
+            ``example_input`` the whole model is also timed with channels-last vs NCHW maps.
         inplace: rewrite ``model`` itself instead of a deep copy.
 
     Returns:
-        ``(sparse_model, report)``: the model in eval mode with gradients off, and one dict per
-        converted layer (``name, kind, density, bn, relu, sparse_ms, dense_ms, speedup``).
+        ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
+        eval mode with gradients off, and one dict per converted layer (``name, layer, kind, density,
+        bn, relu, residual, sparse_ms, dense_ms, speedup`` and, when timed, ``channels_last``).
+
+    Example:
+        >>> sparse_model, report = sparsify(model.eval(), torch.randn(32, 3, 32, 32))
+        >>> print(format_report(report))
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -310,7 +317,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                 h.remove()
     report: List[Dict[str, Any]] = []
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or isinstance(mod, (DenseConv2d,)):
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or isinstance(mod, DenseConv2d):
             continue
         bn, relu_mod, fused = chains.get(name, (None, None, False)) if isinstance(mod, nn.Conv2d) else (None, None, False)
         if bn is not None and not fold_bn:  # the ReLU follows the norm, not the convolution
@@ -342,9 +349,9 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         _set_module(model, name, chosen)
         report.append(rec)
     if fuse_relu:
-        model, fused = fuse_residuals(model)
+        model, fused_names = fuse_residuals(model)
         for r in report:
-            r["residual"] = r["name"] in fused
+            r["residual"] = r["name"] in fused_names
             r["relu"] = r["relu"] or r["residual"]
     model.requires_grad_(False)
     if example_input is not None:

@@ -122,9 +122,11 @@ class _CSRBuffers(nn.Module):
     def _csr_key(self) -> tuple:
         # Identity + in-place version of each array: any replacement or in-place edit (to(),
         # load_state_dict, user code) changes it.
-        # Inference tensors (made under torch.inference_mode) keep no version counter: data pointer instead.
-        return tuple(x for t in (self.crow_indices, self.col_indices, self.values)
-                     for x in (id(t), t.data_ptr() if t.is_inference() else t._version))
+        c, i, v = self.crow_indices, self.col_indices, self.values
+        try:
+            return (id(c), c._version, id(i), i._version, id(v), v._version)
+        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
+            return (id(c), c.data_ptr(), id(i), i.data_ptr(), id(v), v.data_ptr())
 
     def csr(self) -> CSRMatrix:
         """The weight as a validated :class:`CSRMatrix` (cached until a buffer changes)."""
