@@ -51,6 +51,7 @@ class DemoConfig:
     finetune_lr: Optional[float] = None   # None: tuned on held-out meta-training episodes (tune_lr)
     full_finetune_lr: Optional[float] = None
     lr_tasks: int = 20                    # meta-training episodes that score the learning-rate grids
+    lr_grid: Optional[List[float]] = None  # None: hf.flow.baselines.LR_GRID
     drift_iters: int = 600
     horizons: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     horizon_tasks: int = 60          # held-out meta-training episodes that pick the horizon
@@ -67,7 +68,8 @@ class DemoConfig:
     def quick(cls, seed: int = 0) -> "DemoConfig":
         return cls(seed=seed, pretrain_epochs=1, traj_tasks=8, traj_steps=20,
                    traj_query=2, perturbations=1, drift_iters=100,
-                   horizons=[0.5, 1.0], horizon_tasks=4, lr_tasks=4, adapt_steps=20, episodes=4, domains=["Lao~contrast", "digits"],
+                   horizons=[0.5, 1.0], horizon_tasks=4, lr_tasks=4, lr_grid=[3e-3, 1e-2, 3e-2],
+                   full_finetune_lr=1e-3, adapt_steps=20, episodes=4, domains=["Lao~contrast", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
                    kernel_sparsities=[0.9, 0.98])
 
@@ -105,7 +107,7 @@ def _tuned_lrs(backbone, meta, cfg: DemoConfig, progress: bool) -> Dict[str, dic
     """Fine-tuning learning rates for bias tuning (also the recipe HyperFlow emulates) and full
     fine-tuning, each chosen on held-out meta-training episodes unless the config fixes it."""
     out: Dict[str, dict] = {}
-    for key, params, grid, fixed in (("bias", "bias", LR_GRID, cfg.finetune_lr),
+    for key, params, grid, fixed in (("bias", "bias", cfg.lr_grid or LR_GRID, cfg.finetune_lr),
                                      ("all", "all", FULL_FINETUNE_GRID, cfg.full_finetune_lr)):
         if fixed is not None:
             out[key] = {"lr": fixed, "chosen_by": "config"}

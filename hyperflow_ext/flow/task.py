@@ -15,15 +15,18 @@ __all__ = ["TaskEncoder", "ENCODER_VERSION"]
 ENCODER_VERSION = "stats+headgrad/2"  # part of the trajectory-store key: z changes when this does
 
 
-def _channel_means(output) -> torch.Tensor:
-    """Per-image channel means of a layer's output: ``(n, C, H, W)`` / ``(n, T, C)`` / ``(n, C)`` → ``(n, C)``."""
-    if isinstance(output, (tuple, list)):
+def _channel_means(output) -> Optional[torch.Tensor]:
+    """Per-image channel means of a layer's output: ``(n, C, H, W)`` / ``(n, T, C)`` / ``(n, C)`` → ``(n, C)``
+    (``None`` for an output of another kind: that layer is left out)."""
+    if isinstance(output, (tuple, list)) and output:
         output = output[0]
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.dim() not in (2, 3, 4):
+        return None
     if output.dim() == 4:
         return output.mean(dim=(2, 3))
     if output.dim() == 3:
         return output.mean(dim=1)
-    return output.reshape(output.shape[0], -1)
+    return output
 
 
 class TaskEncoder(nn.Module):
@@ -119,7 +122,9 @@ class TaskEncoder(nn.Module):
 
         def keep(name: str):
             def hook(_module, _args, output):
-                stats[name] = _channel_means(output)
+                means = _channel_means(output)
+                if means is not None:
+                    stats[name] = means
             return hook
 
         # A private view: a user's module in training mode keeps its statistics, and the hooks
