@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="fine-tuning learning rate (Adam); default: chosen on held-out meta-training "
                                 "episodes from a grid (hf.flow.baselines.tune_lr)")
             p.add_argument("--iters", type=int, default=600, help="drift-network training iterations")
-            p.add_argument("--objective", default="query", choices=["query", "support"],
+            p.add_argument("--objective", default="support", choices=["query", "support"],
                            help="loss the recorded fine-tuning follows")
             p.add_argument("--horizon-tasks", type=int, default=60,
                            help="held-out episodes that choose the integration horizon (0: keep 1.0)")

@@ -412,8 +412,9 @@ def test_separate_task_encoder_is_used_for_z_and_backbone_for_finetuning():
     encoder = Conv4(hidden=16, groups=2).eval()
     flow = HyperFlow(backbone, params="bias", hidden=16, encoder=encoder)
     assert flow.backbone is backbone and flow.encoder.encoder is encoder
-    assert flow.encoder.dim == 5 * 16 + 1
     ts = flow.record(_episodes(2), tasks=2, trajectory_steps=2, perturbations=0, progress=False)
+    assert flow.encoder.layers and flow.encoder.layer_dims == [16] * len(flow.encoder.layers)  # the encoder's
+    assert flow.encoder.dim == 5 * 16 + 1 + 2 * 16 * len(flow.encoder.layers)                  # own widths
     assert ts.deltas.shape[-1] == ParamSubset(backbone, "bias").numel and ts.z.shape == (2, flow.encoder.dim)
 
 

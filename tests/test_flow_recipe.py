@@ -51,7 +51,8 @@ def fitted():
 
 def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     backbone, eps, flow = fitted
-    assert flow.encoder.feature_dim == 24 and flow.net.task_dim == 5 * 24 + 1
+    assert flow.encoder.feature_dim == 24 and flow.task_stats == "layers"
+    assert flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
     assert flow.trajectory_config.lr == flow.recipe["lr"]
     sx, sy, qx, qy = eps[0]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -165,7 +166,7 @@ def test_layer_statistics_match_a_hand_computed_reference_and_leave_no_hook(fitt
     assert flow.encoder.layer_dims == [8, 8, 16, 16, 24]
     z = flow.encoder(sx, sy)
     assert z.shape == (1, flow.net.task_dim) and flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
-    final = HyperFlow(backbone, params="bias", hidden=32)
+    final = HyperFlow(backbone, params="bias", hidden=32, task_stats="final")
     final._prepare(sx)
     torch.testing.assert_close(z[:, :final.net.task_dim], final.encoder(sx, sy))
     # reference: run the layers one by one and take channel means by hand

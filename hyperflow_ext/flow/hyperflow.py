@@ -83,10 +83,12 @@ class HyperFlow:
         hidden: drift-network width ``H``.
         encoder: frozen task encoder network; default: ``backbone`` itself at its pretrained values.
         seed: seeds the drift network's initialisation and training.
-        task_stats: what the task embedding ``z`` summarises: ``"final"`` (statistics of the
-            final features and of the head's loss gradient) or ``"layers"`` (also, for every
+        task_stats: what the task embedding ``z`` summarises: ``"layers"`` (the default:
+            statistics of the final features and of the head's loss gradient and, for every
             layer that owns an adapted parameter, its channel means over the support set and
-            their spread across classes, collected by hooks in the encoder's one forward).
+            their spread across classes, collected by hooks in the encoder's one forward) or
+            ``"final"`` (the final-feature statistics only). On ``fewshot_benchmark`` the layer
+            statistics doubled the share of bias tuning's gain recovered (32 % against 16 %).
 
     Example:
         >>> flow = HyperFlow(backbone, params="bias")
@@ -96,7 +98,7 @@ class HyperFlow:
 
     def __init__(self, backbone: nn.Module, params: ParamSpec = "bias", metric: str = "cosine",
                  scale: float = 10.0, hidden: int = 256, encoder: Optional[nn.Module] = None,
-                 seed: int = 0, task_stats: str = "final") -> None:
+                 seed: int = 0, task_stats: str = "layers") -> None:
         if task_stats not in TASK_STATS:
             raise ValueError(f"HyperFlow: task_stats must be one of {TASK_STATS}, got {task_stats!r}")
         self.backbone = backbone  # referenced, never modified or copied
@@ -135,6 +137,28 @@ class HyperFlow:
                 raise ValueError(f"HyperFlow: the backbone declares feature_dim={declared} but outputs {dim} features")
         if self.net is None:
             self._build_net()
+
+    def probe(self, support_x: torch.Tensor) -> None:
+        """Size the task embedding from one forward of a support image (``fit`` with episodes does
+        this itself; call it before ``fit(trajectories=...)`` on trajectories of unknown origin)."""
+        self._prepare(support_x)
+
+    def _adopt_layout(self, ts: TrajectorySet) -> None:
+        """Size an unprobed encoder from the encoder that recorded ``ts``, when they agree."""
+        layout, z_dim = ts.layout, ts.z.shape[-1]
+        declared = self.encoder.feature_dim
+        if layout is not None and set(layout["layers"]) <= set(self.encoder.layers) \
+                and declared in (None, layout["feature_dim"]):
+            self.encoder.feature_dim = layout["feature_dim"]
+            self.encoder.layers, self.encoder.layer_dims = list(layout["layers"]), list(layout["layer_dims"])
+        elif declared is not None and z_dim == 5 * declared + 1:  # final-feature statistics only
+            self.encoder.layers, self.encoder.layer_dims = [], []
+            self.task_stats = "final"
+        elif declared is None and not self.encoder.layers and (z_dim - 1) % 5 == 0:
+            self.encoder.feature_dim, self.encoder.layer_dims = (z_dim - 1) // 5, []
+        else:
+            raise ValueError(f"HyperFlow.fit: cannot tell how these trajectories' task embeddings (size {z_dim}) "
+                             f"were made; call flow.probe(support_x) first or pass episodes")
 
     # -- meta-training -------------------------------------------------------------------
     def record(self, episodes: Iterable, tasks: Optional[int] = None, trajectory_steps: int = 50,
@@ -220,10 +244,7 @@ class HyperFlow:
                                "on; using the default lr %g (pass lr= to choose it)", TrajectoryConfig.lr)
             trajectories = self.record(eps, len(eps), trajectory_steps, store, progress, **trajectory_config)
         elif self.net is None:
-            if self.encoder.layers:
-                raise ValueError("HyperFlow.fit: with task_stats='layers' and a backbone without feature_dim, pass "
-                                 "episodes (one support image sizes the task embedding)")
-            self.encoder.feature_dim = (trajectories.z.shape[-1] - 1) // 5
+            self._adopt_layout(trajectories)
             self._build_net()
         if trajectories.deltas.shape[-1] != self.subset.numel:
             raise ValueError(f"HyperFlow.fit: trajectories have {trajectories.deltas.shape[-1]} parameters, "

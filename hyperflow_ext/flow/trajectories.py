@@ -81,6 +81,7 @@ class TrajectorySet:
     deltas: torch.Tensor
     z: torch.Tensor
     losses: Optional[torch.Tensor] = None  # (episodes, 2): fine-tuning loss (mean over runs) at its first and last step
+    layout: Optional[dict] = None          # the encoder's sizes behind z: feature_dim, layers, layer_dims
 
     @property
     def episodes(self) -> int:
@@ -95,13 +96,16 @@ class TrajectorySet:
         if not 0 < n_val < self.episodes:
             raise ValueError(f"TrajectorySet.split: need 0 < n_val < {self.episodes}, got {n_val}")
         losses = self.losses
-        return (TrajectorySet(self.deltas[:-n_val], self.z[:-n_val], None if losses is None else losses[:-n_val]),
-                TrajectorySet(self.deltas[-n_val:], self.z[-n_val:], None if losses is None else losses[-n_val:]))
+        return (TrajectorySet(self.deltas[:-n_val], self.z[:-n_val], None if losses is None else losses[:-n_val],
+                              self.layout),
+                TrajectorySet(self.deltas[-n_val:], self.z[-n_val:], None if losses is None else losses[-n_val:],
+                              self.layout))
 
     @staticmethod
     def cat(parts: List["TrajectorySet"]) -> "TrajectorySet":
         losses = None if any(p.losses is None for p in parts) else torch.cat([p.losses for p in parts])
-        return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]), losses)
+        return TrajectorySet(torch.cat([p.deltas for p in parts]), torch.cat([p.z for p in parts]), losses,
+                             parts[0].layout)
 
     def loss_drop(self) -> Optional[float]:
         """Median relative drop of the fine-tuning loss over the episodes (``None`` if not recorded)."""
@@ -189,6 +193,8 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     if not done:
         raise ValueError("record_trajectories: the episode iterable is empty")
     result = TrajectorySet.cat(done)
+    result.layout = {"feature_dim": encoder.feature_dim, "layers": list(encoder.layers),
+                     "layer_dims": list(encoder.layer_dims or [])}
     if result.episodes < tasks:
         raise ValueError(f"record_trajectories: the episode iterable ran out after {result.episodes} of {tasks} tasks")
     return result
