@@ -9,8 +9,6 @@ Cyrillic ``А`` appear once, as Latin. The first call renders (tens of seconds) 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import zlib
@@ -22,9 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import cache_dir as _cache_dir
-from .._io import load_tensors, save_tensors
 from ._checks import check_int
+from ._store import domain_cache_file, load_domains, save_domains, to_float
 from .dataset import ImageDataset
 from .fonts import FontFile, usable_fonts
 from .render import GlyphRenderer
@@ -81,10 +78,10 @@ def render_glyphs(image_size: int = 28, augmentations: int = 2, seed: int = 0,
     min_instances = check_int(fn, "min_instances", min_instances, minimum=1)
     fonts = usable_fonts()
     settings = _settings(fonts, image_size, augmentations, seed, min_instances)
-    path = _cache_file(cache_dir, settings)
+    path = domain_cache_file(cache_dir, "glyphs", settings)
     if path.is_file():
         try:
-            return _load(path, settings)
+            return load_domains(path, settings)
         except (ValueError, KeyError) as exc:
             logger.warning("render_glyphs: ignoring unreadable cache %s (%s); re-rendering", path, exc)
     builder = _GlyphSetBuilder(fonts, image_size, augmentations, seed, min_instances)
@@ -92,7 +89,7 @@ def render_glyphs(image_size: int = 28, augmentations: int = 2, seed: int = 0,
     if not domains:
         raise ValueError(f"{fn}: no script has {MIN_CLASSES_PER_SCRIPT} letters with "
                          f"{min_instances} instances each; lower min_instances or raise augmentations")
-    _save(path, settings, domains)
+    save_domains(path, settings, domains)
     logger.info("render_glyphs: cached %d scripts in %s", len(domains), path)
     return domains
 
@@ -124,7 +121,7 @@ def glyph_cache_path(image_size: int = 28, augmentations: int = 2, seed: int = 0
                      cache_dir: Optional[os.PathLike] = None, min_instances: int = 10) -> Path:
     """Return the cache file :func:`render_glyphs` uses for these settings (it may not exist yet)."""
     settings = _settings(usable_fonts(), image_size, augmentations, seed, min_instances)
-    return _cache_file(cache_dir, settings)
+    return domain_cache_file(cache_dir, "glyphs", settings)
 
 
 class _GlyphSetBuilder:
@@ -183,7 +180,7 @@ class _GlyphSetBuilder:
         meta = {"source": "glyphs", "fonts": fonts, "codepoints": [f"U+{cp:04X}" for cp in kept],
                 "image_size": self.renderer.image_size, "augmentations": self.augmentations,
                 "seed": self.seed}
-        return ImageDataset(_to_float(torch.from_numpy(images)), torch.from_numpy(labels).long(),
+        return ImageDataset(to_float(torch.from_numpy(images)), torch.from_numpy(labels).long(),
                             [chr(cp) for cp in kept], script, meta)
 
 
@@ -219,9 +216,6 @@ def _distinct_letters(fonts: Tuple[FontFile, ...]) -> Dict[str, Tuple[int, ...]]
     return letters
 
 
-def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """``(n, H, W)`` uint8 → ``(n, 1, H, W)`` float32 in ``[0, 1]``."""
-    return images_u8.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
 def _settings(fonts: Sequence[FontFile], image_size: int, augmentations: int, seed: int,
@@ -239,29 +233,6 @@ def _settings(fonts: Sequence[FontFile], image_size: int, augmentations: int, se
     }
 
 
-def _cache_file(cache_dir: Optional[os.PathLike], settings: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return _cache_dir(cache_dir) / f"glyphs-{digest}.safetensors"
 
 
-def _save(path: Path, settings: Mapping[str, Any], domains: Mapping[str, ImageDataset]) -> None:
-    tensors = {}
-    for name, ds in domains.items():
-        tensors[f"{name}/images"] = (ds.images.squeeze(1) * 255.0).round().to(torch.uint8)
-        tensors[f"{name}/labels"] = ds.labels
-    meta = {"settings": settings, "order": list(domains),
-            "domains": {n: {"class_names": ds.class_names, "meta": ds.meta} for n, ds in domains.items()}}
-    save_tensors(path, tensors, meta)
 
-
-def _load(path: Path, settings: Mapping[str, Any]) -> Dict[str, ImageDataset]:
-    tensors, meta = load_tensors(path)
-    if meta.get("settings") != json.loads(json.dumps(settings)):
-        raise ValueError("settings stored in the file differ from the requested ones")
-    domains = {}
-    for name in meta["order"]:
-        info = meta["domains"][name]
-        domains[name] = ImageDataset(_to_float(tensors[f"{name}/images"]), tensors[f"{name}/labels"],
-                                     info["class_names"], name, info["meta"])
-    logger.debug("render_glyphs: loaded %d scripts from %s", len(domains), path)
-    return domains

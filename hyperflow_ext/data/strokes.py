@@ -16,22 +16,19 @@ The first call draws every family (a few seconds) and writes
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
 import zlib
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import cache_dir as _cache_dir
-from .._io import load_tensors, save_tensors
 from ._checks import check_int
+from ._store import domain_cache_file, load_domains, save_domains, to_float
 from .dataset import ImageDataset
 
 __all__ = ["StrokeFamily", "STROKE_FAMILIES", "STROKE_PREFIX", "StrokeJitter", "stroke_domains",
@@ -192,16 +189,16 @@ def stroke_domains(families: Optional[Sequence[str]] = None, image_size: int = 2
     seed = check_int(fn, "seed", seed, minimum=0)
     wanted = _resolve_families(fn, families)
     settings = _settings(image_size, instances, seed)
-    path = _cache_file(cache_dir, settings)
+    path = domain_cache_file(cache_dir, "strokes", settings)
     domains: Optional[Dict[str, ImageDataset]] = None
     if path.is_file():
         try:
-            domains = _load(path, settings)
+            domains = load_domains(path, settings)
         except (ValueError, KeyError) as exc:
             logger.warning("%s: ignoring unreadable cache %s (%s); redrawing", fn, path, exc)
     if domains is None:
         domains = _build(image_size, instances, seed, progress)
-        save_tensors(path, *_pack(settings, domains))
+        save_domains(path, settings, domains)
         logger.info("%s: cached %d stroke families in %s", fn, len(domains), path)
     return {STROKE_PREFIX + f.name: domains[STROKE_PREFIX + f.name] for f in wanted}
 
@@ -209,7 +206,7 @@ def stroke_domains(families: Optional[Sequence[str]] = None, image_size: int = 2
 def stroke_cache_path(image_size: int = 28, instances: int = 20, seed: int = 0,
                       cache_dir: Optional[os.PathLike] = None) -> Path:
     """Return the cache file :func:`stroke_domains` uses for these settings (it may not exist yet)."""
-    return _cache_file(cache_dir, _settings(image_size, instances, seed))
+    return domain_cache_file(cache_dir, "strokes", _settings(image_size, instances, seed))
 
 
 def _resolve_families(fn: str, families: Optional[Sequence[str]]) -> List[StrokeFamily]:
@@ -294,14 +291,11 @@ def _build(image_size: int, instances: int, seed: int, progress: bool) -> Dict[s
             meta = {"source": "hershey", "family": family.name, "faces": list(family.faces),
                     "image_size": image_size, "instances": instances, "seed": seed}
             name = STROKE_PREFIX + family.name
-            domains[name] = ImageDataset(_to_float(torch.from_numpy(images)), labels,
+            domains[name] = ImageDataset(to_float(torch.from_numpy(images)), labels,
                                          [n for n, _ in classes], name, meta)
     return domains
 
 
-def _to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """``(n, H, W)`` uint8 → ``(n, 1, H, W)`` float32 in ``[0, 1]``."""
-    return images_u8.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
 def _settings(image_size: int, instances: int, seed: int) -> Dict[str, Any]:
@@ -319,29 +313,6 @@ def _settings(image_size: int, instances: int, seed: int) -> Dict[str, Any]:
             "hershey_fonts": hershey, "pillow": pillow_version}
 
 
-def _cache_file(cache_dir: Optional[os.PathLike], settings: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    return _cache_dir(cache_dir) / f"strokes-{digest}.safetensors"
 
 
-def _pack(settings: Mapping[str, Any], domains: Mapping[str, ImageDataset]
-          ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    tensors = {}
-    for name, ds in domains.items():
-        tensors[f"{name}/images"] = (ds.images.squeeze(1) * 255.0).round().to(torch.uint8)
-        tensors[f"{name}/labels"] = ds.labels
-    meta = {"settings": settings, "order": list(domains),
-            "domains": {n: {"class_names": ds.class_names, "meta": ds.meta} for n, ds in domains.items()}}
-    return tensors, meta
 
-
-def _load(path: Path, settings: Mapping[str, Any]) -> Dict[str, ImageDataset]:
-    tensors, meta = load_tensors(path)
-    if meta.get("settings") != json.loads(json.dumps(settings)):
-        raise ValueError("settings stored in the file differ from the requested ones")
-    domains = {}
-    for name in meta["order"]:
-        info = meta["domains"][name]
-        domains[name] = ImageDataset(_to_float(tensors[f"{name}/images"]), tensors[f"{name}/labels"],
-                                     info["class_names"], name, info["meta"])
-    return domains
