@@ -99,3 +99,41 @@ def check_csr(op: str, rowptr: torch.Tensor, col: torch.Tensor, val: torch.Tenso
                          f"[{int(col.min())}, {int(col.max())}]")
     if rowptr.dtype == torch.int32 and nnz >= 2**31:
         raise ValueError(f"{op}: nnz={nnz} does not fit int32 indices")
+
+
+def memory_span(t: torch.Tensor) -> Tuple[int, int]:
+    """``[start, end)`` byte addresses that ``t``'s elements can touch (empty span for no elements)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def check_no_overlap(op: str, name: str, out: torch.Tensor, allow_same: Iterable[str] = (),
+                     **inputs: Optional[torch.Tensor]) -> None:
+    """Raise when the output ``out`` shares memory with any input (a kernel writing ``out`` would
+    then read values it already overwrote).
+
+    Bounds-based (as ``numpy.may_share_memory``): two views whose address ranges interleave without
+    sharing an element are also refused. ``allow_same`` names inputs that ``out`` may be exactly
+    (same address, shape and strides), for element-wise ops. ``None`` inputs are skipped.
+
+    Raises:
+        ValueError: naming ``name`` and the input it overlaps.
+    """
+    o0, o1 = memory_span(out)
+    if o0 == o1:
+        return
+    allow = set(allow_same)
+    for other, t in inputs.items():
+        if t is None:
+            continue
+        t0, t1 = memory_span(t)
+        if t0 < o1 and o0 < t1:
+            if other in allow and t0 == o0 and t.shape == out.shape and t.stride() == out.stride() \
+                    and t.dtype == out.dtype:
+                continue
+            same = " (it is the same tensor)" if t is out else ""
+            raise ValueError(f"{op}: {name} overlaps the memory of {other}{same}; pass an output that shares "
+                             f"no memory with the inputs")

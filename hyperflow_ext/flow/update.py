@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import native
-from .._checks import FLOAT_CODES, check_tensor, same_dtype, stream_handle
+from .._checks import FLOAT_CODES, check_no_overlap, check_tensor, same_dtype, stream_handle
 
 __all__ = ["euler_update", "euler_update_reference"]
 
@@ -24,7 +24,8 @@ def euler_update(theta: torch.Tensor, drift: torch.Tensor, dt: float,
         theta: parameters, any shape, float32/float64, contiguous.
         drift: same shape, dtype and device as ``theta``.
         dt: step size (a finite float).
-        out: optional output; may be ``theta`` itself for an in-place step.
+        out: optional output; may be ``theta`` (or ``drift``) itself for an in-place step, but must not
+            overlap either otherwise (ValueError).
         backend: ``"auto" | "triton" | "native" | "torch"``.
 
     Returns:
@@ -42,6 +43,7 @@ def euler_update(theta: torch.Tensor, drift: torch.Tensor, dt: float,
     else:
         check_tensor(op, "out", out, dtypes=(theta.dtype,), shape=tuple(theta.shape), device=theta.device,
                      contiguous=True)
+        check_no_overlap(op, "out", out, allow_same=("theta", "drift"), theta=theta, drift=drift)
     chosen = native.resolve_backend(backend, theta.device, op)
     with torch.inference_mode():
         if chosen == "torch":

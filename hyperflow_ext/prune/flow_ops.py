@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import native
-from .._checks import FLOAT_CODES, check_tensor, stream_handle
+from .._checks import FLOAT_CODES, check_tensor, memory_span, stream_handle
 
 __all__ = ["flow_step", "flow_step_reference"]
 
@@ -58,10 +58,8 @@ def flow_step_reference(weight: torch.Tensor, grad_eff: torch.Tensor, scores: to
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    (a0, a1), (b0, b1) = memory_span(a), memory_span(b)  # strided spans: weight/grad_eff may be views
+    return a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1
 
 
 def _check_scalars(op: str, step, pressure, lr, betas, eps, flow_decay, ste_scale) -> Tuple[int, float, float, float,

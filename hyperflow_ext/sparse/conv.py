@@ -107,6 +107,8 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
     op = "csr_conv2d"
     if not isinstance(weight, CSRMatrix):
         raise TypeError(f"{op}: weight must be a CSRMatrix, got {type(weight).__name__}")
+    if weight.validate(op) and plans:  # edited since its last check: prepared calls hold stale tap offsets
+        plans.clear()
     kh, kw = _pair(op, "kernel_size", kernel_size, 1)
     (sh, sw), (ph, pw), (dh, dw) = _pair(op, "stride", stride, 1), _pair(op, "padding", padding, 0), \
         _pair(op, "dilation", dilation, 1)
@@ -163,9 +165,9 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 def _plan_key(x: torch.Tensor, bias: Optional[torch.Tensor], backend: Optional[str],
               channels_last: Optional[bool], residual: Optional[torch.Tensor] = None) -> tuple:
     """What a prepared call depends on besides the layer: the input's (and residual's) geometry, the
-    output format and the back-end."""
-    return (x.shape, x.stride(), x.dtype, x.device, 0 if bias is None else bias.data_ptr(), backend,
-            os.environ.get("HYPERFLOW_BACKEND"), channels_last,
+    bias's address and length (a ``resize_`` or a replaced bias misses), the output format and the back-end."""
+    return (x.shape, x.stride(), x.dtype, x.device, None if bias is None else (bias.data_ptr(), bias.shape),
+            backend, os.environ.get("HYPERFLOW_BACKEND"), channels_last,
             None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
 
 
@@ -360,7 +362,9 @@ class SparseConv2d(_CSRBuffers):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``act(conv(x) + bias [+ residual])``; ``residual`` as in :func:`csr_conv2d`."""
         csr = self.csr()
-        if self._plans[0] is not csr:  # a new weight structure: the prepared calls are stale
+        # A new or re-checked weight (an in-place edit, a replaced array): the prepared calls hold its
+        # old pointers and tap offsets.
+        if csr.validate("SparseConv2d") or self._plans[0] is not csr:
             self._plans = (csr, {})
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.layout == torch.strided:
             run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last, residual))

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import torch
 
 from .. import native
-from .._checks import FLOAT_CODES, INDEX_CODES, check_csr, check_tensor, row_major, stream_handle
+from .._checks import (FLOAT_CODES, INDEX_CODES, check_csr, check_no_overlap, check_tensor, row_major,
+                      stream_handle)
 
 __all__ = ["CSRMatrix", "csr_spmm", "csr_spmm_reference"]
 
@@ -16,7 +17,12 @@ class CSRMatrix:
     """A validated compressed-sparse-row matrix.
 
     Structure (monotone row pointers, in-range column indices) is checked once here, so the
-    per-call checks of :func:`csr_spmm` are O(1).
+    per-call checks of :func:`csr_spmm` are O(1). The arrays stay mutable: every native entry
+    point calls :meth:`validate`, which notices an in-place edit or a replaced array through
+    torch's per-tensor version counter and re-runs the checks before a pointer reaches native
+    code. Editing ``values`` in place is legal (the next product uses the new values). Index
+    arrays made under ``torch.inference_mode`` keep no version counter, so the matrix keeps
+    normal copies of those (``values`` is always shared).
 
     Args:
         crow_indices: ``(rows + 1,)`` int32/int64 row pointers.
@@ -31,8 +37,59 @@ class CSRMatrix:
         if rows < 0 or cols < 0:
             raise ValueError(f"CSRMatrix: shape must be non-negative, got {shape}")
         check_csr("CSRMatrix", crow_indices, col_indices, values, (rows, cols))
+        if crow_indices.is_inference() or col_indices.is_inference():
+            # Inference tensors keep no version counter, so later edits could not be noticed: own
+            # normal copies of the index arrays (values may stay shared; their content is never unsafe).
+            with torch.inference_mode(False):
+                crow_indices, col_indices = crow_indices.clone(), col_indices.clone()
         self.crow_indices, self.col_indices, self.values = crow_indices, col_indices, values
         self.shape = (rows, cols)
+        self._record()
+
+    def _fingerprint(self) -> Optional[tuple]:
+        """What the index checks depend on (None: an index array cannot be tracked).
+
+        Index arrays: identity and in-place version (every write, ``resize_`` and ``set_`` bumps it)
+        plus the address (``.data =`` does not bump it). ``values``: identity, address, shape and
+        strides only, since editing its numbers is legal. The arrays seen at the last check are
+        kept alive, so an ``id`` is never reused for a replacement.
+        """
+        c, i, v = self.crow_indices, self.col_indices, self.values
+        try:
+            return (id(c), c._version, c.data_ptr(), id(i), i._version, i.data_ptr(),
+                    id(v), v.data_ptr(), v.shape, v.stride())
+        except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor assigned later
+            return None
+
+    def _record(self) -> None:
+        self._checked = (self.crow_indices, self.col_indices, self.values)  # keeps the fingerprinted ids alive
+        self._fp = self._fingerprint()
+
+    def validate(self, op: str = "CSRMatrix") -> bool:
+        """Re-check the arrays if any was edited in place or replaced since the last check.
+
+        O(1) when nothing changed (about 1 µs); a replaced or resized ``values`` re-checks its
+        shape, dtype and layout (O(1)); a change of an index array re-runs the O(nnz) index checks.
+
+        Returns:
+            True when checks ran (the structure may differ from the last call), False otherwise.
+
+        Raises:
+            TypeError / ValueError: as the constructor, naming ``op``.
+        """
+        fp = self._fingerprint()
+        if fp is not None and fp == self._fp:
+            return False
+        if fp is not None and self._fp is not None and fp[:6] == self._fp[:6]:  # index arrays untouched
+            check_tensor(op, "values", self.values, dtypes=FLOAT_CODES, shape=(self.col_indices.shape[0],),
+                         device=self.crow_indices.device, contiguous=True)
+        else:
+            try:
+                check_csr(op, self.crow_indices, self.col_indices, self.values, self.shape)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{e} (the CSRMatrix was modified after construction)") from None
+        self._record()
+        return True
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, index_dtype: torch.dtype = torch.int64) -> "CSRMatrix":
@@ -67,8 +124,9 @@ class CSRMatrix:
 
     def to_torch(self) -> torch.Tensor:
         """The same matrix as a ``torch.sparse_csr_tensor`` (shares memory)."""
+        self.validate("CSRMatrix.to_torch")
         return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape,
-                                       check_invariants=False)  # validated in __init__
+                                       check_invariants=False)  # validated just above
 
     def to(self, device: torch.device | str) -> "CSRMatrix":
         return CSRMatrix(self.crow_indices.to(device), self.col_indices.to(device), self.values.to(device), self.shape)
@@ -90,18 +148,20 @@ def csr_spmm(a: CSRMatrix, b: torch.Tensor, out: Optional[torch.Tensor] = None,
     Args:
         a: the sparse matrix, shape ``(rows, k)``.
         b: dense ``(k, n)``, same dtype and device as ``a``.
-        out: optional ``(rows, n)`` output with unit column stride.
+        out: optional ``(rows, n)`` output with unit column stride; must not overlap ``b`` or ``a``.
         backend: ``"auto"``, ``"native"`` or ``"torch"`` (see :func:`hyperflow_ext.native.resolve_backend`).
 
     Returns:
         ``(rows, n)`` dense tensor.
 
     Raises:
-        TypeError / ValueError: wrong kinds, dtypes, shapes or devices.
+        TypeError / ValueError: wrong kinds, dtypes, shapes or devices, ``out`` overlapping an
+            input, or ``a`` edited in place into an invalid matrix.
     """
     op = "csr_spmm"
     if not isinstance(a, CSRMatrix):
         raise TypeError(f"{op}: a must be a CSRMatrix, got {type(a).__name__}")
+    a.validate(op)
     rows, k = a.shape
     check_tensor(op, "b", b, dtypes=(a.dtype,), ndim=2, device=a.device)
     if b.shape[0] != k:
@@ -113,6 +173,8 @@ def csr_spmm(a: CSRMatrix, b: torch.Tensor, out: Optional[torch.Tensor] = None,
         check_tensor(op, "out", out, dtypes=(a.dtype,), shape=(rows, n), device=a.device)
         if (n > 1 and out.stride(1) != 1) or (rows > 1 and out.stride(0) < n):
             raise ValueError(f"{op}: out must have unit column stride and row stride >= {n}, got strides {out.stride()}")
+        check_no_overlap(op, "out", out, b=b, crow_indices=a.crow_indices, col_indices=a.col_indices,
+                         values=a.values)
     chosen = native.resolve_backend(backend, a.device, op, triton_ok=False)
     if chosen == "torch":
         return out.copy_(csr_spmm_reference(a, b))

@@ -52,7 +52,8 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
 
     Args:
         x: ``(*, in_features)``, same dtype and device as ``weight``; any strides.
-        weight: :class:`CSRMatrix` ``(out_features, in_features)`` (validated at construction).
+        weight: :class:`CSRMatrix` ``(out_features, in_features)`` (validated at construction, and
+            again after an in-place edit).
         bias: optional ``(out_features,)``.
         backend: ``"auto" | "native" | "torch"``.
 
@@ -71,6 +72,7 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
     op = "csr_linear"
     if not isinstance(weight, CSRMatrix):
         raise TypeError(f"{op}: weight must be a CSRMatrix, got {type(weight).__name__}")
+    weight.validate(op)  # O(1) unless the matrix was edited since its last check
     out_f, in_f = weight.shape
     values = weight.values
     device = values.device
@@ -133,6 +135,10 @@ class _CSRBuffers(nn.Module):
         key = self._csr_key()
         if self._csr_cache is None or self._csr_cache[0] != key:
             csr = CSRMatrix(self.crow_indices, self.col_indices, self.values, self._csr_shape)
+            for name in ("crow_indices", "col_indices"):  # inference-mode buffers: adopt the tracked copies
+                if getattr(csr, name) is not self._buffers[name]:
+                    self._buffers[name] = getattr(csr, name)
+            key = self._csr_key()
             self._csr_cache = (key, csr)
         return self._csr_cache[1]
 
