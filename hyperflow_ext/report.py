@@ -88,7 +88,10 @@ def _plot_sparsity(data: Dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     rows = data["pruning"]["rows"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("hyperflows", "Hyperflows"), ("magnitude", "global magnitude (L1)")):
+    for key, label in (("hyperflows", "Hyperflows"), ("magnitude", "global magnitude (L1)"),
+                       ("gradual", "gradual magnitude (cubic)")):
+        if not rows or key not in rows[0]:
+            continue
         ax.plot([100 * r[key]["sparsity"] for r in rows], [100 * r[key]["acc"] for r in rows], "o-", label=label)
     ax.axhline(100 * data["pruning"]["dense_acc"], color="gray", linestyle=":", label="dense")
     ax.set_xlabel("sparsity (%)")
@@ -135,8 +138,12 @@ def write_report(out: Path, data: Dict[str, Any]) -> Path:
     pr = data["pruning"]
     prune_rows = [[f"{100 * r['target']:.0f}%", f"{100 * r['hyperflows']['sparsity']:.2f}",
                    f"{100 * r['hyperflows']['acc']:.2f}", f"{100 * r['magnitude']['acc']:.2f}",
-                   f"{100 * r['gap']:+.2f}", f"{100 * r['hyperflows']['agreement']:.2f}"] for r in pr["rows"]]
-    prune = _md_table(["target", "achieved sparsity (%)", "Hyperflows acc (%)", "magnitude acc (%)", "gap (pts)",
+                   f"{100 * r['gradual']['acc']:.2f}" if "gradual" in r else "-",
+                   f"{100 * r['gap']:+.2f}",
+                   f"{100 * r['gap_gradual']:+.2f}" if "gap_gradual" in r else "-",
+                   f"{100 * r['hyperflows']['agreement']:.2f}"] for r in pr["rows"]]
+    prune = _md_table(["target", "achieved sparsity (%)", "Hyperflows acc (%)", "one-shot magnitude acc (%)",
+                       "gradual magnitude acc (%)", "gap vs one-shot (pts)", "gap vs gradual (pts)",
                        "export argmax agreement (%)"], prune_rows)
     law = data["power_law"]
     kern = _md_table(["sparsity", "native CSR (ms)", "dense (ms)", "torch.sparse (ms)", "vs dense", "vs torch.sparse"],
@@ -187,6 +194,10 @@ Per target domain:
 ![loss vs step](loss_vs_step.png)
 
 ## Pruning by flow ({pr['config'].get('task', '')}, dense accuracy {100 * pr['dense_acc']:.2f}%)
+
+Every method starts from the same dense model and gets {pr['config'].get('epochs', 0) + pr['config'].get('regrowth_epochs', 0)}
+further epochs; one-shot and gradual (Zhu & Gupta cubic schedule) global magnitude pruning go to the sparsity
+Hyperflows reached.
 
 {prune}
 

@@ -51,3 +51,19 @@ def test_gradual_pruning_rejects_bad_arguments():
         gradual_magnitude_prune(nn.ReLU(), 0.5, loader, 1)
     with pytest.raises(TypeError):
         gradual_magnitude_prune("model", 0.5, loader, 1)
+
+
+def test_pruning_experiment_reports_gradual_magnitude_beside_the_other_methods():
+    from hyperflow_ext.prune import run_pruning_experiment
+
+    out = run_pruning_experiment(sparsities=(0.9,), quick=True, progress=False, speed_at=None)
+    (row,) = out["rows"]
+    assert set(row) >= {"hyperflows", "magnitude", "gradual", "gap", "gap_gradual"}
+    assert row["gradual"]["sparsity"] == pytest.approx(0.9, abs=5e-3)
+    assert row["gradual"]["sparsity"] == pytest.approx(row["hyperflows"]["sparsity"], abs=1e-3)
+    assert 0.0 <= row["gradual"]["acc"] <= 1.0
+    assert row["gap_gradual"] == pytest.approx(row["hyperflows"]["acc"] - row["gradual"]["acc"])
+    assert out["config"]["gradual"] is True
+    no_gradual = run_pruning_experiment(sparsities=(0.9,), quick=True, progress=False, speed_at=None, gradual=False,
+                                        overrides={"pretrain_epochs": 1, "epochs": 1, "regrowth_epochs": 1})
+    assert "gradual" not in no_gradual["rows"][0]

@@ -18,7 +18,10 @@ cosine, label smoothing 0.1); every method starts from a copy of it and gets the
   ``epochs`` pruning epochs, then ``regrowth_epochs`` regrowth epochs (default ``land="hold"``);
 * **global magnitude** — ``torch.nn.utils.prune.global_unstructured`` (L1) to the *sparsity
   the Hyperflows run reached* (so both compare at equal sparsity), then fine-tuning for all
-  ``epochs + regrowth_epochs`` epochs with the same weight recipe.
+  ``epochs + regrowth_epochs`` epochs with the same weight recipe;
+* **gradual magnitude** — :func:`~hyperflow_ext.prune.gradual_magnitude_prune` (Zhu & Gupta's
+  cubic schedule, global magnitude masks every quarter epoch) to the same sparsity, pruning during
+  the first 75 % of the same ``epochs + regrowth_epochs`` epochs and fine-tuning for the rest.
 
 Deviation from the paper, on purpose: the score learning rate is ``1e-2`` instead of ``1e-3``.
 With ~43 steps per epoch here (vs ~390 on CIFAR) a score moves at most ``lr`` per step under
@@ -44,6 +47,7 @@ from torch import nn
 
 from ..measure import wall_time
 from ._loop import TensorLoader, cosine_lr, evaluate, predict, train_epoch
+from .gradual import gradual_magnitude_prune
 from .magnitude import magnitude_prune
 from .power_law import fit_power_law
 from .pruner import Pruner
@@ -163,9 +167,9 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
                            seed: int = 0, quick: bool = False, progress: bool = True, *,
                            regrowth_epochs: Optional[int] = None, pretrain_epochs: Optional[int] = None,
                            score_lr: Optional[float] = None, lr: Optional[float] = None,
-                           magnitude_rounds: int = 1, speed_at: Optional[float] = 0.98,
+                           magnitude_rounds: int = 1, gradual: bool = True, speed_at: Optional[float] = 0.98,
                            speed_repeat: int = 20, overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Hyperflows vs global magnitude pruning on digits at each target sparsity.
+    """Hyperflows vs one-shot and gradual global magnitude pruning on digits at each target sparsity.
 
     Args:
         sparsities: target sparsities in ``[0, 1)``.
@@ -178,6 +182,8 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
         pretrain_epochs: dense training shared by both methods (default 10; quick 4).
         score_lr, lr: score and weight learning rates.
         magnitude_rounds: pruning rounds of the magnitude baseline (1 = one-shot).
+        gradual: also run gradual magnitude pruning (cubic schedule) at the same sparsity and
+            epoch budget (``False`` drops the ``"gradual"`` entry of each row).
         speed_at: target sparsity at which the exported model's CPU inference time is compared
             with the dense model's (``None`` to skip).
         speed_repeat: timing repeats (median).
@@ -186,7 +192,9 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
     Returns:
         ``{"config", "dense_acc", "rows": [{"target", "hyperflows": {"acc", "sparsity",
         "agreement", "max_abs_diff", "layer_sparsity"}, "magnitude": {"acc", "sparsity"},
-        "gap"}], "speed", "seconds"}``; accuracies are test-set top-1 in ``[0, 1]``.
+        "gradual": {"acc", "sparsity"}, "gap", "gap_gradual"}], "speed", "seconds"}``; accuracies are
+        test-set top-1 in ``[0, 1]``; ``gap`` is Hyperflows minus one-shot magnitude, ``gap_gradual``
+        Hyperflows minus gradual magnitude.
     """
     for s in sparsities:
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) < 1.0:
@@ -195,7 +203,7 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
                           "score_lr": score_lr, "lr": lr, "overrides": overrides})
     t0 = time.perf_counter()
     train, test, dense = _setup(seed, cfg)
-    out: Dict[str, Any] = {"config": dict(cfg, seed=seed, magnitude_rounds=magnitude_rounds, task="digits 8x8",
+    out: Dict[str, Any] = {"config": dict(cfg, seed=seed, magnitude_rounds=magnitude_rounds, gradual=bool(gradual), task="digits 8x8",
                                           prunable_weights=sum(m.weight.numel() for m in dense.modules()
                                                                if isinstance(m, (nn.Linear, nn.Conv2d)))),
                            "dense_acc": evaluate(dense, test), "rows": [], "speed": None}
@@ -221,9 +229,18 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
         mag = magnitude_prune(baseline, hf["sparsity"], train.fresh(), budget, rounds=magnitude_rounds, lr=cfg["lr"],
                               progress=progress)
         mg = {"acc": evaluate(baseline, test), "sparsity": mag["sparsity"]}
-        out["rows"].append({"target": float(target), "hyperflows": hf, "magnitude": mg, "gap": hf["acc"] - mg["acc"]})
-        logger.info("target %.3f: hyperflows %.4f @ %.4f, magnitude %.4f @ %.4f", target, hf["acc"],
-                    hf["sparsity"], mg["acc"], mg["sparsity"])
+        row = {"target": float(target), "hyperflows": hf, "magnitude": mg, "gap": hf["acc"] - mg["acc"]}
+        if gradual:
+            torch.manual_seed(seed + 1)
+            gradual_model = copy.deepcopy(dense)
+            gmp = gradual_magnitude_prune(gradual_model, hf["sparsity"], train.fresh(), budget, lr=cfg["lr"],
+                                          progress=progress)
+            row["gradual"] = {"acc": evaluate(gradual_model, test), "sparsity": gmp["sparsity"]}
+            row["gap_gradual"] = hf["acc"] - row["gradual"]["acc"]
+        out["rows"].append(row)
+        logger.info("target %.3f: hyperflows %.4f @ %.4f, magnitude %.4f @ %.4f%s", target, hf["acc"],
+                    hf["sparsity"], mg["acc"], mg["sparsity"],
+                    f", gradual {row['gradual']['acc']:.4f} @ {row['gradual']['sparsity']:.4f}" if gradual else "")
         if speed_at is not None and math.isclose(float(target), speed_at):
             out["speed"] = dict(_speed(dense, exported, test.x, speed_repeat), sparsity=hf["sparsity"])
     out["seconds"] = time.perf_counter() - t0
