@@ -278,7 +278,7 @@ print(json.dumps(bad))
 """
 
 
-def test_readme_api_names_resolve():
+def test_readme_api_names_resolve(tmp_path):
     """Every ``hf.a.b`` / ``hyperflow_ext.a.b`` in the README's code resolves after a plain
     ``import hyperflow_ext as hf`` (in a fresh interpreter: nothing imported by hand), and each
     keyword written in such a call is one the callable takes."""
@@ -290,7 +290,7 @@ def test_readme_api_names_resolve():
                    for span, prose in sources for m in pattern.finditer(span)})
     assert refs, "no hf.* names found in README.md"
     res = subprocess.run([sys.executable, "-c", RESOLVE, json.dumps(refs)], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)  # not the checkout: the installed package
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
 

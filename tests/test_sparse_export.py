@@ -143,7 +143,8 @@ def test_saved_export_reloads_in_a_fresh_process(tmp_path, cls):
     assert not [p for p in tmp_path.iterdir() if p.name != "export.safetensors"]  # atomic: no temp files left
     torch.save(x, tmp_path / "x.pt")
     res = subprocess.run([sys.executable, "-c", _CHILD.format(cls=cls.__name__), str(path), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300)
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)  # not the checkout: the installed package, with its native build
     assert res.returncode == 0, res.stderr
     got = torch.load(tmp_path / "y.pt", weights_only=True)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
