@@ -104,7 +104,7 @@ class TaskEncoder(nn.Module):
         Raises:
             ValueError: the encoder does not map ``(n, C, H, W)`` to ``(n, d)`` features.
         """
-        out, stats = self._encode(sample[:1], strict=False)
+        out, stats = self._encode([sample[:1]], strict=False)
         if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"TaskEncoder: the backbone must map (n, C, H, W) images to (n, d) features, got "
@@ -115,28 +115,34 @@ class TaskEncoder(nn.Module):
         self.layer_dims = [int(stats[n].shape[-1]) for n in self.layers]
         return self.feature_dim
 
-    def _encode(self, x: torch.Tensor, strict: bool = True):
-        """Features ``(n, d)`` and per-image channel means ``(n, C_l)`` of the layers, in one forward
-        (a list in :attr:`layers` order; with ``strict=False`` a dict of the layers that ran)."""
-        stats: Dict[str, torch.Tensor] = {}
+    def _encode(self, chunks: Sequence[torch.Tensor], strict: bool = True):
+        """Features ``(n, d)`` and per-image channel means ``(n, C_l)`` of the layers, one forward per
+        chunk through one private view (a list in :attr:`layers` order; with ``strict=False`` a
+        dict of the layers that ran in every chunk)."""
+        per_chunk: List[Dict[str, torch.Tensor]] = []
 
         def keep(name: str):
             def hook(_module, _args, output):
                 means = _channel_means(output)
                 if means is not None:
-                    stats[name] = means
+                    per_chunk[-1][name] = means
             return hook
 
         # A private view: a user's module in training mode keeps its statistics, and the hooks
         # live in the view only.
         view = stateless_view(self.encoder, forward_hooks={n: keep(n) for n in self.layers})
-        out = view(x)
+        outs = []
+        for chunk in chunks:
+            per_chunk.append({})
+            outs.append(view(chunk))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        ran = {n: torch.cat([st[n] for st in per_chunk]) for n in self.layers if all(n in st for st in per_chunk)}
         if not strict:
-            return out, stats
-        missing = [n for n in self.layers if n not in stats]
+            return out, ran
+        missing = [n for n in self.layers if n not in ran]
         if missing:
             raise ValueError(f"TaskEncoder: layers {missing[:3]} did not run in the encoder's forward")
-        return out, [stats[n] for n in self.layers]
+        return out, [ran[n] for n in self.layers]
 
     @torch.no_grad()
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None) -> torch.Tensor:
@@ -147,8 +153,7 @@ class TaskEncoder(nn.Module):
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts, flat.shape[0]))
-        outs = [self._encode(chunk) for chunk in chunks]
-        raw = torch.cat([o for o, _ in outs])
+        raw, layer_means = self._encode(chunks)
         if raw.dim() != 2 or (self.feature_dim is not None and raw.shape[1] != self.feature_dim):
             raise ValueError(f"TaskEncoder: expected ({flat.shape[0]}, {self.feature_dim}) features from the "
                              f"backbone, got {tuple(raw.shape)}")
@@ -164,7 +169,7 @@ class TaskEncoder(nn.Module):
                  grad.mean(dim=1), grad.abs().mean(dim=1), inv_shots]
         for i in range(len(self.layers)):
             # per layer: where the support set sits in each channel, and how far its classes spread
-            means = torch.cat([st[i] for _, st in outs]).unflatten(0, (tasks, shots)).to(feats.dtype)
+            means = layer_means[i].unflatten(0, (tasks, shots)).to(feats.dtype)
             parts += [means.mean(dim=1), prototypes(means, support_y, way).std(dim=1, unbiased=False)]
         return torch.cat(parts, dim=-1)
 
