@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .._io import load_tensors, save_tensors, tensor_digest
 from .drift import DriftNetwork
 from .interpolate import Interpolant
@@ -83,6 +84,8 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
             generator, history; safetensors, written atomically) every ``checkpoint_every``
             iterations and at the end. If it exists, training resumes from it and ends with
             exactly the weights an uninterrupted run gives; a finished checkpoint is simply loaded.
+            Under ``torchrun`` rank 0 writes it and every rank resumes from it, on any world size
+            (each global batch is split over the ranks, so the state does not depend on it).
         checkpoint_every: iterations between checkpoints.
 
     Raises:
@@ -107,18 +110,20 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
     if ckpt is not None and ckpt.exists():
         start, best, best_state = ckpt.restore(net, opt, sched, gen, history)
         logger.info("train_drift: resuming from %s at iteration %d of %d", ckpt.path, start, config.iters)
-    bar = tqdm(range(start, config.iters), desc=f"drift ({interpolation})", disable=not progress, unit="it",
-               initial=start, total=config.iters)
+    bar = tqdm(range(start, config.iters), desc=f"drift ({interpolation})", unit="it", initial=start,
+               total=config.iters, disable=not distributed.show_progress(progress))
+    # Under torchrun: DDP, each rank on its share of the same global batch (see DataParallelLoss).
+    step_loss = distributed.DataParallelLoss(net, lambda m, rows, t: _loss(m, path, train.z, train.runs, rows, t))
     net.train()
     for it in bar:
         rows = torch.randint(n, (config.batch_size,), generator=gen)
         t = torch.rand(config.batch_size, generator=gen)
-        loss = _loss(net, path, train.z, train.runs, rows, t)
+        loss, value = step_loss(rows, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        history["train"].append(float(loss.detach()))
+        history["train"].append(value)
         if val is not None and ((it + 1) % config.eval_every == 0 or it + 1 == config.iters):
             net.eval()
             with torch.no_grad():
@@ -128,7 +133,8 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
             if vloss < best:
                 best, best_state = vloss, copy.deepcopy(net.state_dict())
             bar.set_postfix(loss=f"{history['train'][-1]:.4f}", val=f"{vloss:.4f}")
-        if ckpt is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == config.iters):
+        if ckpt is not None and distributed.is_main() and ((it + 1) % checkpoint_every == 0
+                                                         or it + 1 == config.iters):
             ckpt.save(it + 1, net, opt, sched, gen, history, best, best_state)
     net.eval()
     if best_state is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from .._io import load_tensors, save_tensors, tensor_digest
 from .functional import OBJECTIVES, OPTIMIZERS, finetune
 from .params import ParamSubset
@@ -138,7 +139,14 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
             other episodes never picks up these trajectories.
         chunk_size: episodes per chunk file.
         seed: seeds the perturbations.
-        progress: show a progress bar.
+        progress: show a progress bar (rank 0 only under ``torchrun``).
+
+    Under ``torch.distributed`` (``torchrun --nproc_per_node=N``) the chunks are shared out round
+    robin (:func:`~hyperflow_ext.distributed.shard_blocks`): every rank reads the same episodes and
+    draws every perturbation, fine-tunes only its own chunks and writes them to ``store`` under the
+    names a single process would use, so the same seed gives the same episode set and the same
+    files whatever the world size, and a restarted rank redoes only its own missing chunks. Every
+    rank returns the whole set (the chunks are broadcast from their owners).
     """
     if tasks < 1:
         raise ValueError(f"record_trajectories: tasks must be >= 1, got {tasks}")
@@ -150,14 +158,26 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     theta_pre = subset.vector(backbone)
     gen = torch.Generator().manual_seed(seed)
     sigma = config.perturb_scale * config.lr * config.steps ** 0.5
-    done: List[TrajectorySet] = []
-    bar = tqdm(total=tasks, desc="trajectories", disable=not progress, unit="task")
+    done: List[Optional[TrajectorySet]] = []
+    owners: List[int] = []
+    world = distributed.world_size()
+    mine = set(distributed.shard_blocks(-(-tasks // chunk_size)))
+    bar = tqdm(total=sum(min(chunk_size, tasks - b * chunk_size) for b in mine), desc="trajectories", unit="task",
+               disable=not distributed.show_progress(progress))
+    keys = []
     for start in range(0, tasks, chunk_size):
         block = list(itertools.islice(episodes, min(chunk_size, tasks - start)))
         if not block:
             break
-        # Drawn for every episode, stored or not, so a resumed run perturbs exactly like a fresh one.
+        # Drawn for every episode, stored or not, so a resumed run perturbs exactly like a fresh one
+        # (and every rank draws all of them, so a chunk's noise does not depend on the world size).
         noises = [torch.randn(config.perturbations, theta_pre.numel(), generator=gen) * sigma for _ in block]
+        owners.append((start // chunk_size) % world)
+        if world > 1:
+            keys.append(torch.tensor(int(_episodes_key(block), 16), dtype=torch.int64))
+            if start // chunk_size not in mine:
+                done.append(None)
+                continue
         # A chunk is reused only for the very same episodes (same settings, backbone and tensors).
         path = store_path / f"traj-{digest}-{start:06d}-{_episodes_key(block)}.safetensors" if store_path else None
         if path is not None and path.is_file():
@@ -192,9 +212,25 @@ def record_trajectories(backbone: nn.Module, subset: ParamSubset, encoder: TaskE
     bar.close()
     if not done:
         raise ValueError("record_trajectories: the episode iterable is empty")
+    if world > 1:
+        done = _gather_chunks(done, owners, keys)
     result = TrajectorySet.cat(done)
     result.layout = {"feature_dim": encoder.feature_dim, "layers": list(encoder.layers),
                      "layer_dims": list(encoder.layer_dims or [])}
     if result.episodes < tasks:
         raise ValueError(f"record_trajectories: the episode iterable ran out after {result.episodes} of {tasks} tasks")
     return result
+
+
+def _gather_chunks(done: List[Optional[TrajectorySet]], owners: List[int], keys: List[torch.Tensor]
+                   ) -> List[TrajectorySet]:
+    """Every rank's chunks on every rank, in episode order (each broadcast from the rank that owns it),
+    after checking that all ranks read the same episodes."""
+    distributed.agree_across_ranks(keys, "record_trajectories: the episodes each rank read (every rank must "
+                                         "draw the same episodes: same data, sampler and seed)")
+    out = []
+    for chunk, owner in zip(done, owners):
+        sent = None if chunk is None else [chunk.deltas, chunk.z] + ([] if chunk.losses is None else [chunk.losses])
+        got = distributed.broadcast_tensors(sent, owner)
+        out.append(TrajectorySet(got[0], got[1], got[2] if len(got) > 2 else None))
+    return out
