@@ -36,6 +36,9 @@ PYBIND11_MODULE(_C, m) {
 #ifdef __AVX512F__
     s += "; avx512f";
 #endif
+#ifdef HF_SANITIZE
+    s += "; sanitize " HF_SANITIZE;  // set by .ci/sanitize.sh, never by setup.py
+#endif
     return s;
   });
 }

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
+import sys
 import warnings
 from types import ModuleType
 from typing import Dict, Optional
@@ -34,7 +36,30 @@ def _try_import(name: str):
         return None, exc
 
 
-_cpu, _cpu_error = _try_import("hyperflow_ext._C")
+def _import_cpu():
+    """``hyperflow_ext._C``, or the build named by ``$HYPERFLOW_NATIVE_CPU`` (a path to a ``_C*.so``).
+
+    The override lets a second build of the same sources (the sanitised one of ``.ci/sanitize.sh``)
+    stand in for the installed module without touching the installation.
+    """
+    path = os.environ.get("HYPERFLOW_NATIVE_CPU", "")
+    if not path:
+        return _try_import("hyperflow_ext._C")
+    try:
+        if not os.path.isfile(path):
+            raise ImportError(f"HYPERFLOW_NATIVE_CPU={path!r} is not a file")
+        spec = importlib.util.spec_from_file_location("hyperflow_ext._C", path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"HYPERFLOW_NATIVE_CPU={path!r} is not an extension module")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["hyperflow_ext._C"] = module
+        return module, None
+    except (ImportError, OSError) as exc:
+        return None, exc
+
+
+_cpu, _cpu_error = _import_cpu()
 
 
 @functools.lru_cache(maxsize=None)
@@ -186,6 +211,7 @@ def diagnostics() -> Dict[str, object]:
     if _cpu is not None:
         info["openmp_threads"] = int(_cpu.omp_max_threads())
         info["native_build"] = str(_cpu.build_info())
+        info["native_cpu_path"] = getattr(_cpu, "__file__", None)
     if cuda_mod is not None:
         info["cuda_build"] = str(cuda_mod.build_info())
     return info

@@ -50,12 +50,12 @@ void euler_axpy(CudaTag, const EulerParams& p);
 void csr_spmm(CudaTag, const CsrSpmmParams& p);
 
 inline void check(const EulerParams& p) {
-  require(p.theta && p.drift && p.out, "euler_axpy: null pointer");
+  require(p.n == 0 || (p.theta && p.drift && p.out), "euler_axpy: null pointer");  // empty tensors may have none
   require(p.n >= 0, "euler_axpy: negative size");
 }
 
 inline void check(const CsrSpmmParams& p) {
-  require(p.rowptr && p.out, "csr_spmm: null pointer");
+  require(p.rowptr && (p.out || p.rows * p.n == 0), "csr_spmm: null pointer");  // (rows x 0) has none
   require(p.rows >= 0 && p.k >= 0 && p.n >= 0 && p.nnz >= 0, "csr_spmm: negative size");
   require(p.ldb >= p.n && p.ldo >= p.n, "csr_spmm: leading dimension smaller than n");
 }

@@ -127,14 +127,14 @@ inline void check(const MaskedGradInputParams& p) {
 inline void check(const CsrLinearParams& p) {
   require(p.batch >= 0 && p.in >= 0 && p.out >= 0 && p.nnz >= 0, "csr_linear: negative size");
   require(p.rowptr && (p.y || p.batch * p.out == 0), "csr_linear: null pointer");
-  require(p.nnz == 0 || (p.col && p.val && p.x), "csr_linear: null pointer");
+  require(p.nnz == 0 || p.batch == 0 || (p.col && p.val && p.x), "csr_linear: null pointer");
   require(p.ldy >= p.out, "csr_linear: leading dimension smaller than the row length");
 }
 
 inline void check(const CsrSpmmBatchedParams& p) {
   require(p.batch >= 0 && p.rows >= 0 && p.k >= 0 && p.n >= 0 && p.nnz >= 0, "csr_spmm_batched: negative size");
   require(p.rowptr && (p.out || p.batch * p.rows * p.n == 0), "csr_spmm_batched: null pointer");
-  require(p.nnz == 0 || (p.col && p.val && p.b), "csr_spmm_batched: null pointer");
+  require(p.nnz == 0 || p.batch * p.n == 0 || (p.col && p.val && p.b), "csr_spmm_batched: null pointer");
   require(p.ldb >= p.n && p.ldo >= p.n, "csr_spmm_batched: leading dimension smaller than n");
 }
 

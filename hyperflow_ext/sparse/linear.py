@@ -14,6 +14,7 @@ inference-only: no autograd.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -90,7 +91,7 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
     if _pick_backend(backend, device, op) == "torch":
         with torch.no_grad():
             return csr_linear_reference(x, weight, bias)
-    x2 = x if ndim == 2 else x.reshape(-1, in_f)
+    x2 = x if ndim == 2 else x.reshape(math.prod(x.shape[:-1]), in_f)  # not -1: in_features may be 0
     batch = x2.shape[0]
     y = torch.empty((batch, out_f), dtype=values.dtype, device=device)
     if device.type == "cuda":

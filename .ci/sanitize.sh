@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Sanitised native run (a CI step after the main pytest).
+#
+# Compiles csrc/'s CPU sources a second time with AddressSanitizer and UndefinedBehaviorSanitizer
+# into build/sanitize/ (the installed hyperflow_ext._C stays as it is), then runs the native and
+# kernel tests against that build, with OpenMP at 1 and at 2 threads. The package loads the
+# sanitised module through $HYPERFLOW_NATIVE_CPU (hyperflow_ext/native.py). Any ASan or UBSan
+# report aborts the run (halt_on_error) and fails this script; a report file left in the log
+# directory fails it too.
+#
+# Environment: HYPERFLOW_SANITIZE_DIR (build dir, default build/sanitize), HYPERFLOW_SANITIZE_MARCH (-march value, default x86-64),
+# HYPERFLOW_SANITIZE_TESTS (test files, default the list below), HYPERFLOW_SANITIZE_THREADS ("1 2").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${HYPERFLOW_SANITIZE_DIR:-$PWD/build/sanitize}"
+LOGS="$OUT/reports"
+mkdir -p "$OUT/obj" "$LOGS"
+rm -f "$LOGS"/*
+
+CXX="${CXX:-c++}"
+# The CI venv installed the project with build isolation, so pybind11's headers may be missing from it.
+python -c "import pybind11" 2>/dev/null || python -m pip install -q pybind11
+SUFFIX="$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+PYBIND="$(python -c 'import pybind11; print(pybind11.get_include())')"
+PYINC="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+# GCC does not instrument the loads and stores of vector intrinsics (the AVX-512 paths), so the
+# default is the generic x86-64 build, whose scalar fallbacks ASan checks access by access.
+MARCH="${HYPERFLOW_SANITIZE_MARCH-x86-64}"
+SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+CXXFLAGS="-std=c++17 -O1 -g -fPIC -fvisibility=hidden -fopenmp -Wall -Wno-unknown-pragmas -Wno-maybe-uninitialized $SAN"
+CXXFLAGS+=" -DHF_SANITIZE=\"address,undefined\" -Icsrc/include -Icsrc -I$PYBIND -I$PYINC"
+[ -n "$MARCH" ] && CXXFLAGS+=" -march=$MARCH"
+MODULE="$OUT/_C$SUFFIX"
+
+echo "[sanitize] compiling csrc/ CPU sources into $MODULE"
+SOURCES=(csrc/module_cpu.cpp csrc/cpu/*.cpp)
+export CXX CXXFLAGS OUT
+printf '%s\n' "${SOURCES[@]}" | xargs -P "${MAX_JOBS:-$(nproc)}" -I{} \
+  sh -c '$CXX $CXXFLAGS -c "$1" -o "$OUT/obj/$(basename "$1").o"' _ {}
+OBJECTS=()
+for src in "${SOURCES[@]}"; do OBJECTS+=("$OUT/obj/$(basename "$src").o"); done
+# shellcheck disable=SC2086
+"$CXX" -shared -fopenmp $SAN "${OBJECTS[@]}" -o "$MODULE"
+
+# python does not link libstdc++: preloaded after libasan, so ASan's __cxa_throw interceptor finds the
+# real one (otherwise the first C++ exception, e.g. a native argument check, aborts in an ASan CHECK).
+export LD_PRELOAD="$("$CXX" -print-file-name=libasan.so) $("$CXX" -print-file-name=libstdc++.so)"
+export HYPERFLOW_NATIVE_CPU="$MODULE"
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86:log_path=$LOGS/asan"
+export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87:log_path=$LOGS/ubsan"
+# The sanitised module really is the one that loads:
+(cd "$OUT" && python -c "import hyperflow_ext as hf; b = hf.native.cpu_module().build_info(); print('[sanitize] loaded', hf.native.cpu_module().__file__, '|', b); assert 'sanitize' in b, b")
+
+TESTS="${HYPERFLOW_SANITIZE_TESTS:-tests/test_native.py tests/test_sparse_kernels.py tests/test_sparse_conv.py tests/test_flow_ops.py tests/test_drift_kernels.py tests/test_norm.py tests/test_checked_once.py tests/test_kernel_properties.py tests/test_native_threads.py}"
+status=0
+for threads in ${HYPERFLOW_SANITIZE_THREADS:-1 2}; do
+  echo "[sanitize] OMP_NUM_THREADS=$threads: $TESTS"
+  # shellcheck disable=SC2086
+  # plain `pytest` (not python -m): the installed package is imported, not the source tree
+  OMP_NUM_THREADS=$threads pytest -q -p no:cacheprovider $TESTS || status=$?
+  if compgen -G "$LOGS/*" > /dev/null; then
+    echo "[sanitize] sanitizer reports (OMP_NUM_THREADS=$threads):"
+    cat "$LOGS"/*
+    status=1
+  fi
+  [ "$status" -ne 0 ] && break
+done
+[ "$status" -eq 0 ] && echo "[sanitize] clean: no ASan/UBSan reports"
+exit "$status"
