@@ -209,3 +209,26 @@ def test_cuda_twin_matches_conv2d(dtype):
         csr = CSRMatrix.from_dense(weight.reshape(12, -1)).to("cuda")
         y = csr_conv2d(x.cuda(), csr, 3, bias.cuda(), stride, padding, dilation, relu=True)
         torch.testing.assert_close(y.cpu(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hw,stride,layout", [(16, 1, "nchw"), (7, 1, "nchw"), (9, 2, "nchw"), (4, 1, "nhwc")])
+def test_relu_epilogue_keeps_nan_and_adds_residual_per_row(dtype, hw, stride, layout):
+    """The fused store (NCHW, one sample per group) and the tile path: a NaN of the residual stays NaN
+    after the ReLU, as torch.relu; rows shorter than a register (7x7 maps split one register over
+    several output rows) land in the right places. (A NaN input is not compared: the sparse kernel
+    never multiplies it by a pruned zero, F.conv2d on the masked weight does.)"""
+    gen = torch.Generator().manual_seed(1)
+    weight = _masked_weight(20, 6, 3, 3, 0.3, dtype, gen)
+    bias = torch.randn(20, dtype=dtype, generator=gen)
+    x = torch.randn(2, 6, hw, hw, dtype=dtype, generator=gen)
+    sp = SparseConv2d.from_dense(weight, stride=stride, padding=1, bias=bias, relu=True,
+                                 channels_last=layout == "nhwc")
+    want = F.conv2d(x, weight, bias, stride, 1)
+    res = torch.randn(want.shape, dtype=dtype, generator=gen)
+    res[1, 3, 0, -1] = res[0, 0, -1, 0] = float("nan")
+    with torch.inference_mode():
+        y = sp(x, res)
+    want = (want + res).relu()
+    assert torch.equal(torch.isnan(y), torch.isnan(want)) and torch.isnan(y).any()
+    torch.testing.assert_close(torch.nan_to_num(y), torch.nan_to_num(want), **TOL[dtype])

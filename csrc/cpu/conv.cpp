@@ -10,7 +10,10 @@
 // CSR row times shifted contiguous rows: gather_row (hf_sparse_cpu.h; register-resident
 // accumulators, AVX-512 FMAs with the weight broadcast) with the per-nonzero offsets as indices.
 // Lanes with j >= wo are computed and dropped; nb > 1 keeps small maps (4x4, 2x2) from wasting
-// most SIMD lanes. The epilogue adds the bias, applies ReLU and writes y through its strides.
+// most SIMD lanes. The epilogue adds the bias (and a residual), applies ReLU and writes y through its
+// strides: with one sample per group and unit column strides (NCHW output) straight from the
+// accumulator registers through per-tile row runs (FusedStore), otherwise through a tile buffer.
+// Stride phases that no tap reads (a 1x1 stride-2 shortcut reads one of four) are not packed.
 //
 // One parallel region with one barrier (its end): with a sample group per thread or more, each thread
 // packs and computes whole groups; with fewer groups (batch 1), every thread packs the small input
@@ -79,6 +82,7 @@ inline void zero_row(T* __restrict d, std::int64_t n) {
 // Geometry of the packed input of one group of nb samples.
 struct Packing {
   std::int64_t nb, groups, phases, hq, wq, plane, gsize, grid;
+  std::uint64_t used;  // bit py*sw + px: some tap reads that stride phase (all bits when phases > 64)
 };
 
 Packing plan(const SparseConvParams& p, std::int64_t nb) {
@@ -91,6 +95,11 @@ Packing plan(const SparseConvParams& p, std::int64_t nb) {
   k.plane = k.hq * k.wq * nb;
   k.gsize = p.in_c * k.phases * k.plane;
   k.grid = ((p.ho - 1) * k.wq + p.wo) * nb;
+  k.used = k.phases > 64 ? ~std::uint64_t{0} : 0;
+  if (k.phases <= 64)
+    for (std::int64_t ky = 0; ky < p.kh; ++ky)
+      for (std::int64_t kx = 0; kx < p.kw; ++kx)
+        k.used |= std::uint64_t{1} << (((ky * p.dh) % p.sh) * p.sw + (kx * p.dw) % p.sw);
   return k;
 }
 
@@ -115,6 +124,7 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
                   std::int64_t c, T* __restrict dst) {
   for (std::int64_t py = 0; py < p.sh; ++py) {
     for (std::int64_t px = 0; px < p.sw; ++px) {
+      if (!((k.used >> (k.phases > 64 ? 0 : py * p.sw + px)) & 1u)) continue;  // never read (e.g. 1x1, stride 2)
       T* __restrict d = dst + (c * k.phases + py * p.sw + px) * k.plane;
       // columns q with 0 <= q*sw + px - pw < w
       std::int64_t q_lo = p.pw > px ? (p.pw - px + p.sw - 1) / p.sw : 0;
@@ -262,6 +272,67 @@ void add_residual(const SparseConvParams& p, const Packing& k, std::int64_t gi, 
     }
 }
 
+#if defined(HF_SPARSE_AVX512)
+// Fused epilogue (nb = 1, unit column stride of y and of the residual): register r of a lane tile
+// (lanes of whole output rows [i0, i1), row i at lane (i - i0) * wq) splits into runs of one output
+// row each; segs[r * nseg .. r * nseg + nseg) holds each run's lanes and where its lane 0 would sit in
+// y and in the residual (offsets within one output channel's plane), padded with empty runs so every
+// register has the same count (no data-dependent branches). The accumulators then go straight to
+// y — bias, residual and ReLU in registers — with no tile buffer, no epilogue pass and no copy.
+template <typename T>
+struct RowSeg {
+  typename cpu::Simd<T>::M mask;
+  std::int64_t yoff, roff;
+};
+
+// Runs per register: at most ceil((W - 1) / wq) + 1 rows meet in W lanes.
+inline std::int64_t max_runs(std::int64_t wq, std::int64_t W) { return (W - 1 + wq - 1) / wq + 1; }
+
+template <typename T>
+void row_segments(const SparseConvParams& p, const Packing& k, std::int64_t i0, std::int64_t len, std::int64_t nseg,
+                  RowSeg<T>* segs) {
+  using M = typename cpu::Simd<T>::M;
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  const std::int64_t nreg = (len + W - 1) / W;
+  for (std::int64_t r = 0; r < nreg; ++r) {
+    RowSeg<T>* sr = segs + r * nseg;
+    std::int64_t n = 0;
+    for (std::int64_t l = r * W, end = std::min(len, l + W); l < end;) {
+      const std::int64_t row = l / k.wq, j = l % k.wq, run = std::min(end - l, k.wq - j);
+      const std::int64_t valid = std::max<std::int64_t>(0, std::min(run, p.wo - j)), lane = l - r * W;
+      if (valid > 0)  // tail(W) is all W lanes
+        sr[n++] = RowSeg<T>{static_cast<M>(cpu::Simd<T>::tail(valid) << lane), (i0 + row) * p.ys_h + j - lane,
+                            (i0 + row) * p.rs_h + j - lane};
+      l += run;
+    }
+    for (; n < nseg; ++n) sr[n] = RowSeg<T>{0, 0, 0};
+  }
+}
+
+// emit for gather_row_emit: act(acc + bias[o] + residual) of output channel o stored through the runs.
+template <typename T>
+struct FusedStore {
+  using S = cpu::Simd<T>;
+  const RowSeg<T>* segs;
+  std::int64_t nseg;
+  T* yo;        // y of (sample, channel o)
+  const T* ro;  // residual of (sample, channel o), or null
+  typename S::R bias;
+  bool relu;
+  inline __attribute__((always_inline)) void operator()(std::int64_t c, typename S::R a, typename S::M) const {
+    const RowSeg<T>* sr = segs + (c / S::W) * nseg;
+    typename S::R v = S::add(a, bias);
+    if (ro) {
+      typename S::R add = S::zero();
+      for (std::int64_t s = 0; s < nseg; ++s) add = S::add(add, S::loadz(sr[s].mask, ro + sr[s].roff));
+      v = S::add(v, add);
+    }
+    if (relu) v = S::max(S::zero(), v);  // NaN stays NaN (max returns its second operand then)
+    for (std::int64_t s = 0; s < nseg; ++s) S::store(sr[s].mask, yo + sr[s].yoff, v);
+  }
+};
+#endif
+
 // bias + ReLU over one output channel's tile (contiguous, vectorised).
 template <typename T>
 inline void epilogue_tile(T* __restrict tile, std::int64_t len, const T* bias, std::int64_t o, bool relu) {
@@ -362,6 +433,9 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
   constexpr bool nhwc_in = false, nhwc_out = false;
 #endif
   const std::int64_t ldt = round_up(tile_rows * k.wq * nb, 16);
+  // Accumulators straight to y (FusedStore): one sample per group, unit column strides.
+  const bool fused = W > 1 && nb == 1 && !nhwc_out && p.ys_w == 1 && (!p.res || p.rs_w == 1);
+  (void)fused;
   const bool par = threads > 1 && (p.nnz + p.out_c) * k.grid * k.groups > kParallelWork;
   // One group's packed input (into dst), serially: the caller's thread owns dst.
   auto pack = [&](std::int64_t gi, T* dst) {
@@ -376,6 +450,21 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
     const std::int64_t i0 = t * tile_rows, i1 = std::min(p.ho, i0 + tile_rows);
     const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
     const T* src = packed_g + g0;
+#if defined(HF_SPARSE_AVX512)
+    if (fused) {
+      const std::int64_t nseg = max_runs(k.wq, W);
+      RowSeg<T>* segs = scratch<RowSeg<T>>(3, (len + W - 1) / W * nseg);
+      row_segments<T>(p, k, i0, len, nseg, segs);
+      const T* res = p.res ? ptr<const T>(p.res) + gi * p.rs_n : nullptr;
+      for (std::int64_t o = o_begin; o < o_end; ++o) {
+        const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
+        const FusedStore<T> st{segs, nseg, y + gi * p.ys_n + o * p.ys_c, res ? res + o * p.rs_c : nullptr,
+                               cpu::Simd<T>::set1(bias ? bias[o] : T(0)), p.relu};
+        cpu::gather_row_emit(off + j0, val + j0, j1 - j0, src, 1, len, st);
+      }
+      return;
+    }
+#endif
     for (std::int64_t o0 = o_begin; o0 < o_end; o0 += W) {
       const std::int64_t no = std::min(W, o_end - o0);
       for (std::int64_t o = o0; o < o0 + no; ++o) {

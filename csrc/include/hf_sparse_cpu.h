@@ -58,6 +58,7 @@ struct Simd<float> {
   static R loadz(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
   static float sum(R v) {
@@ -95,6 +96,7 @@ struct Simd<double> {
   static R loadz(M m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static void store(M m, double* p, R v) { _mm512_mask_storeu_pd(p, m, v); }
   static double sum(R v) {
@@ -227,19 +229,21 @@ inline void csr_spmv_rows(const std::int32_t* __restrict rowptr, const std::int3
   store_row_sums(acc, r0, nr, bias, y);
 }
 
-// out[0 : NV*W] (the last register masked by `last` when TAIL) =
-//   sum_j val[j] * d[idx[j] * ld + 0 : NV*W], with NS interleaved accumulator sets so NV*NS
-// independent FMA chains are in flight; all accumulators stay in registers.
-template <int NV, int NS, bool TAIL, typename T, typename I>
+// The accumulators of out[c0 : c0 + NV*W] (the last register masked by `last` when TAIL) =
+//   sum_j val[j] * d[idx[j] * ld + c0 : ...], with NS interleaved accumulator sets so NV*NS
+// independent FMA chains are in flight; all accumulators stay in registers. Each finished register
+// goes to emit(c, acc, mask) (c: its first column, a multiple of W; mask: its valid lanes).
+template <int NV, int NS, bool TAIL, typename T, typename I, class Emit>
 inline __attribute__((always_inline)) void gather_chunk(const I* __restrict idx, const T* __restrict val,
                                                         std::int64_t nnz, const T* __restrict d, std::int64_t ld,
-                                                        T* __restrict out, typename Simd<T>::M last) {
+                                                        std::int64_t c0, Emit& emit, typename Simd<T>::M last) {
   using S = Simd<T>;
   typename S::R acc[NS][NV];
 #pragma GCC unroll 8
   for (int s = 0; s < NS; ++s)
 #pragma GCC unroll 8
     for (int k = 0; k < NV; ++k) acc[s][k] = S::zero();
+  d += c0;
   std::int64_t j = 0;
   for (; j + NS <= nnz; j += NS) {
 #pragma GCC unroll 8
@@ -265,8 +269,33 @@ inline __attribute__((always_inline)) void gather_chunk(const I* __restrict idx,
     typename S::R a = acc[0][k];
 #pragma GCC unroll 8
     for (int s = 1; s < NS; ++s) a = S::add(a, acc[s][k]);
-    if (TAIL && k == NV - 1) S::store(last, out + k * S::W, a); else S::store(out + k * S::W, a);
+    emit(c0 + k * S::W, a, (TAIL && k == NV - 1) ? last : static_cast<typename S::M>(~0u));
   }
+}
+
+// emit(c, sum_j val[j] * d[idx[j] * ld + c : c + W], lanes) for the registers c = 0, W, ... < ncols:
+// one sparse row times a dense row-major matrix, the epilogue left to the caller.
+template <typename T, typename I, class Emit>
+inline void gather_row_emit(const I* idx, const T* val, std::int64_t nnz, const T* d, std::int64_t ld,
+                            std::int64_t ncols, Emit&& emit) {
+  using S = Simd<T>;
+  constexpr int V = S::W;
+  const typename S::M none = 0;
+  std::int64_t c = 0;
+  for (; c + 8 * V <= ncols; c += 8 * V) gather_chunk<8, 1, false>(idx, val, nnz, d, ld, c, emit, none);
+  if (c + 4 * V <= ncols) {
+    gather_chunk<4, 2, false>(idx, val, nnz, d, ld, c, emit, none);
+    c += 4 * V;
+  }
+  if (c + 2 * V <= ncols) {
+    gather_chunk<2, 4, false>(idx, val, nnz, d, ld, c, emit, none);
+    c += 2 * V;
+  }
+  if (c + V <= ncols) {
+    gather_chunk<1, 4, false>(idx, val, nnz, d, ld, c, emit, none);
+    c += V;
+  }
+  if (c < ncols) gather_chunk<1, 4, true>(idx, val, nnz, d, ld, c, emit, S::tail(ncols - c));
 }
 
 // out[c] = sum_j val[j] * d[idx[j] * ld + c], c < ncols.
@@ -274,23 +303,8 @@ template <typename T, typename I>
 inline void gather_row(const I* idx, const T* val, std::int64_t nnz, const T* d, std::int64_t ld,
                        std::int64_t ncols, T* out) {
   using S = Simd<T>;
-  constexpr int V = S::W;
-  const typename S::M none = 0;
-  std::int64_t c = 0;
-  for (; c + 8 * V <= ncols; c += 8 * V) gather_chunk<8, 1, false>(idx, val, nnz, d + c, ld, out + c, none);
-  if (c + 4 * V <= ncols) {
-    gather_chunk<4, 2, false>(idx, val, nnz, d + c, ld, out + c, none);
-    c += 4 * V;
-  }
-  if (c + 2 * V <= ncols) {
-    gather_chunk<2, 4, false>(idx, val, nnz, d + c, ld, out + c, none);
-    c += 2 * V;
-  }
-  if (c + V <= ncols) {
-    gather_chunk<1, 4, false>(idx, val, nnz, d + c, ld, out + c, none);
-    c += V;
-  }
-  if (c < ncols) gather_chunk<1, 4, true>(idx, val, nnz, d + c, ld, out + c, S::tail(ncols - c));
+  gather_row_emit(idx, val, nnz, d, ld, ncols,
+                  [out](std::int64_t c, typename S::R a, typename S::M m) { S::store(m, out + c, a); });
 }
 
 // Lane-wise partial sums of sum_j (m[j] ? w[j] * x[j] : 0) over j < n: one masked FMA per
