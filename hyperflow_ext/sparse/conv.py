@@ -305,6 +305,7 @@ class SparseConv2d(_CSRBuffers):
         #: set by :func:`~hyperflow_ext.sparse.fuse_residuals`: forward receives the residual of a rewritten graph
         self.residual_fused = False
         self._plans: Tuple[Optional[CSRMatrix], Dict[tuple, Callable]] = (None, {})
+        self._checked_weight: Optional[tuple] = None  # _weight_key() of the last call that validated the weight
         self.channels_last = channels_last
         if weight.shape[1] != self.in_channels * self.kernel_size[0] * self.kernel_size[1]:
             raise ValueError(f"{op}: weight must have in_channels·kh·kw = "
@@ -359,22 +360,45 @@ class SparseConv2d(_CSRBuffers):
         csr = CSRMatrix.from_dense(w2, index_dtype=_index_dtype(*w2.shape, w2.numel()))
         return cls(csr, in_c, (kh, kw), stride, padding, dilation, bias, relu, channels_last)
 
+    def _weight_key(self) -> Optional[tuple]:
+        """What the prepared calls depend on in the weight, read cheaply: the buffers are still the cached
+        CSRMatrix's own arrays (same objects), with the in-place versions and addresses and the ``values``
+        geometry of the last validated call (None: cannot tell, validate)."""
+        b = self._buffers
+        c, i, v, bias = b["crow_indices"], b["col_indices"], b["values"], b["bias"]
+        cache = self._csr_cache
+        csr = cache[1] if cache is not None else None
+        if csr is None or csr.crow_indices is not c or csr.col_indices is not i or csr.values is not v:
+            return None
+        try:
+            return (c._version, c.data_ptr(), i._version, i.data_ptr(), v.data_ptr(), v.shape, v.stride(),
+                    None if bias is None else (id(bias), bias.data_ptr(), bias.shape))
+        except RuntimeError:  # inference tensors keep no version counter
+            return None
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``act(conv(x) + bias [+ residual])``; ``residual`` as in :func:`csr_conv2d`."""
-        csr = self.csr()
-        # A new or re-checked weight (an in-place edit, a replaced array): the prepared calls hold its
-        # old pointers and tap offsets.
-        if csr.validate("SparseConv2d") or self._plans[0] is not csr:
-            self._plans = (csr, {})
-        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.layout == torch.strided:
+        wkey = self._weight_key()
+        if wkey is None or wkey != self._checked_weight:
+            csr = self.csr()
+            # A new or re-checked weight (an in-place edit, a replaced array): the prepared calls hold its
+            # old pointers and tap offsets.
+            if csr.validate("SparseConv2d") or self._plans[0] is not csr:
+                self._plans = (csr, {})
+            y = csr_conv2d(x, csr, self.kernel_size, self.bias, self.stride, self.padding, self.dilation,
+                           self.relu, residual=residual, channels_last=self.channels_last, plans=self._plans[1])
+            self._checked_weight = self._weight_key()  # the weight this call validated
+            return y
+        # Same weight as a validated call: look up the prepared call of x's geometry.
+        if type(x) is torch.Tensor and x.dim() == 4 and x.layout == torch.strided:
             run = self._plans[1].get(_plan_key(x, self.bias, None, self._channels_last, residual))
             if run is not None:  # same geometry as a validated call: only the autograd check is per call
                 if x.requires_grad and torch.is_grad_enabled():
                     raise NotImplementedError("csr_conv2d is inference-only (no autograd): call it under "
                                               "torch.no_grad() / torch.inference_mode(), or pass x.detach()")
                 return run(x) if residual is None else run(x, residual)
-        return csr_conv2d(x, csr, self.kernel_size, self.bias, self.stride, self.padding, self.dilation, self.relu,
-                          residual=residual, channels_last=self.channels_last, plans=self._plans[1])
+        return csr_conv2d(x, self._plans[0], self.kernel_size, self.bias, self.stride, self.padding, self.dilation,
+                          self.relu, residual=residual, channels_last=self.channels_last, plans=self._plans[1])
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
