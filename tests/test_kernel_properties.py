@@ -267,7 +267,12 @@ def test_group_norm_property(n, groups, per_group, hw, affine, relu, dtype, seed
         want = want.relu() if relu else want
     got = group_norm_(x, groups, weight, bias, 1e-5, relu, backend="native")
     assert got is x
-    close(got, want, dtype)
+    if n * hw[0] * hw[1] * per_group == 1 and dtype == torch.float32:
+        # x - mean(x) is a few ulps of |x| (~4), scaled by 1/sqrt(eps) ~ 316: zero to about 1e-3
+        scale = 1.0 if weight is None else float(weight.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-3 * max(scale, 1.0))
+    else:
+        close(got, want, dtype)
 
 
 # ---- the larger budget ------------------------------------------------------------------------
