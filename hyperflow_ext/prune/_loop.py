@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
+
 __all__ = ["TensorLoader", "train_epoch", "evaluate", "cosine_lr", "batch_to"]
 
 
@@ -98,7 +100,8 @@ def _device_of(model: nn.Module) -> torch.device:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *,
                 label_smoothing: float = 0.0, lr_at: Optional[Callable[[int], float]] = None, step0: int = 0,
                 after_backward: Optional[Callable[[int], None]] = None,
-                before_forward: Optional[Callable[[int], None]] = None) -> Tuple[float, float, int]:
+                before_forward: Optional[Callable[[int], None]] = None, shard: bool = False
+                ) -> Tuple[float, float, int]:
     """One epoch of cross-entropy training.
 
     Args:
@@ -110,6 +113,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         step0: global step count at the start of this epoch.
         after_backward: ``hook(global_step)`` called after ``loss.backward()``, before the step.
         before_forward: ``hook(global_step)`` called before the forward pass.
+        shard: under ``torch.distributed``, every rank reads the same global batches and trains on
+            its rows (:func:`~hyperflow_ext.distributed.batch_slice`) with the loss weighted by its
+            share, so that a ``DistributedDataParallel`` ``model`` averages to the global batch's
+            gradient; the returned loss and accuracy are over the global batches.
 
     Returns:
         ``(mean loss, accuracy, global step after the epoch)``.
@@ -120,8 +127,13 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     model.train()
     device = _device_of(model)
     total_loss, correct, seen, step = 0.0, 0, 0, step0
+    world = distributed.world_size() if shard else 1
     for batch in loader:
         x, y = batch_to(batch, device)
+        weight = 1.0
+        if world > 1:
+            lo, hi = distributed.batch_slice(y.shape[0])
+            x, y, weight = x[lo:hi], y[lo:hi], (hi - lo) * world / y.shape[0]
         if lr_at is not None:
             lr = lr_at(step)
             for group in optimizer.param_groups:
@@ -134,7 +146,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss is {float(loss)} at step {step} "
                                      f"(lower the learning rate)")
-        loss.backward()
+        (loss * weight if world > 1 else loss).backward()
         if after_backward is not None:
             after_backward(step)
         optimizer.step()
@@ -143,6 +155,10 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         total_loss += float(loss.detach()) * n
         correct += int((logits.detach().argmax(1) == y).sum())
         seen += n
+    if world > 1:
+        totals = torch.tensor([total_loss, float(correct), float(seen)], dtype=torch.float64)
+        distributed.all_reduce_sum_([totals])
+        total_loss, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
     if seen == 0:
         raise ValueError("train_epoch: the training loader yielded no batches")
     return total_loss / seen, correct / seen, step

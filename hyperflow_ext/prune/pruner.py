@@ -26,9 +26,7 @@ plain layers back with their weights multiplied by the mask, and a failed setup 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
@@ -36,82 +34,25 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..sparse import sparsify
+from ._args import Rule, _as_rules, _count, _finite_number, _matches, _supported
 from ._loop import cosine_lr, evaluate, train_epoch
 from .flow_ops import flow_step
 from .functional import STE_SCALE
 from .layers import SCORE_INIT, MaskedConv2d, MaskedLayer, MaskedLinear
+from .parallel import average_grad_eff, check_agreement, sync_buffers, wrap_model
+from .resume import PruneCheckpoint, resume_point
 from .schedule import PressureScheduler
 
 __all__ = ["Pruner"]
 
 logger = logging.getLogger(__name__)
 
-Rule = Union[str, Type[nn.Module], Callable[[str, nn.Module], bool]]
 #: The paper's score learning rate, and the per-epoch score travel it gives on CIFAR (~390 steps).
 PAPER_SCORE_LR = 1e-3
 SCORE_TRAVEL = 0.4
 _FLOATS = (torch.float32, torch.float64)
-
-
-def _finite_number(op: str, name: str, value: Any, *, minimum: Optional[float] = None,
-                   positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{op}: {name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{op}: {name} must be > 0, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _count(op: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
-    return value
-
-
-def _as_rules(op: str, name: str, rules: Union[None, Rule, Iterable[Rule]]) -> Optional[List[Rule]]:
-    if rules is None:
-        return None
-    if isinstance(rules, (str, type)) or (callable(rules) and not isinstance(rules, (list, tuple, set))):
-        rules = [rules]
-    out = list(rules)
-    for r in out:
-        if not (isinstance(r, str) or isinstance(r, type) or callable(r)):
-            raise TypeError(f"{op}: {name} entries must be names/glob patterns, module types or callables "
-                            f"(name, module) -> bool, got {type(r).__name__}")
-    return out
-
-
-def _matches(name: str, module: nn.Module, rules: List[Rule]) -> bool:
-    for r in rules:
-        if isinstance(r, str):
-            if name == r or name.startswith(r + ".") or fnmatch.fnmatchcase(name, r):
-                return True
-        elif isinstance(r, type):
-            if isinstance(module, r):
-                return True
-        elif r(name, module):
-            return True
-    return False
-
-
-def _supported(module: nn.Module) -> Optional[str]:
-    """``None`` if ``module`` can be wrapped, else the reason it cannot."""
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return "an attention output projection (its weight is read directly, not through forward)"
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        if isinstance(module.padding, str):
-            return f"string padding {module.padding!r}"
-    return None
 
 
 @dataclass
@@ -360,6 +301,7 @@ class Pruner:
 
         def hook(step: int) -> None:
             self._score_step += 1
+            average_grad_eff(self._layers)  # under torchrun: the global batch's G on every rank
             lr, pressure = score_lr(step), pressure_per_score()
             active = 0
             for name, m in self._layers.items():
@@ -384,8 +326,8 @@ class Pruner:
         return [p for p in self.model.parameters() if p.requires_grad and id(p) not in scores]
 
     def fit(self, train_loader: Iterable, epochs: int, regrowth_epochs: int = 0, val_loader: Optional[Iterable] = None,
-            *, progress: bool = True, callback: Optional[Callable[[Dict[str, Any]], None]] = None
-            ) -> List[Dict[str, Any]]:
+            *, progress: bool = True, callback: Optional[Callable[[Dict[str, Any]], None]] = None,
+            checkpoint: Optional[str] = None) -> List[Dict[str, Any]]:
         """Prune for ``epochs`` epochs, then fine-tune with regrowth for ``regrowth_epochs``.
 
         Args:
@@ -397,6 +339,14 @@ class Pruner:
             val_loader: optional loader evaluated after every epoch.
             progress: show a tqdm bar (loss, acc, sparsity, γ).
             callback: called with each epoch's record.
+            checkpoint: a file for the run's state after every epoch (see
+                :mod:`~hyperflow_ext.prune.resume`); a ``fit`` called again with the same arguments on
+                the same starting model resumes after its last epoch.
+
+        Under ``torchrun`` every rank trains on its share of each global batch through
+        ``DistributedDataParallel`` (see :mod:`~hyperflow_ext.prune.parallel`), rank 0 alone shows
+        progress and writes the checkpoint, and the ranks' scores, masks, flow buffers, weights and
+        pressure are compared after every epoch.
 
         Returns:
             One record per epoch: ``epoch, phase, loss, acc, sparsity, density, gamma, lr,
@@ -405,7 +355,8 @@ class Pruner:
 
         Raises:
             RuntimeError: the pruner was removed.
-            TypeError / ValueError: bad epoch counts or batches.
+            RankDriftError: the ranks' pruning state differs (a ``RuntimeError``).
+            TypeError / ValueError: bad epoch counts or batches, or a checkpoint of another run.
             FloatingPointError: the loss became NaN/Inf.
         """
         self._check_active("fit")
@@ -427,22 +378,31 @@ class Pruner:
                            "score_lr >= %.2g (or None)", self.score_lr, steps_per_epoch,
                            self.score_lr * steps_per_epoch, *next(iter(self._layers.values())).score_init,
                            SCORE_TRAVEL / steps_per_epoch)
+        ckpt = PruneCheckpoint(checkpoint, self, epochs, regrowth_epochs, steps_per_epoch) if checkpoint else None
+        at = resume_point(ckpt, self, train_loader)
         for m in self._layers.values():
             m.track_grad_eff(True)
-        records: List[Dict[str, Any]] = []
-        bar = tqdm(total=epochs + regrowth_epochs, desc="hyperflows", unit="epoch", disable=not progress,
-                   leave=False)
+        records: List[Dict[str, Any]] = [] if at is None else at["records"]
+        bar = tqdm(total=epochs + regrowth_epochs, desc="hyperflows", unit="epoch", leave=False,
+                   disable=not distributed.show_progress(progress), initial=len(records))
+        self._train_model = wrap_model(self.model, self._layers)
         try:
             phases = [("prune", epochs), ("regrow", regrowth_epochs)]
-            for phase, n_epochs in phases:
-                if phase == "regrow" and epochs > 0 and self.land and self.target_sparsity is not None:
+            for index, (phase, n_epochs) in enumerate(phases):
+                # epochs of this phase a resumed run has behind it (all of a phase before the checkpoint's)
+                done = 0 if at is None else (at["epoch"] if at["phase"] == phase else
+                                             n_epochs if index < [p for p, _ in phases].index(at["phase"]) else 0)
+                if phase == "regrow" and epochs > 0 and self.land and self.target_sparsity is not None and done == 0:
                     self._land(1.0 - self.target_sparsity)
-                if n_epochs == 0:
+                if n_epochs == done:
                     continue
+                resume = (done, at["step"], at["sgd"]) if at is not None and at["phase"] == phase else None
                 records += self._run_phase(phase, n_epochs, steps_per_epoch, train_loader, val_loader, bar, callback,
-                                           first_epoch=len(self.history) + len(records) + 1)
+                                           first_epoch=len(self.history) + len(records) + 1 - done, resume=resume,
+                                           ckpt=ckpt, records=records)
         finally:
             bar.close()
+            self._train_model = self.model
             for m in self._layers.values():
                 m.track_grad_eff(False)
                 m.scores.grad = None
@@ -475,7 +435,8 @@ class Pruner:
                            "scores by %.4g (consider more pruning epochs)", 100 * (before - target_density), shift)
 
     def _run_phase(self, phase: str, n_epochs: int, steps_per_epoch: int, train_loader: Iterable,
-                   val_loader: Optional[Iterable], bar, callback, first_epoch: int) -> List[Dict[str, Any]]:
+                   val_loader: Optional[Iterable], bar, callback, first_epoch: int, resume=None, ckpt=None,
+                   records: Sequence[Dict[str, Any]] = ()) -> List[Dict[str, Any]]:
         regrow = phase == "regrow"
         base_lr = self.regrowth_lr if regrow else self.lr
         optimizer = torch.optim.SGD(self._weight_params(), lr=base_lr, momentum=self.momentum,
@@ -499,16 +460,20 @@ class Pruner:
         hold = regrow and self.land == "hold" and self.target_sparsity is not None and bool(self.landings)
         cap = self._keep_count() if hold else None
         hook = self._score_hook(lambda: self.gamma / self.num_scores, score_lr, cap)
-        out, step = [], 0
-        for e in range(n_epochs):
+        out, step, e0 = [], 0, 0
+        if resume is not None:
+            e0, step = resume[0], resume[1]
+            optimizer.load_state_dict(resume[2])
+        for e in range(e0, n_epochs):
             if self.scheduler is not None and not regrow:
                 self.gamma = self.scheduler.gamma
             if not total:
                 epoch_lr[0] = cosine_lr(base_lr, e, n_epochs)
             gamma = self.gamma
-            loss, acc, step = train_epoch(self.model, train_loader, optimizer, label_smoothing=self.label_smoothing,
-                                          lr_at=lr_at, step0=step, after_backward=hook,
-                                          before_forward=self._zero_sinks)
+            loss, acc, step = train_epoch(self._train_model, train_loader, optimizer,
+                                          label_smoothing=self.label_smoothing, lr_at=lr_at, step0=step,
+                                          after_backward=hook, before_forward=self._zero_sinks, shard=True)
+            sync_buffers(self.model, self._layers)  # BatchNorm statistics: rank 0's on every rank
             density = self.density()
             if self.scheduler is not None and not regrow:
                 self.scheduler.step(density)
@@ -518,6 +483,9 @@ class Pruner:
             if val_loader is not None:
                 rec["val_acc"] = evaluate(self.model, val_loader)
             out.append(rec)
+            check_agreement(self, f"after {phase} epoch {rec['epoch']}")
+            if ckpt is not None:
+                ckpt.save(self, phase, e + 1, step, optimizer, train_loader, list(records) + out)
             if callback is not None:
                 callback(rec)
             post = {"loss": f"{loss:.3f}", "acc": f"{acc:.3f}", "sparsity": f"{100 * (1 - density):.2f}%",
