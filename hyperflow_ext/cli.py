@@ -82,10 +82,17 @@ def _pretrain_kw(args: argparse.Namespace) -> dict:
     return kw
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars unless --quiet, and under torchrun on rank 0 only."""
+    from . import distributed
+
+    return distributed.show_progress(not args.quiet)
+
+
 def _backbone(args: argparse.Namespace):
     from .models import load_pretrained
 
-    return load_pretrained(f"{args.arch}-glyphs", cache_dir=args.cache_dir, progress=not args.quiet,
+    return load_pretrained(f"{args.arch}-glyphs", cache_dir=args.cache_dir, progress=_progress(args),
                            seed=args.seed, device=_device(args), **_pretrain_kw(args))
 
 
@@ -101,24 +108,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_meta_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import cache_dir
+    from . import cache_dir, distributed
     from .data import fewshot_benchmark
     from .demo import _held_out_episodes, _mixed_episodes
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt" + (out.suffix or ".safetensors"))
-    backbone = _backbone(args)
-    meta = fewshot_benchmark(args.cache_dir, progress=not args.quiet).meta
+    with distributed.main_first():  # under torchrun rank 0 fills the caches, the other ranks read them
+        backbone = _backbone(args)
+        meta = fewshot_benchmark(args.cache_dir, progress=_progress(args)).meta
     flow = HyperFlow(backbone, params=args.params, seed=args.seed)
     query = 5 if args.objective == "query" else 0
     flow.fit(_mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,
              interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
-             train_config=DriftTrainConfig(iters=args.iters), progress=not args.quiet,
+             train_config=DriftTrainConfig(iters=args.iters), progress=_progress(args),
              perturbations=args.perturbations, objective=args.objective, checkpoint=checkpoint,
              recipe_episodes=_held_out_episodes(meta, args.seed), **({} if args.lr is None else {"lr": args.lr}))
     if args.horizon_tasks > 0:
-        flow.tune_horizon(_held_out_episodes(meta, args.seed), args.horizon_tasks, progress=not args.quiet)
+        flow.tune_horizon(_held_out_episodes(meta, args.seed), args.horizon_tasks, progress=_progress(args))
+    if not distributed.is_main():  # every rank holds the same flow; rank 0 writes it
+        return 0
     flow.save(out)
     checkpoint.unlink(missing_ok=True)  # the product is saved: nothing left to resume
     print(f"drift network ({args.interpolation}, {flow.subset.numel} adapted parameters, fine-tuning lr "
@@ -173,21 +183,26 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from . import distributed
     from ._io import save_tensors
     from .prune import Pruner
     from .prune.experiment import QUICK, DEFAULTS, _setup, evaluate
 
     if not 0.0 <= args.target < 1.0:
         raise CLIError(f"--target must lie in [0, 1), got {args.target}")
+    out = Path(args.out or "pruned.safetensors")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt" + (out.suffix or ".safetensors"))
     cfg = dict(QUICK if args.quick else DEFAULTS)
-    train, test, model = _setup(args.seed, cfg)
+    train, test, model = _setup(args.seed, cfg)  # the same dense model on every rank (seeded)
     dense_acc = evaluate(model, test)
     pruner = Pruner(model, target_sparsity=args.target)
     pruner.fit(train, epochs=args.epochs or cfg["epochs"], regrowth_epochs=cfg["regrowth_epochs"],
-               progress=not args.quiet)
+               progress=_progress(args), checkpoint=checkpoint)
     acc, sp = evaluate(model, test), pruner.sparsity()["overall"]
     pruner.remove()  # plain layers holding W ⊙ m
-    out = Path(args.out or "pruned.safetensors")
+    if not distributed.is_main():  # every rank holds the same pruned model; rank 0 writes it
+        return 0
+    checkpoint.unlink(missing_ok=True)
     save_tensors(out, model.state_dict(), {"task": "digits-cnn", "target": args.target, "sparsity": sp,
                                            "accuracy": acc, "dense_accuracy": dense_acc, "seed": args.seed})
     print(f"pruned digits CNN to {100 * sp:.2f}% sparsity: accuracy {100 * acc:.2f}% "
@@ -284,6 +299,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+#: commands that run under ``torchrun --nproc_per_node=N`` (every rank runs them; rank 0 writes)
+SCALES_OUT = ("meta-train", "prune")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperflow", description="Flow methods for PyTorch models: "
                                      "gradient-free few-shot adaptation (HyperFlow) and pruning by flow (Hyperflows).")
@@ -342,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.98, help="target sparsity in [0, 1)")
     p.add_argument("--epochs", type=int, default=None, help="pruning epochs")
     p.add_argument("--quick", action="store_true", help="small budgets")
+    p.add_argument("--checkpoint", default=None,
+                   help="pruning checkpoint, written after every epoch: an interrupted run resumes from it "
+                        "(default OUT with .ckpt before the suffix; removed once OUT is written)")
 
     p = add("export", cmd_export, "export a pruned model to sparse kernels; check outputs and time it")
     p.add_argument("--model", default=None, help="checkpoint from `hyperflow prune` (default pruned.safetensors)")
@@ -360,6 +382,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s")
     try:
+        if args.command in SCALES_OUT:  # under torchrun: join the job (gloo on CPU, nccl on CUDA)
+            from . import distributed
+
+            if distributed.init_from_env(_device(args)) and not distributed.is_main():
+                logging.getLogger().setLevel(max(level, logging.WARNING))  # one copy of the INFO log
         return args._commands[args.command](args)
     except CLIError as exc:
         print(f"hyperflow {args.command}: error: {exc}", file=sys.stderr)
@@ -372,6 +399,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"hyperflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if args.command in SCALES_OUT:
+            from . import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ runs stay bit for bit what they were.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -25,8 +26,8 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple, TypeVar, 
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank", "world_size", "is_main", "active", "init_from_env", "shard_blocks", "batch_slice",
-           "show_progress", "on_main", "barrier", "agree_across_ranks", "broadcast_tensors", "all_reduce_sum_",
+__all__ = ["rank", "world_size", "is_main", "active", "init_from_env", "shutdown", "shard_blocks", "batch_slice",
+           "show_progress", "on_main", "main_first", "barrier", "agree_across_ranks", "broadcast_tensors", "all_reduce_sum_",
            "RankDriftError"]
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,12 @@ def init_from_env(device: Union[str, torch.device] = "cpu", timeout_s: float = 6
     return True
 
 
+def shutdown() -> None:
+    """Leave the process group, if one is up (the end of a ``torchrun`` job)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_blocks(n_blocks: int, rank_: Optional[int] = None, world: Optional[int] = None) -> List[int]:
     """The blocks ``0..n_blocks-1`` this rank owns: ``b`` with ``b % world == rank`` (round robin).
 
@@ -144,6 +151,24 @@ def on_main(fn: Callable[..., T], *args, **kwargs) -> Optional[T]:
     out = fn(*args, **kwargs) if is_main() else None
     barrier()
     return out
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (building a cache: a pretrained backbone, rendered data), then the
+    other ranks run it and find the cache filled. A plain block when not distributed.
+
+    Example:
+        >>> with main_first():
+        ...     backbone = load_pretrained("conv4-glyphs")
+    """
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
 
 
 @functools.lru_cache(maxsize=None)
