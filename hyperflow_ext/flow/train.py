@@ -91,6 +91,8 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
     Raises:
         ValueError: ``checkpoint`` was written by another run (other settings, data or initial
             weights), or ``checkpoint_every`` is not an int >= 1.
+        FloatingPointError: the training loss became NaN/Inf; raised before that step's update, with
+            the checkpoint file left as it was (the last good state).
     """
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"train_drift: checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
@@ -110,6 +112,7 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
     if ckpt is not None and ckpt.exists():
         start, best, best_state = ckpt.restore(net, opt, sched, gen, history)
         logger.info("train_drift: resuming from %s at iteration %d of %d", ckpt.path, start, config.iters)
+    saved = start  # the iteration the checkpoint file holds
     bar = tqdm(range(start, config.iters), desc=f"drift ({interpolation})", unit="it", initial=start,
                total=config.iters, disable=not distributed.show_progress(progress))
     # Under torchrun: DDP, each rank on its share of the same global batch (see DataParallelLoss).
@@ -119,6 +122,12 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
         rows = torch.randint(n, (config.batch_size,), generator=gen)
         t = torch.rand(config.batch_size, generator=gen)
         loss, value = step_loss(rows, t)
+        if not math.isfinite(value):  # stop before the update: the weights stay those of the last good step
+            kept = (f"; the last good checkpoint {ckpt.path} (iteration {saved}) is kept"
+                    if ckpt is not None and saved else "")
+            raise FloatingPointError(f"train_drift: the loss became {value} at iteration {it + 1}; stopped before "
+                                     f"updating, so the network holds the weights of iteration {it}{kept} (lower "
+                                     f"the learning rate or check the trajectories for NaN/Inf)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,6 +145,7 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
         if ckpt is not None and distributed.is_main() and ((it + 1) % checkpoint_every == 0
                                                          or it + 1 == config.iters):
             ckpt.save(it + 1, net, opt, sched, gen, history, best, best_state)
+            saved = it + 1
     net.eval()
     if best_state is not None:
         net.load_state_dict(best_state)

@@ -3,7 +3,7 @@ inference layers (direct sparse convolution), and stand-alone export (:func:`spa
 :func:`load`)."""
 from .csr import CSRMatrix, csr_spmm, csr_spmm_reference
 from .conv import SparseConv2d, csr_conv2d, csr_conv2d_reference
-from .export import DenseConv2d, fold_batchnorm, format_report, load, save, sparsify
+from .export import CollapsedLayerWarning, DenseConv2d, fold_batchnorm, format_report, load, save, sparsify
 from .linear import SparseLinear, csr_linear, csr_linear_reference
 from .masked import (masked_matmul, masked_matmul_grad_input, masked_matmul_grad_input_reference,
                      masked_matmul_reference, score_mask)
@@ -11,4 +11,4 @@ from .masked import (masked_matmul, masked_matmul_grad_input, masked_matmul_grad
 __all__ = ["CSRMatrix", "csr_spmm", "csr_spmm_reference", "csr_linear", "csr_linear_reference", "csr_conv2d", "csr_conv2d_reference",
            "SparseLinear", "SparseConv2d", "masked_matmul", "masked_matmul_grad_input",
            "masked_matmul_reference", "masked_matmul_grad_input_reference", "score_mask",
-           "DenseConv2d", "fold_batchnorm", "sparsify", "format_report", "save", "load"]
+           "DenseConv2d", "CollapsedLayerWarning", "fold_batchnorm", "sparsify", "format_report", "save", "load"]

@@ -34,6 +34,7 @@ import logging
 import operator
 import os
 import statistics
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
@@ -46,9 +47,15 @@ from .conv import SparseConv2d
 from .csr import CSRMatrix
 from .linear import SparseLinear
 
-__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "save", "load", "FORMAT"]
+__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "save", "load", "FORMAT",
+           "CollapsedLayerWarning"]
 
 logger = logging.getLogger(__name__)
+
+
+class CollapsedLayerWarning(RuntimeWarning):
+    """A layer being exported has no nonzero weight left: its output no longer depends on its input,
+    so the exported network ignores its input from there on (pruned to death, not compressed)."""
 
 FORMAT = "hyperflow-sparse/1"
 _RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
@@ -283,7 +290,11 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     Returns:
         ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
         eval mode with gradients off, and one dict per converted layer (``name, layer, kind, density,
-        bn, relu, residual, sparse_ms, dense_ms, speedup`` and, when timed, ``channels_last``).
+        bn, relu, collapsed, residual, sparse_ms, dense_ms, speedup`` and, when timed, ``channels_last``).
+
+    Warns:
+        CollapsedLayerWarning: a convolution or linear layer has no nonzero weight left (a layer pruned
+            to zero makes a dead network); the layers are named, and flagged ``collapsed`` in the report.
 
     Example:
         >>> sparse_model, report = sparsify(model.eval(), torch.randn(32, 3, 32, 32))
@@ -316,6 +327,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             for h in hooks:
                 h.remove()
     report: List[Dict[str, Any]] = []
+    collapsed: List[str] = []
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or isinstance(mod, DenseConv2d):
             continue
@@ -328,6 +340,8 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             _set_module(model, bn, nn.Identity())
         if fused and relu_mod:
             _set_module(model, relu_mod, nn.Identity())
+        if not bool(dense.weight.detach().any()):
+            collapsed.append(name)
         if name not in selected:
             if bn or fused:
                 _set_module(model, name, DenseConv2d.from_conv2d(dense, relu=fused))
@@ -338,7 +352,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         else:
             sparse_mod, dense_mod = SparseLinear.from_linear(dense), dense
         rec: Dict[str, Any] = {"name": name, "kind": "sparse", "layer": type(mod).__name__,
-                               "density": sparse_mod.density(), "bn": bn, "relu": fused,
+                               "density": sparse_mod.density(), "bn": bn, "relu": fused, "collapsed": name in collapsed,
                                "sparse_ms": None, "dense_ms": None, "speedup": None}
         chosen = sparse_mod
         if name in inputs:
@@ -354,6 +368,10 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             r["residual"] = r["name"] in fused_names
             r["relu"] = r["relu"] or r["residual"]
     model.requires_grad_(False)
+    if collapsed:
+        warnings.warn(f"{op}: layer(s) {', '.join(collapsed)} have no nonzero weight left (pruned to zero): their "
+                      f"output no longer depends on their input, so the exported network ignores its input there; "
+                      f"prune less, or leave these layers out of pruning", CollapsedLayerWarning, stacklevel=2)
     if example_input is not None:
         _pick_layout(model, example_input, report, time_budget_s)
     logger.debug("sparsify:\n%s", format_report(report))
