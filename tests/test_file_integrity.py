@@ -2,7 +2,8 @@
 refused with an error naming the file (never loaded as a wrong model); a process killed in the middle
 of writing one leaves the previous complete file (or none), and a rerun resumes.
 
-File kinds: drift checkpoints (HyperFlow.save), training checkpoints (train_drift(checkpoint=)),
+File kinds: drift checkpoints (HyperFlow.save), training checkpoints (train_drift(checkpoint=),
+Pruner.fit(checkpoint=)),
 trajectory chunks (record_trajectories(store=)), pretrained backbones (load_pretrained's cache),
 pruned models (`hyperflow prune`'s state dict) and exported sparse models (hf.sparse.save). All are
 written by hyperflow_ext._io.save_tensors, whose content checksum catches the flipped bytes that
@@ -115,6 +116,22 @@ def test_training_checkpoint(tmp_path):
         assert not all(torch.equal(fresh.state_dict()[k], start[k]) for k in start)  # the trained weights
 
     assert assert_every_damage_is_refused(path, resume) > 50
+
+
+def test_pruning_checkpoint(tmp_path):
+    from hyperflow_ext.prune._loop import TensorLoader
+
+    path = tmp_path / "prune.ckpt.safetensors"
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 8, 8, generator=g), torch.arange(32) % 5
+
+    def fit():
+        pruner = hf.Pruner(_pruned_cnn(), target_sparsity=0.5)
+        pruner.fit(TensorLoader(x, y, batch_size=16), epochs=1, progress=False, checkpoint=path)
+        return pruner
+
+    fit()
+    assert assert_every_damage_is_refused(path, fit) > 50
 
 
 def test_trajectory_chunk(backbone, tmp_path):

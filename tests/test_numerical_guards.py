@@ -99,6 +99,35 @@ def test_pruning_stops_on_nan_loss_with_finite_state():
     pruner.export()  # still a working pruner
 
 
+def test_pruning_stops_on_nan_loss_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import hyperflow_ext.prune._loop as loop
+
+    def run(checkpoint=None):
+        pruner = hf.Pruner(_classifier(), target_sparsity=0.5)
+        pruner.fit(_loader(), epochs=4, progress=False, checkpoint=checkpoint)
+        return pruner
+
+    whole = run()  # the uninterrupted run
+    ckpt = tmp_path / "prune.ckpt.safetensors"
+    real_ce, calls = loop.F.cross_entropy, [0]
+    batches = len(_loader())
+
+    def ce_nan_in_epoch_3(*args, **kwargs):
+        calls[0] += 1
+        loss = real_ce(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 2 * batches + 2 else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", ce_nan_in_epoch_3)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        run(ckpt)
+    monkeypatch.undo()
+    _, meta = load_tensors(ckpt)
+    assert meta["epoch"] == 2  # the checkpoint of the last finished epoch, untouched
+    resumed = run(ckpt)  # a rerun resumes after epoch 2 and ends where the uninterrupted run ends
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[k], v), k
+
+
 def test_export_warns_about_a_layer_pruned_to_zero():
     model = _classifier()
     pruner = hf.Pruner(model, target_sparsity=0.5)
