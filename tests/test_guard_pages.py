@@ -3,8 +3,8 @@
 The sanitised build (.ci/sanitize.sh) checks every scalar access, but GCC does not instrument the
 loads and stores of vector intrinsics, and that build is the generic x86-64 one. Here the installed
 build (``-march=native``: the AVX2 / AVX-512 paths where the machine has them) runs with every operand
-placed so that its last byte is the last byte before an inaccessible page: one byte read or written
-past the end is a segmentation fault. A child process runs the kernels over ragged sizes (0, 1 and
+placed so that its last byte is the last byte before an inaccessible page (or its first byte the first
+after one): one byte read or written past the end (or before the start) is a segmentation fault. A child process runs the kernels over ragged sizes (0, 1 and
 around the vector widths), so a fault fails this test instead of the whole run.
 """
 import os
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not native.available() or not sys.platform.start
                                 reason="native extension not built, or no mprotect")
 
 CHILD = textwrap.dedent('''
-    import ctypes, itertools, math, mmap
+    import ctypes, itertools, math, mmap, os
     import torch
     from hyperflow_ext.flow.drift import PackedDrift
     from hyperflow_ext.flow.integrate import drift_integrate, drift_integrate_reference
@@ -35,20 +35,24 @@ CHILD = textwrap.dedent('''
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     PAGE, keep = mmap.PAGESIZE, []
 
+    AT_END = os.environ["FENCE"] == "end"
+
     def fenced(t):
-        """A copy of ``t`` (contiguous) whose storage ends right before a PROT_NONE page."""
+        """A copy of ``t`` (contiguous) whose storage ends right before a PROT_NONE page (FENCE=end), or
+        starts right after one (FENCE=start)."""
         nbytes = t.numel() * t.element_size()
         pages = -(-nbytes // PAGE) + 1
         buf = mmap.mmap(-1, pages * PAGE)
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        assert libc.mprotect(base + (pages - 1) * PAGE, PAGE, 0) == 0, ctypes.get_errno()
+        guard = base + (pages - 1) * PAGE if AT_END else base
+        assert libc.mprotect(guard, PAGE, 0) == 0, ctypes.get_errno()
         keep.append(buf)
         if nbytes == 0:
             return t.clone()
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=(pages - 1) * PAGE - nbytes)
-        out = raw.view(t.dtype).view(t.shape)
+        offset = (pages - 1) * PAGE - nbytes if AT_END else PAGE
+        out = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset).view(t.dtype).view(t.shape)
         out.copy_(t)
-        assert out.data_ptr() + nbytes == base + (pages - 1) * PAGE
+        assert out.data_ptr() == (guard - nbytes if AT_END else guard + PAGE)
         return out
 
     def close(a, b, dtype):
@@ -117,9 +121,9 @@ CHILD = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize("threads", ["1", "2"])
-def test_no_kernel_reads_or_writes_past_its_operands(tmp_path, threads):
-    env = dict(os.environ, OMP_NUM_THREADS=threads)
+@pytest.mark.parametrize("threads,fence", [("1", "end"), ("2", "end"), ("2", "start")])
+def test_no_kernel_reads_or_writes_past_its_operands(tmp_path, threads, fence):
+    env = dict(os.environ, OMP_NUM_THREADS=threads, FENCE=fence)
     # cwd outside the checkout, so the child imports the installed package and its native build
     res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", CHILD], capture_output=True, text=True,
                          timeout=600, cwd=tmp_path, env=env)
