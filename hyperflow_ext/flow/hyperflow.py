@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
 from .baselines import LR_GRID, tune_lr
+from .batched import encode_tasks
 from .checks import check_support
 from .drift import DriftNetwork, PackedDrift
 from .integrate import drift_integrate, drift_integrate_reference
@@ -483,7 +484,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
         ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
-        z = torch.cat([flow.encoder(sx, sy, w) for sx, sy, w in zip(support_x, support_y, ways)])
+        z = encode_tasks(flow.encoder, support_x, support_y, ways)  # same-shaped tasks in one batch
         thetas = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard, ood_radius)
         return [AdaptedProtoNet(backbone, flow.subset, th, sx, sy, w, flow.metric, flow.scale)
                 for th, sx, sy, w in zip(thetas, support_x, support_y, ways)]

@@ -1,0 +1,45 @@
+"""Many tasks in one call: the task encoder over all support sets in large batches.
+
+:func:`fused_adapt` takes a list of support sets of different sizes. Encoding them one by one runs
+the encoder on tiny batches (a 5-way 1-shot set is 5 images); :func:`encode_tasks` stacks every
+group of same-shaped tasks into one ``(tasks, shots, C, H, W)`` batch, so the encoder runs once
+per group (in :class:`~hyperflow_ext.flow.task.TaskEncoder`'s equal parts) and the drift
+integration that follows is one native call, or one kernel launch, over all tasks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .task import TaskEncoder
+
+__all__ = ["encode_tasks"]
+
+
+def encode_tasks(encoder: TaskEncoder, support_x: Sequence[torch.Tensor], support_y: Sequence[torch.Tensor],
+                 ways: Sequence[int]) -> torch.Tensor:
+    """Task embeddings of checked support sets, same-shaped tasks encoded together.
+
+    Shape:
+        - support_x: per task ``(shots, C, H, W)``; support_y: per task ``(shots,)``.
+        - Returns: ``(tasks, task_dim)`` in the order given.
+
+    The embedding of a task does not depend on which tasks share its batch (every statistic is per
+    task; the encoder is a frozen, eval-mode network), up to float rounding of the larger matmuls.
+    """
+    groups: Dict[Tuple, List[int]] = {}
+    for i, (sx, sy, way) in enumerate(zip(support_x, support_y, ways)):
+        key = (tuple(sx.shape), sx.dtype, sx.device, tuple(sy.shape), int(way))
+        groups.setdefault(key, []).append(i)
+    rows: List[torch.Tensor] = [None] * len(ways)  # type: ignore[list-item]
+    for key, members in groups.items():
+        if len(members) == 1:
+            i = members[0]
+            z = encoder(support_x[i], support_y[i], ways[i])
+        else:
+            z = encoder(torch.stack([support_x[i] for i in members]), torch.stack([support_y[i] for i in members]),
+                        key[-1])
+        for j, i in enumerate(members):
+            rows[i] = z[j]
+    return torch.stack(rows)
