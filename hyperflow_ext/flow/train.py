@@ -150,6 +150,7 @@ def train_drift(net: DriftNetwork, train: TrajectorySet, interpolation: str,
     if best_state is not None:
         net.load_state_dict(best_state)
         logger.info("train_drift: kept the best validation loss %.4f", best)
+    distributed.agree_across_ranks(net.state_dict(), "train_drift: the trained drift network")  # under torchrun
     return history
 
 
