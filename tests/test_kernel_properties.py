@@ -268,15 +268,15 @@ def test_group_norm_property(n, groups, per_group, hw, affine, relu, dtype, seed
         if affine:
             want = want * w64[:, None, None] + b64[:, None, None]
         want = want.relu() if relu else want
-    got = group_norm_(x, groups, weight, bias, 1e-5, relu, backend="native")
+    # float32: x - mean is exact to a few ulps of |x|, then scaled by 1/sqrt(var + eps), so a group of one
+    # value (or of nearly equal values) amplifies that rounding up to ~316x
+    grouped = x.double().reshape(n, groups, per_group * hw[0] * hw[1])
+    amplify = float(((grouped - grouped.mean(2, keepdim=True)).pow(2).mean(2) + 1e-5).rsqrt().max()) if n else 1.0
+    scale = 1.0 if weight is None else max(1.0, float(weight.abs().max()))
+    atol = 1e-4 + 8 * 2.0 ** -23 * float(x.abs().max() if n else 0) * amplify * scale
+    got = group_norm_(x, groups, weight, bias, 1e-5, relu, backend="native")  # in place
     assert got is x
-    if dtype == torch.float32 and n:
-        # x - mean is exact to a few ulps of |x|, then scaled by 1/sqrt(var + eps): a group of one value
-        # (or of nearly equal values) amplifies that rounding up to ~316x
-        grouped = x.double().reshape(n, groups, per_group * hw[0] * hw[1])
-        amplify = float(((grouped - grouped.mean(2, keepdim=True)).pow(2).mean(2) + 1e-5).rsqrt().max())
-        scale = 1.0 if weight is None else max(1.0, float(weight.abs().max()))
-        atol = 1e-4 + 8 * 2.0 ** -23 * float(x.abs().max()) * amplify * scale
+    if dtype == torch.float32:
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=atol)
     else:
         close(got, want, dtype)
