@@ -4,7 +4,8 @@ pretrain (cached, source scripts) → tune fine-tuning's learning rates and reco
 (meta-training domains of :func:`~hyperflow_ext.data.fewshot_benchmark`) → train
 HyperFlow-L/-PL/-C and tune their horizon on held-out meta-training episodes → cross-domain
 few-shot table → loss along the flow vs fine-tuning → prune with Hyperflows (vs magnitude
-pruning) and fit the power law → export → sparse-kernel timing → ``report.md`` and PNG plots.
+pruning) and fit the power law → export → a wider CNN where sparsity pays (pruned, exported, timed
+end to end) → sparse-kernel timing → ``report.md`` and PNG plots.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ class DemoConfig:
     prune_quick: bool = False
     power_law_gammas: List[float] = field(default_factory=lambda: [0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
     kernel_sparsities: List[float] = field(default_factory=lambda: [0.9, 0.95, 0.98, 0.99])
+    pays_sparsity: float = 0.98      # the wider CNN of the "sparsity pays" stage (prune.pays)
 
     @classmethod
     def quick(cls, seed: int = 0) -> "DemoConfig":
@@ -171,6 +173,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     """Run every stage and write ``out/report.md`` plus plots; returns the report path."""
     from . import report
     from .prune.experiment import run_power_law_study, run_pruning_experiment
+    from .prune.pays import run_sparsity_pays
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +233,11 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     pruning = st.run("pruning", lambda: run_pruning_experiment(seed=cfg.seed, quick=cfg.prune_quick, progress=progress),
                      lambda p: "; ".join(f"{r['target']:.0%}: HF {r['hyperflows']['acc']:.3f} vs mag "
                                          f"{r['magnitude']['acc']:.3f}" for r in p["rows"]))
+    pays = st.run("sparsity pays", lambda: run_sparsity_pays(cfg.pays_sparsity, seed=cfg.seed, quick=cfg.prune_quick,
+                                                             progress=progress),
+                  lambda p: f"{100 * p['sparsity']:.1f}% sparse, acc {100 * p['pruned_acc']:.2f}% (dense "
+                            f"{100 * p['dense_acc']:.2f}%); " + ", ".join(
+                                f"batch {r['batch']}: {r['speedup']:.2f}x dense" for r in p["speed"]))
     law = st.run("power law", lambda: run_power_law_study(gammas=cfg.power_law_gammas, seed=cfg.seed,
                                                           quick=cfg.prune_quick, progress=progress),
                  lambda p: f"{p['law']['formula']}, held-out error {p['held_out']['error_points']:.2f} points")
@@ -248,7 +256,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
             "learning_rates": lrs,
             "horizons": {label: {"chosen": f.horizon, "meta_val_accuracy": horizon_scores[label]}
                          for label, f in flows.items()},
-            "loss_curves": curves, "pruning": pruning, "power_law": law, "kernels": kernels}
+            "loss_curves": curves, "pruning": pruning, "sparsity_pays": pays, "power_law": law, "kernels": kernels}
     with atomic_path(out / "results.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str))
     return report.write_report(out, data)

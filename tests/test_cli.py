@@ -54,7 +54,7 @@ def test_demo_quick_writes_report_and_every_plot(demo_report):
     from hyperflow_ext.report import PLOTS
 
     text = (demo_report / "report.md").read_text()
-    for heading in ("Few-shot adaptation", "Pruning by flow", "Power law", "Sparse kernels"):
+    for heading in ("Few-shot adaptation", "Pruning by flow", "Where sparsity pays", "Power law", "Sparse kernels"):
         assert heading in text
     for name in PLOTS:
         data = (demo_report / name).read_bytes()

@@ -10,6 +10,7 @@
 * :func:`gradual_magnitude_prune` — Zhu & Gupta's gradual magnitude pruning (cubic schedule, pruning
   during training, same epoch budget).
 * :func:`run_pruning_experiment`, :func:`run_power_law_study` — the embedded experiment.
+* :func:`run_sparsity_pays` — a wider digits CNN pruned by Hyperflows, exported, timed end to end.
 """
 from .flow_ops import flow_step, flow_step_reference
 from .functional import masked_conv2d, masked_linear
@@ -20,8 +21,10 @@ from .power_law import PowerLaw, fit_power_law
 from .pruner import Pruner
 from .schedule import PressureScheduler, keep_trajectory
 from .experiment import run_power_law_study, run_pruning_experiment
+from .pays import run_sparsity_pays
 
 __all__ = ["flow_step", "flow_step_reference", "masked_conv2d", "masked_linear",
            "MaskedLinear", "MaskedConv2d", "Pruner", "PressureScheduler", "keep_trajectory",
            "PowerLaw", "fit_power_law", "magnitude_prune", "gradual_magnitude_prune", "cubic_sparsity", "run_pruning_experiment", "run_power_law_study",
+           "run_sparsity_pays",
            "functional", "flow_ops"]

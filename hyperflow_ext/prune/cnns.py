@@ -22,19 +22,21 @@ def _conv_bn_relu(cin: int, cout: int) -> Tuple[nn.Module, ...]:
 
 
 class VGGStyle(nn.Module):
-    """VGG-style CNN for ``(N, 3, 32, 32)`` inputs.
+    """VGG-style CNN for ``(N, in_channels, 32, 32)`` inputs.
 
     Args:
         widths: channels of the five convolutions.
         num_classes: outputs of the linear head.
+        in_channels: input channels (3 for colour images, 1 for grey-scale ones such as digits).
     """
 
-    def __init__(self, widths: Sequence[int] = (64, 128, 256, 256, 512), num_classes: int = 10) -> None:
+    def __init__(self, widths: Sequence[int] = (64, 128, 256, 256, 512), num_classes: int = 10,
+                 in_channels: int = 3) -> None:
         super().__init__()
         w = list(widths)
         pool = {0, 1, 3}
         layers = []
-        cin = 3
+        cin = int(in_channels)
         for i, c in enumerate(w):
             layers += list(_conv_bn_relu(cin, c))
             if i in pool:
