@@ -13,7 +13,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import native  # noqa: E402  (never raises: a missing build is reported, not fatal)
-from . import data, flow, measure, models, prune, sparse  # noqa: E402
+from . import data, distributed, flow, measure, models, prune, sparse  # noqa: E402
 from ._io import cache_dir  # noqa: E402
 from .flow import HyperFlow, fused_adapt  # noqa: E402
 from .prune import Pruner  # noqa: E402
