@@ -12,6 +12,8 @@ runs stay bit for bit what they were.
 * :func:`agree_across_ranks` — fail loudly when state that must be identical on every rank drifts.
 * :func:`broadcast_tensors`, :func:`all_reduce_sum_` — collectives on CPU tensors, whatever the
   group's back-end (a gloo side group serves CPU tensors under nccl).
+* :class:`DataParallelLoss` — a global batch's mean loss through ``DistributedDataParallel``, each
+  rank on its share, equal to the single-process gradient to float rounding.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch.distributed as dist
 
 __all__ = ["rank", "world_size", "is_main", "active", "init_from_env", "shutdown", "shard_blocks", "batch_slice",
            "show_progress", "on_main", "main_first", "barrier", "agree_across_ranks", "broadcast_tensors", "all_reduce_sum_",
-           "RankDriftError"]
+           "cpu_group", "DataParallelLoss", "RankDriftError"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
