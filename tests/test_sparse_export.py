@@ -55,6 +55,9 @@ def test_sparsify_folds_fuses_and_matches(cls):
         assert convs["blocks.0.conv2"]["residual"] and convs["blocks.0.conv2"]["relu"]
         assert convs["blocks.0.conv1"]["relu"] and not convs["blocks.0.conv1"]["residual"]
         assert isinstance(sparse, torch.fx.GraphModule)
+        called = [str(n.target) for n in sparse.graph.nodes if n.op == "call_module"]
+        assert not any(isinstance(sparse.get_submodule(t), nn.Identity) for t in called)  # skipped in the graph
+        assert isinstance(sparse.get_submodule("blocks.0.bn1"), nn.Identity)  # but still a module (manifest)
     for r in report:
         assert r["kind"] in ("sparse", "dense") and r["sparse_ms"] > 0 and r["dense_ms"] > 0
         mod = sparse.get_submodule(r["name"])
