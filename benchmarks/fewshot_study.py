@@ -9,7 +9,7 @@ is tuned the same way on meta-training episodes only. Each ``--variants`` entry 
 Usage::
 
     python benchmarks/fewshot_study.py [--tasks 200] [--episodes 100] [--shots 5]
-        [--variants final layers] [--threads 1] [--out docs/fewshot-study/results.json]
+        [--variants final layers] [--norm batch] [--threads 1] [--out docs/fewshot-study/results.json]
     python benchmarks/fewshot_study.py --leave-out [FAMILY ...]   # leave-one-family-out folds
 
 Prints per-target accuracy (mean ± 95 % interval) and the share of bias tuning's gain over direct
@@ -30,7 +30,7 @@ import hyperflow_ext as hf
 from hyperflow_ext._io import atomic_path
 from hyperflow_ext.data import EpisodeSampler, families, fewshot_benchmark, leave_one_out
 from hyperflow_ext.flow import HyperFlow, TrajectorySet, fused_adapt
-from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt
+from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt, support_statistics
 from hyperflow_ext.flow.evaluate import evaluate_few_shot
 
 
@@ -72,6 +72,9 @@ def run(backbone, meta, targets, args, log_prefix: str = "") -> dict:
     lr = recipe["lr"]
     methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
                "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", 50, lr)}
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        # gradient-free reference for BatchNorm backbones (reported, not part of the recovered share)
+        methods["support statistics"] = lambda sx, sy: support_statistics(backbone, sx, sy)
     for variant, flow in flows.items():
         methods[f"HyperFlow[{variant}]"] = (lambda f: lambda sx, sy: fused_adapt(backbone, sx, sy, flow=f))(flow)
     results = evaluate_few_shot(methods, targets, shots=args.shots, episodes=args.episodes, seed=args.seed,
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--objective", default=None, choices=["support", "query"],
                     help="trajectory objective (default: fit's)")
     ap.add_argument("--backbone", default="conv4-glyphs")
+    ap.add_argument("--norm", default=None, help="backbone normalisation (e.g. batch: a BatchNorm Conv4)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -124,7 +128,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     split = fewshot_benchmark(progress=False)
-    backbone = hf.models.load_pretrained(args.backbone, progress=False)
+    backbone = hf.models.load_pretrained(args.backbone, progress=False,
+                                         backbone_kw={"norm": args.norm} if args.norm else None)
     if args.leave_out is None:
         targets = {k: v for k, v in split.target.items() if not args.targets or k in args.targets}
         data = run(backbone, split.meta, targets, args)

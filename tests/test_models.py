@@ -150,7 +150,7 @@ def test_backbone_constructor_errors():
     with pytest.raises(ValueError, match="TinyViT.forward: x must be 28x28"):
         TinyViT()(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="Conv4: norm"):
-        Conv4(norm="batch")
+        Conv4(norm="layer")
     with pytest.raises(TypeError, match="Conv4: hidden"):
         Conv4(hidden=3.5)
     with pytest.raises(ValueError, match="ResNet8: widths"):
@@ -505,3 +505,13 @@ def test_default_pretrained_key_follows_the_source_scripts(tmp_path, monkeypatch
     monkeypatch.setattr(benchmark, "SOURCE_SCRIPTS", ("Latin", "Greek"))
     # Another default split must not load the backbone cached for the old one.
     assert pretrained_path("conv4-glyphs", cache_dir=tmp_path) != before
+
+
+def test_batchnorm_conv4_and_resnet8_run_in_eval_mode():
+    for net in (Conv4(norm="batch", hidden=8), ResNet8(norm="batch", widths=(8, 8, 8))):
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+        net.eval()
+        x = torch.rand(3, 1, 28, 28)
+        with torch.no_grad():
+            one, full = net(x[:1]), net(x)
+        torch.testing.assert_close(one, full[:1])  # eval mode: running statistics, no batch coupling

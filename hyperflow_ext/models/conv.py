@@ -8,7 +8,9 @@ one, and nothing changes behind the adaptation method's back when it runs forwar
 GroupNorm subtracts each group's mean, which cancels only the *within-group mean* of the
 preceding convolution's bias: per-channel differences survive, so the convolution biases still
 steer the features (and the norm's own ``bias`` acts on the normalised output). ``norm="none"``
-gives plain conv + bias + ReLU blocks where every convolution bias acts directly.
+gives plain conv + bias + ReLU blocks where every convolution bias acts directly. ``norm="batch"``
+(BatchNorm) is offered for measuring adaptation on BatchNorm backbones: it is used in ``eval()``
+mode after pretraining, with the source data's running statistics.
 """
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ from .norm import launch_group_norm_
 
 __all__ = ["Conv4", "ResNet8", "NORMS"]
 
-NORMS = ("group", "none")
+NORMS = ("group", "batch", "none")
 
 
 def _norm(fn: str, norm: str, channels: int, groups: int) -> nn.Module:
     if norm == "group":
         g = math.gcd(channels, groups)
         return nn.GroupNorm(g, channels, affine=True)
+    if norm == "batch":  # eval-mode BatchNorm after pretraining: running statistics of the source data
+        return nn.BatchNorm2d(channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"{fn}: norm must be one of {NORMS}, got {norm!r}")
@@ -44,7 +48,7 @@ def _init_conv_net(module: nn.Module) -> None:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.GroupNorm):
+        elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
     # NHWC weights make the CPU convolution emit NHWC maps, for which PyTorch's max-pool and
@@ -82,7 +86,7 @@ class Conv4(nn.Module):
     Args:
         in_channels: image channels.
         hidden: channels of every block.
-        norm: ``"group"`` (GroupNorm, affine, default) or ``"none"``. See the module docstring.
+        norm: ``"group"`` (GroupNorm, affine, default), ``"batch"`` or ``"none"``. See the module docstring.
         groups: GroupNorm groups (reduced to ``gcd(hidden, groups)``).
 
     Shape:
@@ -170,7 +174,7 @@ class ResNet8(nn.Module):
         in_channels: image channels.
         widths: channels of the three stages (the stem uses ``widths[0]``).
         strides: strides of the three stages.
-        norm: ``"group"`` (default) or ``"none"``, as in :class:`Conv4`.
+        norm: ``"group"`` (default), ``"batch"`` or ``"none"``, as in :class:`Conv4`.
         groups: GroupNorm groups (reduced to ``gcd(channels, groups)``).
 
     Shape:
