@@ -197,3 +197,17 @@ def test_pruner_checkpoint_resumes_exactly(tmp_path):
     model4, loader4 = worker.prune_setup(batchnorm=True)
     with pytest.raises(ValueError, match="written by another pruning run"):
         Pruner(model4, target_sparsity=0.7).fit(loader4, 4, 2, progress=False, checkpoint=ckpt)
+
+
+@pytest.mark.slow
+def test_cli_prune_under_torchrun_writes_one_output_from_rank_0(tmp_path):
+    out = tmp_path / "pruned.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "hyperflow_ext.cli", "prune", "--quick", "--target", "0.9",
+           "--out", str(out), "-q"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("pruned digits CNN") == 1 and "hyperflows" not in res.stderr  # rank 0 prints; -q: no bars
+    tensors, meta = load_tensors(out)
+    assert meta["sparsity"] == pytest.approx(0.9, abs=0.005)
+    assert not (tmp_path / "pruned.ckpt.safetensors").exists()  # removed once the model is written
