@@ -113,7 +113,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         step0: global step count at the start of this epoch.
         after_backward: ``hook(global_step)`` called after ``loss.backward()``, before the step.
         before_forward: ``hook(global_step)`` called before the forward pass.
-        shard: under ``torch.distributed``, every rank reads the same global batches and trains on
+        shard: under ``torch.distributed``, every rank reads the same global batches (checked on the
+            first batch of the epoch) and trains on
             its rows (:func:`~hyperflow_ext.distributed.batch_slice`) with the loss weighted by its
             share, so that a ``DistributedDataParallel`` ``model`` averages to the global batch's
             gradient; the returned loss and accuracy are over the global batches.
@@ -132,6 +133,9 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         x, y = batch_to(batch, device)
         weight = 1.0
         if world > 1:
+            if step == step0:  # once per epoch: the ranks must be reading the same global batches
+                distributed.agree_across_ranks([y], "train_epoch: the epoch's first global batch (every rank must "
+                                                    "iterate the same batches: a seeded loader)")
             lo, hi = distributed.batch_slice(y.shape[0])
             x, y, weight = x[lo:hi], y[lo:hi], (hi - lo) * world / y.shape[0]
         if lr_at is not None:
