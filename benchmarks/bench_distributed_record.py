@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 EPISODES, ROUNDS = 12, 3
 
