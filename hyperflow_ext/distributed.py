@@ -192,12 +192,12 @@ def cpu_group():
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum CPU tensors over the ranks in place (no-op when not distributed)."""
+    """Sum tensors over the ranks in place (no-op when not distributed): CPU tensors through the gloo
+    group, device tensors through the default group (nccl in a CUDA job)."""
     if not active():
         return
-    group = _cpu_group()
     for t in tensors:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group() if t.device.type == "cpu" else None)
 
 
 _DTYPES = [torch.float32, torch.float64, torch.int64, torch.int32, torch.bool, torch.float16, torch.bfloat16,
@@ -219,6 +219,9 @@ def broadcast_tensors(tensors: Optional[Sequence[torch.Tensor]], src: int) -> Li
     group, me = _cpu_group(), rank()
     if me == src:
         tensors = [t.detach().contiguous().cpu() for t in tensors]
+        if any(t.dim() > 8 or t.dtype not in _DTYPES for t in tensors):
+            raise ValueError(f"broadcast_tensors: tensors of at most 8 dimensions and dtypes {_DTYPES} only, got "
+                             f"{[(t.dtype, t.dim()) for t in tensors]}")
         header = torch.tensor([len(tensors)], dtype=torch.int64)
     else:
         header = torch.zeros(1, dtype=torch.int64)

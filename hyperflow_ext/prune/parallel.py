@@ -64,7 +64,7 @@ def average_grad_eff(layers: Mapping[str, nn.Module]) -> None:
     if not distributed.active():
         return
     sinks = [m.grad_eff for m in layers.values()]
-    flat = torch.cat([g.reshape(-1) for g in sinks]).cpu()
+    flat = torch.cat([g.reshape(-1) for g in sinks])  # on the layers' device (nccl for CUDA)
     distributed.all_reduce_sum_([flat])
     flat /= distributed.world_size()
     offset = 0
