@@ -14,27 +14,12 @@ Run: ``python -m pytest benchmarks/bench_adapt.py --benchmark-enable -q``
 import pytest
 import torch
 
-from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, fused_adapt
+from hyperflow_ext.flow import fused_adapt
 from hyperflow_ext.flow.baselines import finetune_adapt
 from hyperflow_ext.measure import interleaved_medians, peak_memory
-from hyperflow_ext.models import Conv4
 
-STEPS, WAY, SHOTS = 50, 5, (1, 5)
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    backbone = Conv4().eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    sx = torch.rand(WAY * 5, 1, 28, 28)
-    sy = torch.arange(WAY).repeat_interleave(5)
-    flow = HyperFlow(backbone, params="bias")
-    eps = [(sx + 0.05 * torch.randn_like(sx), sy) for _ in range(4)]
-    flow.fit(eps, tasks=4, trajectory_steps=5, progress=False, perturbations=0,
-             train_config=DriftTrainConfig(iters=10, eval_every=5))
-    return backbone, flow
+STEPS, SHOTS = 50, (1, 5)
+WAY = 5  # as in conftest.trained
 
 
 @pytest.fixture(params=SHOTS, ids=lambda shot: f"{shot}shot")

@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: a terminal summary of the speedups that benchmarks record.
+"""Shared benchmark plumbing: the adaptation benchmarks' ``trained`` fixture, and a terminal summary of the speedups that benchmarks record.
 
 A benchmark that compares a kernel with a baseline stores ``benchmark.extra_info["speedup_vs_<name>"]``
 (baseline median / kernel median, both timed interleaved in the same run) and optionally
@@ -6,6 +6,31 @@ A benchmark that compares a kernel with a baseline stores ``benchmark.extra_info
 the median and minimum over the group.
 """
 import statistics
+
+import pytest
+import torch
+
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow
+from hyperflow_ext.models import Conv4
+
+WAY = 5  # classes per task of the adaptation benchmarks
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A Conv4 backbone (random weights) and a HyperFlow fitted on four tiny 5-way tasks: timing
+    fixtures for the adaptation benchmarks (the drift's accuracy is not what they measure)."""
+    torch.manual_seed(0)
+    backbone = Conv4().eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    sx = torch.rand(WAY * 5, 1, 28, 28)
+    sy = torch.arange(WAY).repeat_interleave(5)
+    flow = HyperFlow(backbone, params="bias")
+    eps = [(sx + 0.05 * torch.randn_like(sx), sy) for _ in range(4)]
+    flow.fit(eps, tasks=4, trajectory_steps=5, progress=False, perturbations=0, lr=1e-2,
+             train_config=DriftTrainConfig(iters=10, eval_every=5))
+    return backbone, flow
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
