@@ -67,6 +67,24 @@ inline void copy_row(T* __restrict d, const T* __restrict s, std::int64_t n) {
 #endif
 }
 
+// d[i] = s[2 i] for i < n (a stride-2 row's phase): pairs of registers de-interleaved, reading only
+// s[0 .. 2n - 2].
+template <typename T>
+inline void copy_row_stride2(T* __restrict d, const T* __restrict s, std::int64_t n) {
+#if defined(HF_SPARSE_AVX512)
+  using S = cpu::Simd<T>;
+  constexpr std::int64_t W = S::W;
+  for (std::int64_t i = 0; i < n; i += W) {
+    const std::int64_t m = std::min(W, n - i), need = 2 * m - 1, la = std::min(W, need), lb = need - la;
+    const typename S::R a = la == W ? S::load(s + 2 * i) : S::loadz(S::tail(la), s + 2 * i);
+    const typename S::R b = lb > 0 ? S::loadz(S::tail(lb), s + 2 * i + W) : S::zero();
+    if (m == W) S::store(d + i, S::even(a, b)); else S::store(S::tail(m), d + i, S::even(a, b));
+  }
+#else
+  for (std::int64_t i = 0; i < n; ++i) d[i] = s[2 * i];
+#endif
+}
+
 template <typename T>
 inline void zero_row(T* __restrict d, std::int64_t n) {
 #if defined(HF_SPARSE_AVX512)
@@ -146,6 +164,8 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
           const std::int64_t step = p.sw * p.xs_w;
           if (step == 1) {
             copy_row(row + q_lo, s, q_hi - q_lo);
+          } else if (step == 2) {
+            copy_row_stride2(row + q_lo, s, q_hi - q_lo);
           } else {
             for (std::int64_t q = q_lo; q < q_hi; ++q) row[q] = s[(q - q_lo) * step];
           }

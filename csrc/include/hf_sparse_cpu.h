@@ -59,6 +59,10 @@ struct Simd<float> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  // The even lanes of the 2W values a, b (a's lanes first): a stride-2 row de-interleaved.
+  static R even(R a, R b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+  }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
   static float sum(R v) {
@@ -97,6 +101,7 @@ struct Simd<double> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
+  static R even(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b); }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static void store(M m, double* p, R v) { _mm512_mask_storeu_pd(p, m, v); }
   static double sum(R v) {
