@@ -24,14 +24,7 @@ from hyperflow_ext.flow.params import ParamSubset
 from hyperflow_ext.flow.train import fit_normalisation, train_drift
 from hyperflow_ext.models import Conv4
 
-
-def episodes(n, way=3, shot=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(8, 1, 16, 16, generator=g)
-    for _ in range(n):
-        cls = torch.randperm(8, generator=g)[:way]
-        x = centres[cls].repeat_interleave(shot, 0) + 0.1 * torch.rand(way * shot, 1, 16, 16, generator=g)
-        yield x, torch.arange(way).repeat_interleave(shot)
+from _toy_tasks import episodes  # noqa: E402  (tests/ is this script's folder)
 
 
 def recording_setup():

@@ -28,6 +28,8 @@ from hyperflow_ext.flow import record_trajectories
 from hyperflow_ext.flow.drift import DriftNetwork
 from hyperflow_ext.flow.train import fit_normalisation, train_drift
 from hyperflow_ext.flow.trajectories import TrajectorySet
+
+from _toy_tasks import episodes as _episodes  # tests/ is on sys.path (pytest, and the child below)
 from hyperflow_ext.models import Conv4
 from hyperflow_ext.models.pretrained import load_pretrained, pretrained_path
 
@@ -69,15 +71,6 @@ def assert_every_damage_is_refused(path: Path, load) -> int:
 
 
 # ---- the file kinds ---------------------------------------------------------------------------
-
-def _episodes(n, way=3, shot=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(8, 1, 16, 16, generator=g)
-    for _ in range(n):
-        cls = torch.randperm(8, generator=g)[:way]
-        x = centres[cls].repeat_interleave(shot, 0) + 0.1 * torch.rand(way * shot, 1, 16, 16, generator=g)
-        yield x, torch.arange(way).repeat_interleave(shot)
-
 
 @pytest.fixture(scope="module")
 def backbone():
