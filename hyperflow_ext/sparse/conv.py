@@ -396,7 +396,7 @@ class SparseConv2d(_CSRBuffers):
                 if x.requires_grad and torch.is_grad_enabled():
                     raise NotImplementedError("csr_conv2d is inference-only (no autograd): call it under "
                                               "torch.no_grad() / torch.inference_mode(), or pass x.detach()")
-                return run(x) if residual is None else run(x, residual)
+                return run(x, residual)
         return csr_conv2d(x, self._plans[0], self.kernel_size, self.bias, self.stride, self.padding, self.dilation,
                           self.relu, residual=residual, channels_last=self.channels_last, plans=self._plans[1])
 
