@@ -5,7 +5,6 @@ a barrier), and checks that (a) each threaded result equals its serial counterpa
 user's module holds the same parameter objects with the same values afterwards.
 """
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ import hyperflow_ext as hf
 from hyperflow_ext._stateless import call_with, stateless_view
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, fused_adapt
 from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt
+
+from _threads import run_threaded  # tests/ is on sys.path under pytest
 
 THREADS = 16
 
@@ -55,17 +56,8 @@ def _assert_untouched(module: nn.Module, snapshot) -> None:
 
 
 def _run_threaded(fn, args_list):
-    """``fn(*args)`` for every args, from THREADS threads released at once; results in order."""
-    barrier = threading.Barrier(THREADS)
-
-    def call(args):
-        barrier.wait(timeout=30)
-        return fn(*args)
-
-    jobs = [args_list[i % len(args_list)] for i in range(THREADS)]
-    with ThreadPoolExecutor(THREADS) as pool:
-        results = list(pool.map(call, jobs))
-    return jobs, results
+    """``fn(*args)`` for every args, from THREADS threads released at once: ``(jobs, results)``."""
+    return run_threaded(fn, args_list, THREADS, timeout=30)
 
 
 @pytest.fixture(scope="module")

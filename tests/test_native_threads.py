@@ -10,7 +10,6 @@ it ran *during* the call by seeing the flag the calling thread clears right afte
 """
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -24,27 +23,16 @@ from hyperflow_ext.flow.update import euler_update
 from hyperflow_ext.prune.flow_ops import flow_step
 from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, csr_conv2d, csr_linear, csr_spmm, masked_matmul
 
+from _threads import run_threaded  # tests/ is on sys.path under pytest
+
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 
 THREADS = 8
 
 
-def _threaded(fn, args_list):
-    """``fn(*args)`` for THREADS jobs cycling over ``args_list``, all released at once; results in order."""
-    barrier = threading.Barrier(THREADS)
-
-    def call(args):
-        barrier.wait(timeout=60)
-        return fn(*args)
-
-    jobs = [args_list[i % len(args_list)] for i in range(THREADS)]
-    with ThreadPoolExecutor(THREADS) as pool:
-        return list(pool.map(call, jobs))
-
-
 def _assert_serial_equals_threaded(fn, args_list):
     serial = [fn(*a) for a in args_list]
-    threaded = _threaded(fn, args_list)
+    _, threaded = run_threaded(fn, args_list, THREADS)
     for i, got in enumerate(threaded):
         want = serial[i % len(args_list)]
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
