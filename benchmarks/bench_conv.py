@@ -11,7 +11,8 @@ Each case times, round-robin on the same input (``interleaved_times``), at 1 or 
 torch and the native kernels:
 
 * ``sparse``: :func:`~hyperflow_ext.sparse.sparsify` with ``example_input`` (BatchNorm folded, ReLU fused,
-  a layer kept dense where that measured faster), default NCHW layout;
+  a layer kept dense where that measured faster, the leading chain run depth-first where that measured
+  faster), default NCHW layout;
 * ``dense`` / ``dense_cl``: the same masked model run by torch (BatchNorm as is) in the default layout
   and channels-last; ``speedup_vs_dense_best`` divides the faster of the two by the sparse median;
 * ``dense_folded_best``: the dense model with the same BatchNorm folding and ReLU fusion (the stricter
@@ -111,6 +112,7 @@ def test_pruned_cnn_end_to_end(benchmark, arch, sparsity, batch, threads):
                 speedup_vs_dense_folded_best=best_folded / med["sparse"],
                 dense_gflops=flops_dense / best_dense / 1e9, sparse_effective_gflops=flops_sparse / med["sparse"] / 1e9,
                 dense_layers=sum(r["kind"] == "dense" for r in report),
+                depth_first_layers=sum(bool(r.get("depth_first")) for r in report),
                 layers="; ".join(f"{r['name']}:{r['kind']}:{r['density']:.3f}:"
                                  f"{(r['speedup'] or float('nan')):.2f}x" for r in report))
     benchmark.pedantic(fns["sparse"], rounds=5, iterations=1, warmup_rounds=1)

@@ -419,8 +419,9 @@ void fill_offsets(const SparseConvParams& p, const Packing& k, const I* col, Off
   }
 }
 
+// threads: the team to use (1: run on the calling thread alone, e.g. inside an outer parallel region).
 template <typename T, typename I, typename Off>
-void conv_packed(const SparseConvParams& p, std::int64_t nb) {
+void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads) {
   const I* rowptr = ptr<const I>(p.rowptr);
   const I* col = ptr<const I>(p.col);
   const T* val = ptr<const T>(p.val);
@@ -436,7 +437,6 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb) {
   }
   const std::int64_t tile_rows = std::max<std::int64_t>(1, kTileLanes / (k.wq * nb));
   const std::int64_t tiles = (p.ho + tile_rows - 1) / tile_rows;
-  const int threads = max_threads();
   const std::int64_t base = k.groups * tiles, want = 8 * static_cast<std::int64_t>(threads);
   std::int64_t oblocks = base >= want ? 1 : std::min(p.out_c, (want + base - 1) / base);
   std::int64_t ob = (p.out_c + oblocks - 1) / oblocks;
@@ -557,14 +557,23 @@ void sparse_conv2d(CpuTag, const SparseConvParams& p) {
       const std::int64_t nb = p.batch_block ? p.batch_block : auto_batch_block(p);
       const Packing k = plan(p, nb);
       if (k.gsize < (std::int64_t{1} << 31)) {
-        conv_packed<T, I, std::int32_t>(p, nb);
+        conv_packed<T, I, std::int32_t>(p, nb, max_threads());
       } else {
         require(p.off == 0, "sparse_conv2d: 64-bit offsets cannot be precomputed");
-        conv_packed<T, I, std::int64_t>(p, nb);
+        conv_packed<T, I, std::int64_t>(p, nb, max_threads());
       }
     });
   });
 }
+
+template <typename T, typename I>
+void sparse_conv2d_on(const SparseConvParams& p, int threads) {
+  conv_packed<T, I, std::int32_t>(p, 1, threads);
+}
+template void sparse_conv2d_on<float, std::int32_t>(const SparseConvParams&, int);
+template void sparse_conv2d_on<float, std::int64_t>(const SparseConvParams&, int);
+template void sparse_conv2d_on<double, std::int32_t>(const SparseConvParams&, int);
+template void sparse_conv2d_on<double, std::int64_t>(const SparseConvParams&, int);
 
 std::int64_t sparse_conv2d_batch_block(const SparseConvParams& p) {
   check(p);

@@ -86,6 +86,10 @@ std::int64_t sparse_conv2d_batch_block(const SparseConvParams& p);
 // false (nothing written) when a group's packed buffer needs 64-bit offsets.
 bool sparse_conv2d_offsets(const SparseConvParams& p);
 void sparse_conv2d(CudaTag, const SparseConvParams& p);
+// CPU, checked by the caller: the packed path with one sample per group (batch_block 1, int32 offsets
+// in p.off) on a team of `threads` (1: the calling thread alone). The network executor's building block.
+template <typename T, typename I>
+void sparse_conv2d_on(const SparseConvParams& p, int threads);
 
 inline void check(const SparseConvParams& p) {
   require(p.n >= 0 && p.in_c > 0 && p.h > 0 && p.w > 0 && p.out_c >= 0 && p.nnz >= 0, "sparse_conv2d: bad size");

@@ -32,7 +32,7 @@ inline std::int64_t round_up(std::int64_t v, std::int64_t m) { return (v + m - 1
 // must be live at the same time. Contents are unspecified.
 template <typename T>
 T* scratch(int slot, std::int64_t count) {
-  thread_local std::vector<unsigned char> bufs[4];
+  thread_local std::vector<unsigned char> bufs[6];
   auto& b = bufs[slot];
   const std::size_t bytes = static_cast<std::size_t>(count > 0 ? count : 1) * sizeof(T) + 64;
   if (b.size() < bytes) b.resize(bytes);

@@ -20,34 +20,35 @@
    ``example_input`` the layer is also timed both ways on its real input shape, interleaved, at the
    current thread count: **the layer stays dense when the dense median time is below the sparse
    median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`).
+4. **Depth-first execution.** The chain of sparse convolutions and pools at the start of the network
+   runs as one native call that takes each sample through every layer while its maps are in cache
+   (:mod:`~hyperflow_ext.sparse.network`); with an ``example_input`` it is kept only when it times
+   faster than layer by layer. CPU only: CUDA inputs run the same layers one call each.
 
 Every decision is returned as a per-layer report (:func:`format_report` prints it).
 
-:func:`save` writes the result as one safetensors file (CSR buffers included) plus a JSON manifest in its
-metadata, atomically; :func:`load` rebuilds it from ``model_factory()`` (the dense architecture) with
-no pickle and no :class:`~hyperflow_ext.prune.Pruner`.
+:func:`~hyperflow_ext.sparse.save` / :func:`~hyperflow_ext.sparse.load` (:mod:`.serialize`) write the result
+to one safetensors file and rebuild it with no pickle and no :class:`~hyperflow_ext.prune.Pruner`.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import operator
-import os
 import statistics
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .._io import load_tensors, save_tensors
 from ..measure import interleaved_times
 from .conv import SparseConv2d
-from .csr import CSRMatrix
 from .linear import SparseLinear
+from .network import fuse_network
 
-__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "save", "load", "FORMAT",
+__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "FORMAT",
            "CollapsedLayerWarning"]
 
 logger = logging.getLogger(__name__)
@@ -285,7 +286,8 @@ def _time_pair(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, budget_s: f
 
 def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
              layers: Optional[Iterable[str]] = None, fold_bn: bool = True, fuse_relu: bool = True,
-             time_budget_s: float = 0.1, inplace: bool = False) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+             time_budget_s: float = 0.1, inplace: bool = False,
+             depth_first: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """Fold BatchNorm, fuse ReLU and replace layers by sparse kernels (or keep them dense if faster).
 
     Args:
@@ -300,11 +302,15 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         time_budget_s: timing budget per layer (interleaved rounds, at least 7 each); with
             ``example_input`` the whole model is also timed with channels-last vs NCHW maps.
         inplace: rewrite ``model`` itself instead of a deep copy.
+        depth_first: run the chain of sparse convolutions and pools at the start of the network as one
+            native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.network.fuse_network`).
+            With ``example_input`` the model is timed with and without it and the faster is kept.
 
     Returns:
         ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
         eval mode with gradients off, and one dict per converted layer (``name, layer, kind, density,
-        bn, relu, collapsed, residual, sparse_ms, dense_ms, speedup`` and, when timed, ``channels_last``).
+        bn, relu, collapsed, residual, depth_first, sparse_ms, dense_ms, speedup`` and, when timed,
+        ``channels_last``).
 
     Warns:
         CollapsedLayerWarning: a convolution or linear layer has no nonzero weight left (a layer pruned
@@ -388,8 +394,28 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                       f"prune less, or leave these layers out of pruning", CollapsedLayerWarning, stacklevel=2)
     if example_input is not None:
         _pick_layout(model, example_input, report, time_budget_s)
+    chain: List[str] = []
+    if depth_first:
+        model, chain = _pick_depth_first(model, example_input, time_budget_s)
+    for r in report:
+        r["depth_first"] = r["name"] in chain
     logger.debug("sparsify:\n%s", format_report(report))
     return model, report
+
+
+def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: float) -> Tuple[nn.Module, List[str]]:
+    """The model with its leading sparse chain fused (:func:`fuse_network`), unless timing on ``x`` says the
+    layer-by-layer model is faster."""
+    fused, chain = fuse_network(model)
+    if not chain or x is None:
+        return fused, chain
+    with torch.inference_mode():
+        fused(x), model(x)  # build the native program and the prepared calls
+        ts, _ = interleaved_times([lambda: fused(x), lambda: model(x)], max(budget_s, 0.05) * 4, min_rounds=5,
+                                  max_rounds=50)
+    t_fused, t_layers = statistics.median(ts[0]), statistics.median(ts[1])
+    logger.info("sparsify: depth-first %.3f ms vs layer by layer %.3f ms", 1e3 * t_fused, 1e3 * t_layers)
+    return (fused, chain) if t_fused <= t_layers else (model, [])
 
 
 def _pick_layout(model: nn.Module, x: torch.Tensor, report: List[Dict[str, Any]], budget_s: float) -> None:
@@ -440,128 +466,13 @@ def _select_layers(op: str, modules: Dict[str, nn.Module], layers: Optional[Iter
 
 def format_report(report: List[Dict[str, Any]]) -> str:
     """A plain-text table of a :func:`sparsify` report."""
-    head = (f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'res':>3} {'sparse ms':>10} "
+    head = (f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'res':>3} {'df':>2} {'sparse ms':>10} "
             f"{'dense ms':>9} {'speedup':>8}")
     rows = [head]
     for r in report:
         t = (f"{r['sparse_ms']:10.3f} {r['dense_ms']:9.3f} {r['speedup']:7.2f}x" if r["sparse_ms"] is not None
              else f"{'-':>10} {'-':>9} {'-':>8}")
         rows.append(f"{r['name']:<28} {r['kind']:<6} {r['density']:8.4f} {'y' if r['bn'] else '-':>3} "
-                    f"{'y' if r['relu'] else '-':>4} {'y' if r.get('residual') else '-':>3} {t}")
+                    f"{'y' if r['relu'] else '-':>4} {'y' if r.get('residual') else '-':>3} "
+                    f"{'y' if r.get('depth_first') else '-':>2} {t}")
     return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------------------- save / load
-def _manifest(model: nn.Module) -> Dict[str, Any]:
-    layers: Dict[str, Dict[str, Any]] = {}
-    identity: List[str] = []
-    for name, m in model.named_modules():
-        if isinstance(m, SparseConv2d):
-            layers[name] = {"kind": "sparse_conv2d", "in_channels": m.in_channels, "shape": list(m.csr().shape),
-                            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
-                            "dilation": list(m.dilation), "relu": m.relu, "bias": m.bias is not None,
-                            "channels_last": m.channels_last, "residual": m.residual_fused,
-                            "residual_chain": list(getattr(m, "residual_chain", []))}
-        elif isinstance(m, SparseLinear):
-            layers[name] = {"kind": "sparse_linear", "shape": [m.out_features, m.in_features],
-                            "bias": m.bias is not None}
-        elif isinstance(m, DenseConv2d):
-            layers[name] = {"kind": "dense_conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
-                            "kernel_size": list(m.kernel_size), "stride": list(m.stride), "padding": list(m.padding),
-                            "dilation": list(m.dilation), "groups": m.groups, "relu": m.relu,
-                            "bias": m.bias is not None, "padding_mode": m.padding_mode}
-        elif isinstance(m, nn.Identity) and name:
-            identity.append(name)
-    return {"format": FORMAT, "layers": layers, "identity": identity}
-
-
-def save(model: nn.Module, path: os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> None:
-    """Write a :func:`sparsify` / ``Pruner.export()`` model to one safetensors file, atomically.
-
-    The file holds the state dict (CSR ``crow_indices`` / ``col_indices`` / ``values`` of every sparse
-    layer included) and, in its metadata, a JSON manifest of the rewritten layers; ``metadata`` is
-    stored beside it (JSON-serialisable values).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"save: model must be a torch.nn.Module, got {type(model).__name__}")
-    tensors = {k: v for k, v in model.state_dict().items()}
-    save_tensors(path, tensors, {"manifest": _manifest(model), "user": dict(metadata or {})})
-
-
-def _build(op: str, name: str, spec: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:
-    def t(key: str) -> torch.Tensor:
-        full = f"{name}.{key}"
-        if full not in tensors:
-            raise ValueError(f"{op}: the file has no tensor {full!r} for layer {name!r}")
-        return tensors[full]
-    kind = spec.get("kind")
-    if kind in ("sparse_conv2d", "sparse_linear"):
-        csr = CSRMatrix(t("crow_indices"), t("col_indices"), t("values"), tuple(spec["shape"]))  # validated
-        bias = t("bias") if spec.get("bias") else None
-        if kind == "sparse_linear":
-            return SparseLinear(csr, bias)
-        return SparseConv2d(csr, spec["in_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
-                            tuple(spec["padding"]), tuple(spec["dilation"]), bias, bool(spec["relu"]),
-                            spec.get("channels_last"))
-    if kind == "dense_conv2d":
-        w = t("weight")
-        return DenseConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]),
-                           tuple(spec["stride"]), tuple(spec["padding"]), tuple(spec["dilation"]), spec["groups"],
-                           bool(spec["bias"]), spec.get("padding_mode", "zeros"), relu=bool(spec["relu"]),
-                           dtype=w.dtype)
-    raise ValueError(f"{op}: unknown layer kind {kind!r} for {name!r}")
-
-
-def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
-         device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save` without unpickling anything and without a Pruner.
-
-    Args:
-        path: the safetensors file.
-        model_factory: builds the dense architecture the model was exported from (e.g. ``lambda: VGG()``);
-            its layers named in the manifest are replaced, everything else is loaded strictly.
-        device: where the tensors go.
-
-    Returns:
-        The model in eval mode with gradients off.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a hyperflow sparse export, a missing tensor, a corrupt CSR structure, or a state dict
-            that does not match the factory's architecture.
-    """
-    op = "hf.sparse.load"
-    tensors, meta = load_tensors(path, device=device)
-    manifest = meta.get("manifest") if isinstance(meta, dict) else None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{op}: {path} is not a hyperflow sparse export (format {FORMAT!r})")
-    model = model_factory()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{op}: model_factory must return an nn.Module, got {type(model).__name__}")
-    model.to(device)
-    names = dict(model.named_modules())
-    for name in manifest["identity"] + list(manifest["layers"]):
-        if name not in names:
-            raise ValueError(f"{op}: the factory's model has no module {name!r} (another architecture?)")
-    for name in manifest["identity"]:
-        _set_module(model, name, nn.Identity())
-    for name, spec in manifest["layers"].items():
-        _set_module(model, name, _build(op, name, spec, tensors).to(device))
-    residual = [n for n, spec in manifest["layers"].items() if spec.get("residual")]
-    for n in residual:
-        for folded in manifest["layers"][n].get("residual_chain", []):
-            if folded not in names:
-                raise ValueError(f"{op}: the factory's model has no module {folded!r} (another architecture?)")
-            _set_module(model, folded, nn.Identity())
-    if residual:
-        model, done = fuse_residuals(model, only=residual)
-        if set(done) != set(residual):
-            raise ValueError(f"{op}: could not re-apply the residual fusion of {sorted(set(residual) - set(done))} "
-                             f"to the factory's model (another architecture?)")
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{op}: {path} does not match the factory's architecture: {exc}") from exc
-    model.eval()
-    model.requires_grad_(False)
-    return model

@@ -1,0 +1,351 @@
+"""One native call for a pruned CNN's feature extractor, depth-first over the batch.
+
+Layer by layer, a batch's activations leave the cache between layers and every layer pays a Python
+call, an allocation and a parallel region: at 98 % sparsity those costs, not the multiply-adds, set
+the speed. :func:`fuse_network` replaces the longest supported chain at the start of a model's
+``torch.fx`` graph — :class:`~hyperflow_ext.sparse.SparseConv2d` layers (with their fused residuals),
+max pools and a final global average pool — by one :class:`SparseConvNet` call. It runs each sample
+through the whole chain before the next (its maps stay in the thread's cache-resident scratch),
+samples in parallel across the native threads; a single sample uses every thread per convolution.
+
+The convolutions stay the model's own modules (same names, same state dict): the graph passes them
+to :class:`SparseConvNet` on every call, and a program built for them (geometry, CSR pointers, tap
+offsets) is rebuilt whenever one of their weights changes. Inputs the native program does not cover
+(autograd, CUDA, another dtype) take the same steps through the modules themselves.
+"""
+from __future__ import annotations
+
+import operator
+import threading
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .. import native
+from .._checks import FLOAT_CODES, INDEX_CODES
+from .conv import SparseConv2d, conv_out_size
+from .linear import SparseLinear
+
+__all__ = ["SparseConvNet", "fuse_network"]
+
+CONV, MAX_POOL, AVG_POOL = 0, 1, 2
+_FIELDS = 25  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
+_MAX_SLOTS = 64
+
+
+class NetStep(NamedTuple):
+    """One step: ``kind``, the index of its convolution among the call's modules (or -1), the values
+    it reads (``inp``, ``res``: 0 is the network input, -1 none) and writes (``out``), and the pool's
+    ``(kernel, stride)``."""
+
+    kind: int
+    conv: int
+    inp: int
+    res: int
+    out: int
+    pool: Tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+class _Program(NamedTuple):
+    steps: torch.Tensor        # (nsteps, 25) int64
+    slot_size: torch.Tensor    # (nslots,) int64
+    out_shape: Tuple[int, int, int]
+    dtype: torch.dtype
+    codes: Tuple[int, int]     # (float code, index code)
+    convs: Tuple[SparseConv2d, ...]
+    keys: Tuple[tuple, ...]    # the weight keys the pointers were read under
+    keep: tuple                # tensors whose addresses the program holds (offsets, CSR arrays)
+
+
+class SparseConvNet(nn.Module):
+    """A chain of sparse convolutions and pools run as one native call (see the module docstring).
+
+    Args:
+        steps: the chain, in order (:class:`NetStep`); the last step's value is the output.
+        layer_names: the names of the convolutions in the model, in the order the steps index them.
+
+    Call it as ``net(x, *convs)`` with ``x`` ``(N, C, H, W)`` and the chain's :class:`SparseConv2d`
+    modules in the order the steps index them. Returns ``(N, C', H', W')`` (NCHW), the value of the
+    last step (``(N, C', 1, 1)`` after a global average pool).
+    """
+
+    def __init__(self, steps: Sequence[NetStep], layer_names: Sequence[str] = ()) -> None:
+        super().__init__()
+        if not steps:
+            raise ValueError("SparseConvNet: needs at least one step")
+        self.steps = [NetStep(*s) for s in steps]
+        self.layer_names = list(layer_names)  # the convolutions' names in the model (for save's manifest)
+        self._programs: Dict[tuple, Optional[_Program]] = {}
+        self._lock = threading.Lock()
+
+    # deep copies and pickles drop the programs (raw pointers into the original's tensors) and the lock
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_programs"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def forward(self, x: torch.Tensor, *convs: SparseConv2d) -> torch.Tensor:
+        prog = self._program(x, convs)
+        if prog is None:
+            return self.reference(x, convs)
+        n = x.shape[0]
+        y = torch.empty((n,) + prog.out_shape, dtype=x.dtype)
+        native.cpu_module().sparse_conv_net(prog.steps.data_ptr(), prog.steps.shape[0], prog.slot_size.data_ptr(),
+                                            prog.slot_size.numel(), x.data_ptr(), n, *x.stride(), y.data_ptr(),
+                                            *prog.codes)
+        return y
+
+    def reference(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> torch.Tensor:
+        """The same steps through the modules and torch (any device, dtype or autograd mode)."""
+        values: Dict[int, torch.Tensor] = {0: x}
+        for s in self.steps:
+            t = values[s.inp]
+            if s.kind == CONV:
+                values[s.out] = convs[s.conv](t) if s.res < 0 else convs[s.conv](t, values[s.res])
+            elif s.kind == MAX_POOL:
+                values[s.out] = F.max_pool2d(t, s.pool[:2], s.pool[2:])
+            else:
+                values[s.out] = F.adaptive_avg_pool2d(t, 1)
+        return values[self.steps[-1].out]
+
+    # -- native programs ---------------------------------------------------------------------------
+    def _program(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> Optional[_Program]:
+        """The native program for x's geometry and these modules, or None when x needs the reference path."""
+        if type(x) is not torch.Tensor or x.dim() != 4 or x.layout != torch.strided or x.device.type != "cpu" \
+                or x.dtype not in FLOAT_CODES or (x.requires_grad and torch.is_grad_enabled()) \
+                or not native.available() or x.shape[0] == 0:
+            return None
+        key = (tuple(x.shape[1:]), x.dtype)
+        prog = self._programs.get(key, False)
+        if prog is not False and (prog is None or self._current(prog, convs)):
+            return prog
+        with self._lock:
+            prog = self._build(x, convs)
+            self._programs[key] = prog
+        return prog
+
+    @staticmethod
+    def _current(prog: _Program, convs: Sequence[SparseConv2d]) -> bool:
+        if len(convs) != len(prog.convs):
+            return False
+        # a key of None (weights that keep no version counter) cannot vouch for the pointers: rebuild
+        return all(a is b and k is not None and a._weight_key() == k for a, b, k in zip(convs, prog.convs, prog.keys))
+
+    def _build(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> Optional[_Program]:
+        if not all(type(c) is SparseConv2d for c in convs):  # a layer swapped after export: run the modules
+            return None
+        shapes: Dict[int, Tuple[int, int, int]] = {0: tuple(x.shape[1:])}
+        last_use = {}
+        for i, s in enumerate(self.steps):
+            last_use[s.inp] = i
+            if s.res >= 0:
+                last_use[s.res] = i
+        rows: List[List[int]] = []
+        keep: List[torch.Tensor] = []
+        codes = set()
+        slot_of: Dict[int, int] = {0: 0}
+        slot_size: List[int] = [0]
+        free: List[int] = []
+        mod = native.cpu_module()
+        for i, s in enumerate(self.steps):
+            c, h, w = shapes[s.inp]
+            row = [0] * _FIELDS
+            if s.kind == CONV:
+                conv = convs[s.conv]
+                csr = conv.csr()
+                if conv.in_channels != c or csr.values.dtype != x.dtype or csr.values.device.type != "cpu":
+                    return None
+                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+                oc, oh, ow = conv.out_channels, conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+                if oh <= 0 or ow <= 0 or (s.res >= 0 and shapes[s.res] != (oc, oh, ow)):
+                    return None
+                off = torch.empty(max(1, csr.nnz), dtype=torch.int32)
+                geometry = dict(rowptr=csr.crow_indices.data_ptr(), col=csr.col_indices.data_ptr(),
+                                val=csr.values.data_ptr(), x=1, bias=0, y=1, n=1, in_c=c, h=h, w=w, out_c=oc, ho=oh,
+                                wo=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, xs_n=0,
+                                xs_c=h * w, xs_h=w, xs_w=1, ys_n=0, ys_c=oh * ow, ys_h=ow, ys_w=1, res=0, rs_n=0,
+                                rs_c=0, rs_h=0, rs_w=0, batch_block=1, off=off.data_ptr(), algo=0, relu=conv.relu,
+                                dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[csr.crow_indices.dtype], stream=0)
+                if not mod.sparse_conv2d_offsets(**geometry):
+                    return None
+                bias = conv.bias
+                keep += [off, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
+                codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
+                row[10:25] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(conv.relu), csr.crow_indices.data_ptr(),
+                              csr.col_indices.data_ptr(), csr.values.data_ptr(),
+                              0 if bias is None else bias.data_ptr(), off.data_ptr()]
+            elif s.kind == MAX_POOL:
+                kh, kw, sh, sw = s.pool
+                if h < kh or w < kw:
+                    return None
+                oc, oh, ow = c, (h - kh) // sh + 1, (w - kw) // sw + 1
+                row[10:14] = [kh, kw, sh, sw]
+            else:
+                oc, oh, ow = c, 1, 1
+            shapes[s.out] = (oc, oh, ow)
+            for v in {s.inp, s.res} - {-1, 0}:  # maps read for the last time here are free for later steps
+                if last_use.get(v) == i:
+                    free.append(slot_of[v])
+            size = oc * oh * ow
+            fits = [f for f in free if slot_size[f] >= size and f not in (slot_of.get(s.inp), slot_of.get(s.res))]
+            if fits:
+                slot = fits[0]
+                free.remove(slot)
+            else:
+                slot = len(slot_size)
+                slot_size.append(size)
+            slot_of[s.out] = slot
+            row[0:10] = [s.kind, slot_of[s.inp], slot_of[s.res] if s.res >= 0 else -1, slot, c, h, w, oc, oh, ow]
+            rows.append(row)
+        if len(codes) > 1 or len(slot_size) > _MAX_SLOTS:
+            return None
+        float_code = FLOAT_CODES[x.dtype]
+        index_code = next(iter(codes))[1] if codes else INDEX_CODES[torch.int32]
+        return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor(slot_size, dtype=torch.int64),
+                        shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(convs),
+                        tuple(c._weight_key() for c in convs), tuple(keep))
+
+    def extra_repr(self) -> str:
+        kinds = [s.kind for s in self.steps]
+        return f"convs={kinds.count(CONV)}, max_pools={kinds.count(MAX_POOL)}, avg_pool={AVG_POOL in kinds}"
+
+
+# ----------------------------------------------------------------------------------------- graph rewrite
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+                              SparseConv2d, SparseLinear, SparseConvNet)) or super().is_leaf_module(m, qualname)
+
+
+def _pair(v) -> Tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _classify(node: fx.Node, modules: Dict[str, nn.Module]):
+    """``(kind, module, inputs, pool)`` for a node the program covers, ``("alias", None, (inp,), None)``
+    for an Identity, else None."""
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        args = node.args
+        if node.kwargs or not args or not all(isinstance(a, fx.Node) for a in args):
+            return None
+        if isinstance(m, SparseConv2d) and len(args) in (1, 2):
+            return CONV, m, tuple(args), None
+        if isinstance(m, nn.Identity) and len(args) == 1:
+            return "alias", None, tuple(args), None
+        if isinstance(m, nn.MaxPool2d) and len(args) == 1 and _pair(m.padding) == (0, 0) \
+                and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices:
+            k = _pair(m.kernel_size)
+            return MAX_POOL, None, tuple(args), k + _pair(m.stride if m.stride is not None else k)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and len(args) == 1 and _pair(m.output_size) == (1, 1):
+            return AVG_POOL, None, tuple(args), None
+        return None
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d and not node.kwargs \
+            and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and _pair(node.args[1]) == (1, 1):
+        return AVG_POOL, None, (node.args[0],), None
+    return None
+
+
+def _is_relu_call(node: fx.Node) -> bool:
+    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in (torch.relu, F.relu)) or \
+        (node.op == "call_method" and node.target == "relu")
+
+
+def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[str]]:
+    """Replace the longest supported chain at the start of ``model``'s graph by one :class:`SparseConvNet`.
+
+    The chain starts at the model's single input and takes nodes in graph order while they are
+    :class:`SparseConv2d` calls (with or without a fused residual), ``nn.Identity``, ``nn.MaxPool2d``
+    without padding, or a global average pool (``nn.AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``,
+    which ends it). Values of the chain used later in the graph must be its last one.
+
+    Args:
+        model: a :func:`~hyperflow_ext.sparse.sparsify` result (eval mode, no autograd).
+        min_convs: fuse only chains with at least this many convolutions.
+
+    Returns:
+        ``(model, fused layer names)``: a ``torch.fx.GraphModule`` with the same module names and
+        state dict, or ``model`` itself (and ``[]``) when nothing qualifies or it does not trace.
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # data-dependent control flow: no rewrite
+        return model, []
+    modules = dict(model.named_modules())
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        return model, []
+    value: Dict[fx.Node, int] = {inputs[0]: 0}  # node -> value index (aliases share their input's)
+    chain: List[Tuple[fx.Node, tuple]] = []
+    rectified = set()  # values already through a fused ReLU (a functional relu left on them is a no-op)
+    for node in nodes[nodes.index(inputs[0]) + 1:]:
+        info = _classify(node, modules)
+        if info is None and _is_relu_call(node) and value.get(node.args[0]) in rectified:
+            info = ("alias", None, (node.args[0],), None)
+        if info is None or not all(a in value for a in info[2]):
+            break
+        if info[0] == "alias":
+            value[node] = value[info[2][0]]
+        else:
+            value[node] = len(chain) + 1
+            if info[0] == CONV and info[1].relu:
+                rectified.add(value[node])
+        chain.append((node, info))
+        if info[0] == AVG_POOL:
+            break
+    # Trim until only the chain's last value is used outside it.
+    while chain:
+        members = {n for n, _ in chain}
+        last = chain[-1][0]
+        if chain[-1][1][0] != "alias" and all(u in members for n, _ in chain[:-1] for u in n.users):
+            break
+        chain.pop()
+    convs = [info[1] for _, info in chain if info[0] == CONV]
+    names = [str(n.target) for n, info in chain if info[0] == CONV]
+    if len(convs) < min_convs or len(set(map(id, convs))) != len(convs):
+        return model, []
+    steps: List[NetStep] = []
+    for node, (kind, mod, args, pool) in chain:
+        if kind == "alias":
+            continue
+        res = value[args[1]] if kind == CONV and len(args) == 2 else -1
+        if res == 0:  # the input as a residual: not a slot the program can hold
+            return model, []
+        steps.append(NetStep(kind, names.index(str(node.target)) if kind == CONV else -1, value[args[0]], res,
+                             value[node], pool or (0, 0, 0, 0)))
+    last = chain[-1][0]
+    target = "sparse_net"
+    while target in modules:
+        target += "_"
+    with graph.inserting_before(last.next):  # in creation order, after the chain's last node
+        attrs = [graph.get_attr(name) for name in names]
+        call = graph.call_module(target, (inputs[0], *attrs))
+    last.replace_all_uses_with(call)
+    for node, _ in reversed(chain):
+        graph.erase_node(node)
+    graph.lint()
+    owned = {target: SparseConvNet(steps, names)}
+    root = {str(n.target): owned.get(str(n.target)) or operator.attrgetter(str(n.target))(model)
+            for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
+    # The model's own children (containers keep their type and indexing) and root tensors: the same names,
+    # modules and state dict as before, plus the SparseConvNet.
+    for name, child in model.named_children():
+        gm.add_module(name, child)
+    for name, param in model._parameters.items():
+        if name not in gm._parameters:
+            gm.register_parameter(name, param)
+    for name, buf in model._buffers.items():
+        if name not in gm._buffers and buf is not None:
+            gm.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
+    gm.train(model.training)
+    return gm, names

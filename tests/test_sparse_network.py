@@ -1,0 +1,192 @@
+"""Depth-first network execution (hyperflow_ext.sparse.network): the fused chain against the
+layer-by-layer model and the dense reference, its fallbacks, invalidation, copies and threads."""
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from _threads import run_threaded
+from hyperflow_ext import native
+from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
+from hyperflow_ext.sparse import load, save, sparsify
+from hyperflow_ext.sparse.network import SparseConvNet, fuse_network
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+def _pruned(cls, sparsity=0.9, seed=0, dtype=torch.float32, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = cls(**kw).to(dtype)
+    randomize_batchnorm(model, gen)
+    apply_masks(model, magnitude_masks(model, sparsity))
+    return model.eval()
+
+
+@pytest.fixture
+def native_threads():
+    """Set the native thread count for a test, restoring it afterwards."""
+    before = native.cpu_module().omp_max_threads()
+    yield native.cpu_module().omp_set_num_threads
+    native.cpu_module().omp_set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls", [VGGStyle, ResNetStyle])
+def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, native_threads):
+    native_threads(threads)
+    model = _pruned(cls, 0.9, dtype=dtype)
+    layered, _ = sparsify(model, depth_first=False)
+    fused, report = sparsify(model)
+    assert isinstance(fused.sparse_net, SparseConvNet) and not hasattr(layered, "sparse_net")
+    assert all(r["depth_first"] for r in report if r["layer"] == "Conv2d")
+    for batch, channels_last in itertools.product([1, 5], [False, True]):
+        x = torch.randn(batch, 3, 32, 32, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            want = model(x)
+            got = fused(x)
+            torch.testing.assert_close(got, want, **TOL[dtype])
+            torch.testing.assert_close(got, layered(x), **TOL[dtype])
+
+
+class _Odd(nn.Module):
+    """Geometries the benchmark CNNs do not have: stride 2 with dilation, 5x5 and 1x1 kernels, an odd
+    map under a max pool (floor), a 3x3 stride-1 pool, a residual two steps back, an average pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 6, 3, stride=2, padding=2, dilation=2)
+        self.b = nn.Conv2d(6, 6, 5, padding=2)
+        self.pool = nn.MaxPool2d(2)
+        self.c = nn.Conv2d(6, 8, 1)
+        self.pool3 = nn.MaxPool2d(3, stride=1)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.b(self.a(x)))
+        y = self.pool3(self.c(self.pool(y)))
+        y = torch.relu(self.d(y) + y)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("hw", [(19, 23), (13, 13)])
+def test_odd_geometries_match_the_dense_model(hw):
+    torch.manual_seed(1)
+    model = _Odd().double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_((torch.rand_like(m.weight) < 0.5).double())
+    fused, chain = fuse_network(sparsify(model, depth_first=False)[0])
+    assert chain == ["a", "b", "c", "d"]
+    x = torch.randn(3, 2, *hw, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x), model(x), **TOL[torch.float64])
+
+
+def test_max_pool_propagates_nan_like_torch():
+    model = _pruned(VGGStyle, 0.5)
+    fused, _ = sparsify(model)
+    x = torch.randn(2, 3, 32, 32)
+    x[0, :, 5, 7] = float("nan")
+    with torch.inference_mode():
+        got, want = fused(x), model(x)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[0]).all()
+    torch.testing.assert_close(got[1], want[1], **TOL[torch.float32])
+
+
+def test_weight_edit_after_a_call_is_seen():
+    model = _pruned(ResNetStyle, 0.9)
+    fused, _ = sparsify(model)
+    x = torch.randn(2, 3, 32, 32)
+    layered, _ = sparsify(model, depth_first=False)
+    with torch.inference_mode():
+        before = fused(x)
+    with torch.no_grad():
+        for m in (fused, layered):  # in place: same tensor, new version
+            m.get_submodule("blocks.1.conv1").values.mul_(-1.0)
+    with torch.inference_mode():
+        after = fused(x)
+        torch.testing.assert_close(after, layered(x), **TOL[torch.float32])
+    assert not torch.allclose(before, after)
+
+
+def test_inputs_the_program_does_not_cover_take_the_module_path():
+    model = _pruned(VGGStyle, 0.9)
+    fused, _ = sparsify(model)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        fused(x.requires_grad_())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), **TOL[torch.float32])
+        with pytest.raises((TypeError, ValueError, RuntimeError), match="dtype|float"):
+            fused(x.double())
+        with pytest.raises((TypeError, ValueError, RuntimeError), match="channel|shape"):
+            fused(torch.randn(2, 4, 32, 32))
+        assert fused(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+
+
+def test_a_layer_swapped_after_export_runs_through_the_modules():
+    model = _pruned(VGGStyle, 0.9)
+    fused, _ = sparsify(model)
+    fused.features[4] = nn.Conv2d(64, 128, 3, padding=1)
+    with torch.inference_mode():
+        y = fused(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and torch.isfinite(y).all()
+
+
+def test_deepcopy_and_save_load_keep_the_chain(tmp_path):
+    model = _pruned(ResNetStyle, 0.95)
+    fused, _ = sparsify(model)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        want = fused(x)
+        twin = copy.deepcopy(fused)
+        assert twin.sparse_net is not fused.sparse_net and not twin.sparse_net._programs
+        torch.testing.assert_close(twin(x), want, atol=0, rtol=0)
+        assert set(twin.state_dict()) == set(fused.state_dict())
+    save(fused, tmp_path / "m.safetensors")
+    back = load(tmp_path / "m.safetensors", ResNetStyle)
+    assert isinstance(back.sparse_net, SparseConvNet)
+    with torch.inference_mode():
+        torch.testing.assert_close(back(x), want, atol=0, rtol=0)
+
+
+def test_concurrent_calls_are_bit_exact(native_threads):
+    native_threads(2)
+    model = _pruned(ResNetStyle, 0.9)
+    fused, _ = sparsify(model)
+    inputs = [(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)),) for b in (1, 3, 4)]
+    with torch.inference_mode():
+        serial = {id(x): fused(x) for (x,) in inputs}
+
+        def call(x):
+            with torch.inference_mode():
+                return fused(x)
+        jobs, results = run_threaded(call, inputs, threads=8)
+    for (x,), y in zip(jobs, results):
+        assert torch.equal(y, serial[id(x)])
+
+
+def test_native_program_checks():
+    mod = native.cpu_module()
+    steps = torch.zeros(1, mod.conv_net_step_fields, dtype=torch.int64)
+    steps[0, :10] = torch.tensor([2, 0, -1, 5, 4, 2, 2, 4, 1, 1])  # avg pool writing slot 5 of 2
+    sizes = torch.tensor([0, 4], dtype=torch.int64)
+    x, y = torch.randn(1, 4, 2, 2), torch.empty(1, 4)
+    args = (steps.data_ptr(), 1, sizes.data_ptr(), 2, x.data_ptr(), 1, *x.stride(), y.data_ptr(), 0, 0)
+    with pytest.raises(ValueError, match="slot out of range"):
+        mod.sparse_conv_net(*args)
+    steps[0, 3] = 1
+    mod.sparse_conv_net(*args)
+    torch.testing.assert_close(y, x.mean((2, 3)))
+    steps[0, 0] = 7
+    with pytest.raises(ValueError, match="unknown step kind"):
+        mod.sparse_conv_net(*args)
