@@ -179,7 +179,7 @@ def test_native_program_checks():
     mod = native.cpu_module()
     steps = torch.zeros(1, mod.conv_net_step_fields, dtype=torch.int64)
     steps[0, :10] = torch.tensor([2, 0, -1, 5, 4, 2, 2, 4, 1, 1])  # avg pool writing slot 5 of 2
-    sizes = torch.tensor([0, 4], dtype=torch.int64)
+    sizes = torch.tensor([[0, 4], [0, 0]], dtype=torch.int64)  # bordered sizes, borders
     x, y = torch.randn(1, 4, 2, 2), torch.empty(1, 4)
     args = (steps.data_ptr(), 1, sizes.data_ptr(), 2, x.data_ptr(), 1, *x.stride(), y.data_ptr(), 0, 0)
     with pytest.raises(ValueError, match="slot out of range"):

@@ -503,21 +503,25 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads) {
   // A single barrier (the region's end): with at least a group per thread every thread packs and
   // computes whole groups (its packed input stays in its L2); otherwise every thread packs all the
   // (few, small) groups itself and takes a static share of (group, tile, channel block) items.
+  // A prepacked input (the network executor's, one group) is read in place.
+  const T* prepacked = p.prepacked ? x : nullptr;
   if (k.groups >= threads || !par) {
 #pragma omp parallel for schedule(static) if (par)
     for (std::int64_t gi = 0; gi < k.groups; ++gi) {
-      T* packed = scratch<T>(0, k.gsize);
+      T* packed = prepacked ? nullptr : scratch<T>(0, k.gsize);
       T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
-      pack(gi, packed);
-      for (std::int64_t t = 0; t < tiles; ++t) compute(packed, tile, gi, t, 0, p.out_c);
+      if (!prepacked) pack(gi, packed);
+      for (std::int64_t t = 0; t < tiles; ++t) compute(prepacked ? prepacked : packed, tile, gi, t, 0, p.out_c);
     }
     return;
   }
 #pragma omp parallel
   {
-    T* packed = scratch<T>(0, k.groups * k.gsize);
+    T* own = prepacked ? nullptr : scratch<T>(0, k.groups * k.gsize);
+    const T* packed = prepacked ? prepacked : own;
     T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
-    for (std::int64_t gi = 0; gi < k.groups; ++gi) pack(gi, packed + gi * k.gsize);
+    if (!prepacked)
+      for (std::int64_t gi = 0; gi < k.groups; ++gi) pack(gi, own + gi * k.gsize);
 #pragma omp for schedule(static) collapse(3) nowait
     for (std::int64_t gi = 0; gi < k.groups; ++gi)
       for (std::int64_t t = 0; t < tiles; ++t)

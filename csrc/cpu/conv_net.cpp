@@ -26,18 +26,25 @@ struct MapView {
   std::int64_t sc, sh, sw;
 };
 
+// Where a slot's map of h x w planes lives: planes of (h + 2 b) x (w + 2 b), interior at (b, b).
+struct SlotGeometry {
+  std::int64_t border, pitch, plane;
+  SlotGeometry(std::int64_t b, std::int64_t h, std::int64_t w) : border(b), pitch(w + 2 * b), plane((h + 2 * b) * (w + 2 * b)) {}
+  std::int64_t interior() const { return border * pitch + border; }
+};
+
 // a unless b is larger or a NaN: a NaN anywhere in a window wins (as torch.max_pool2d).
 template <typename T>
 inline T max_nan(T a, T b) { return (b > a || b != b) ? b : a; }
 
 template <typename T>
-void max_pool(const ConvNetStep& s, MapView<const T> in, T* __restrict out) {
+void max_pool(const ConvNetStep& s, MapView<const T> in, MapView<T> out) {
   if (s.kh == 2 && s.kw == 2 && s.sh == 2 && s.sw == 2 && in.sw == 1) {  // the common case, vectorised
     for (std::int64_t c = 0; c < s.oc; ++c)
       for (std::int64_t i = 0; i < s.oh; ++i) {
         const T* __restrict r0 = in.p + c * in.sc + 2 * i * in.sh;
         const T* __restrict r1 = r0 + in.sh;
-        T* __restrict o = out + (c * s.oh + i) * s.ow;
+        T* __restrict o = out.p + c * out.sc + i * out.sh;
 #pragma omp simd
         for (std::int64_t j = 0; j < s.ow; ++j)
           o[j] = max_nan(max_nan(r0[2 * j], r0[2 * j + 1]), max_nan(r1[2 * j], r1[2 * j + 1]));
@@ -51,18 +58,33 @@ void max_pool(const ConvNetStep& s, MapView<const T> in, T* __restrict out) {
         T m = win[0];
         for (std::int64_t y = 0; y < s.kh; ++y)
           for (std::int64_t x = 0; x < s.kw; ++x) m = max_nan(m, win[y * in.sh + x * in.sw]);
-        out[(c * s.oh + i) * s.ow + j] = m;
+        out.p[c * out.sc + i * out.sh + j] = m;
       }
 }
 
 template <typename T>
-void avg_pool(const ConvNetStep& s, MapView<const T> in, T* __restrict out) {
+void avg_pool(const ConvNetStep& s, MapView<const T> in, MapView<T> out) {
   const double scale = 1.0 / static_cast<double>(s.h * s.w);
   for (std::int64_t c = 0; c < s.c; ++c) {
     double acc = 0.0;
     for (std::int64_t i = 0; i < s.h; ++i)
       for (std::int64_t j = 0; j < s.w; ++j) acc += in.p[c * in.sc + i * in.sh + j * in.sw];
-    out[c] = static_cast<T>(acc * scale);
+    out.p[c * out.sc] = static_cast<T>(acc * scale);
+  }
+}
+
+// The zero border around each of c planes of h x w (interior untouched).
+template <typename T>
+void zero_border(T* base, std::int64_t c, std::int64_t h, std::int64_t w, const SlotGeometry& g) {
+  const std::int64_t b = g.border;
+  for (std::int64_t ch = 0; ch < c; ++ch) {
+    T* pl = base + ch * g.plane;
+    std::fill(pl, pl + b * g.pitch, T(0));
+    std::fill(pl + (b + h) * g.pitch, pl + g.plane, T(0));
+    for (std::int64_t r = b; r < b + h; ++r) {
+      std::fill(pl + r * g.pitch, pl + r * g.pitch + b, T(0));
+      std::fill(pl + r * g.pitch + b + w, pl + (r + 1) * g.pitch, T(0));
+    }
   }
 }
 
@@ -78,7 +100,6 @@ SparseConvParams conv_params(const ConvNetStep& s, int dtype, int itype) {
   q.out_c = s.oc; q.ho = s.oh; q.wo = s.ow;
   q.kh = s.kh; q.kw = s.kw; q.sh = s.sh; q.sw = s.sw; q.ph = s.ph; q.pw = s.pw; q.dh = s.dh; q.dw = s.dw;
   q.nnz = s.nnz;
-  q.ys_n = s.oc * s.oh * s.ow; q.ys_c = s.oh * s.ow; q.ys_h = s.ow; q.ys_w = 1;
   q.batch_block = 1;
   q.algo = 0;
   q.relu = s.relu != 0;
@@ -92,16 +113,24 @@ void check_program(const ConvNetParams& p) {
   require(p.n >= 0 && (p.n == 0 || (p.x && p.y)), "sparse_conv_net: null input or output");
   const ConvNetStep* steps = ptr<const ConvNetStep>(p.steps);
   const std::int64_t* size = ptr<const std::int64_t>(p.slot_size);
+  const std::int64_t* border = size + p.nslots;
+  for (std::int64_t s = 1; s < p.nslots; ++s) require(size[s] >= 0 && border[s] >= 0, "sparse_conv_net: bad slot");
+  auto fits = [&](std::int64_t slot, std::int64_t c, std::int64_t h, std::int64_t w) {
+    return size[slot] >= c * (h + 2 * border[slot]) * (w + 2 * border[slot]);
+  };
   for (std::int64_t t = 0; t < p.nsteps; ++t) {
     const ConvNetStep& s = steps[t];
     const std::string at = "sparse_conv_net: step " + std::to_string(t) + ": ";
     require(s.in >= 0 && s.in < p.nslots && s.res >= -1 && s.res < p.nslots && s.out > 0 && s.out < p.nslots,
             at + "slot out of range");
     require(s.c > 0 && s.h > 0 && s.w > 0 && s.oc > 0 && s.oh > 0 && s.ow > 0, at + "bad size");
-    require(s.in == 0 || size[s.in] >= s.c * s.h * s.w, at + "input slot size does not match");
-    require(t == p.nsteps - 1 || size[s.out] >= s.oc * s.oh * s.ow, at + "output slot size does not match");
-    require(s.res < 0 || (s.kind == kNetConv && s.res > 0 && size[s.res] >= s.oc * s.oh * s.ow),
+    require(s.in == 0 || fits(s.in, s.c, s.h, s.w), at + "input slot size does not match");
+    require(t == p.nsteps - 1 || fits(s.out, s.oc, s.oh, s.ow), at + "output slot size does not match");
+    require(s.res < 0 || (s.kind == kNetConv && s.res > 0 && fits(s.res, s.oc, s.oh, s.ow)),
             at + "residual slot does not match");
+    require(!s.prepacked || (s.kind == kNetConv && s.in > 0 && s.sh == 1 && s.sw == 1 && s.ph == border[s.in] &&
+                             s.pw == border[s.in]),
+            at + "a prepacked input needs stride 1 and padding equal to its slot's border");
     switch (s.kind) {
       case kNetConv: {
         require(s.off != 0, at + "convolutions need precomputed tap offsets");
@@ -128,23 +157,42 @@ void check_program(const ConvNetParams& p) {
 template <typename T, typename I>
 void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int64_t* base, int threads) {
   const ConvNetStep* steps = ptr<const ConvNetStep>(p.steps);
+  const std::int64_t* border = ptr<const std::int64_t>(p.slot_size) + p.nslots;
   const T* x = ptr<const T>(p.x) + b * p.xs_n;
-  auto view = [&](std::int64_t slot, const ConvNetStep& s) {
-    return slot == 0 ? MapView<const T>{x, p.xs_c, p.xs_h, p.xs_w}
-                     : MapView<const T>{acts + base[slot], s.h * s.w, s.w, 1};
+  // The interior of slot `slot` holding an h x w map.
+  auto view = [&](std::int64_t slot, std::int64_t h, std::int64_t w) {
+    const SlotGeometry g(border[slot], h, w);
+    return MapView<T>{acts + base[slot] + g.interior(), g.plane, g.pitch, 1};
   };
   for (std::int64_t t = 0; t < p.nsteps; ++t) {
     const ConvNetStep& s = steps[t];
-    const MapView<const T> in = view(s.in, s);
-    T* out = t == p.nsteps - 1 ? ptr<T>(p.y) + b * s.oc * s.oh * s.ow : acts + base[s.out];
+    const MapView<const T> in = [&] {
+      if (s.in == 0) return MapView<const T>{x, p.xs_c, p.xs_h, p.xs_w};
+      const MapView<T> v = view(s.in, s.h, s.w);
+      return MapView<const T>{v.p, v.sc, v.sh, v.sw};
+    }();
+    MapView<T> out{ptr<T>(p.y) + b * s.oc * s.oh * s.ow, s.oh * s.ow, s.ow, 1};
+    if (t < p.nsteps - 1) {
+      out = view(s.out, s.oh, s.ow);
+      if (border[s.out] > 0) zero_border(acts + base[s.out], s.oc, s.oh, s.ow, SlotGeometry(border[s.out], s.oh, s.ow));
+    }
     if (s.kind == kNetConv) {
       SparseConvParams q = conv_params(s, p.dtype, p.itype);
-      q.x = reinterpret_cast<std::uintptr_t>(in.p);
-      q.xs_n = 0; q.xs_c = in.sc; q.xs_h = in.sh; q.xs_w = in.sw;
-      q.y = reinterpret_cast<std::uintptr_t>(out);
+      if (s.prepacked) {  // the slot, border included, is the packed input
+        const SlotGeometry g(border[s.in], s.h, s.w);
+        q.x = reinterpret_cast<std::uintptr_t>(acts + base[s.in]);
+        q.xs_c = g.plane; q.xs_h = g.pitch; q.xs_w = 1;
+        q.prepacked = true;
+      } else {
+        q.x = reinterpret_cast<std::uintptr_t>(in.p);
+        q.xs_c = in.sc; q.xs_h = in.sh; q.xs_w = in.sw;
+      }
+      q.y = reinterpret_cast<std::uintptr_t>(out.p);
+      q.ys_c = out.sc; q.ys_h = out.sh; q.ys_w = 1;
       if (s.res > 0) {
-        q.res = reinterpret_cast<std::uintptr_t>(acts + base[s.res]);
-        q.rs_n = 0; q.rs_c = s.oh * s.ow; q.rs_h = s.ow; q.rs_w = 1;
+        const MapView<T> r = view(s.res, s.oh, s.ow);
+        q.res = reinterpret_cast<std::uintptr_t>(r.p);
+        q.rs_c = r.sc; q.rs_h = r.sh; q.rs_w = 1;
       }
       sparse_conv2d_on<T, I>(q, threads);
     } else if (s.kind == kNetMaxPool) {
@@ -170,7 +218,7 @@ void run(const ConvNetParams& p) {
   std::int64_t total = 0;
   for (std::int64_t s = 0; s < p.nslots; ++s) {
     base[s] = total;
-    total += s == 0 ? 0 : cpu::round_up(size[s], 16);  // 64-byte aligned maps
+    total += s == 0 ? 0 : cpu::round_up(size[s], 16) + 16;  // 64-byte aligned maps, a register of slack
   }
   const int threads = max_threads();
   if (p.n >= 2 && threads > 1) {  // samples in parallel, each depth-first on one thread
@@ -179,7 +227,7 @@ void run(const ConvNetParams& p) {
     return;
   }
   T* acts = cpu::scratch<T>(kActivationSlot, total);
-  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads);
+  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads);  // each step: the team
 }
 
 }  // namespace

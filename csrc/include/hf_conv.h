@@ -31,6 +31,9 @@ struct SparseConvParams {
   bool relu;
   int dtype, itype;
   std::uintptr_t stream;
+  // CPU, set only by the network executor (never by the bindings): x is already the packed buffer of
+  // one sample (stride 1, planes of (h + 2 ph) x (w + 2 pw) with a zero border, xs_* their strides).
+  bool prepacked = false;
 };
 
 // Output size of one spatial dimension (as torch.nn.functional.conv2d).
@@ -102,6 +105,9 @@ inline void check(const SparseConvParams& p) {
   require(p.nnz == 0 || (p.col && p.val && (p.x || p.n == 0)), "sparse_conv2d: null pointer");
   require(p.batch_block >= 0 && (p.algo == 0 || p.algo == 1), "sparse_conv2d: bad batch_block or algo");
   require(p.off == 0 || p.batch_block > 0, "sparse_conv2d: precomputed offsets need an explicit batch_block");
+  require(!p.prepacked || (p.n == 1 && p.batch_block == 1 && p.sh == 1 && p.sw == 1 && p.algo == 0 && p.xs_w == 1 &&
+                           p.xs_h == p.w + 2 * p.pw && p.xs_c == (p.h + 2 * p.ph) * p.xs_h),
+          "sparse_conv2d: a prepacked input must be one sample's zero-bordered stride-1 planes");
 }
 
 }  // namespace hf

@@ -6,8 +6,10 @@
 //
 // A program is an array of ConvNetStep (all int64, built and validated by the Python wrapper
 // hyperflow_ext/sparse/network.py). Steps read and write activation slots: slot 0 is the network
-// input x (any strides), every other slot one sample's NCHW map of slot_size[slot] elements in the
-// thread's scratch. The last step writes y[b] (NCHW, contiguous per sample) instead of a slot.
+// input x (any strides), every other slot one sample's NCHW map in the thread's scratch, its planes
+// surrounded by a zero border of slot_border[slot] pixels. A stride-1 convolution whose padding is
+// its input slot's border reads the slot as its packed input (no copy). The last step writes y[b]
+// (NCHW, contiguous per sample) instead of a slot.
 #pragma once
 
 #include "hf_common.h"
@@ -27,14 +29,16 @@ struct ConvNetStep {
   std::int64_t ph, pw, dh, dw;   // padding and dilation (convolutions)
   std::int64_t nnz, relu;        // convolutions
   std::int64_t rowptr, col, val, bias, off;  // convolutions: CSR arrays, bias or 0, int32 tap offsets (batch block 1)
+  std::int64_t prepacked;        // convolutions: read the input slot in place (stride 1, padding = its border)
 };
-constexpr std::int64_t kConvNetStepFields = 25;
-static_assert(sizeof(ConvNetStep) == kConvNetStepFields * sizeof(std::int64_t), "ConvNetStep must be 25 int64");
+constexpr std::int64_t kConvNetStepFields = 26;
+static_assert(sizeof(ConvNetStep) == kConvNetStepFields * sizeof(std::int64_t), "ConvNetStep must be 26 int64");
 
 struct ConvNetParams {
   std::uintptr_t steps;      // nsteps ConvNetStep
   std::int64_t nsteps;
-  std::uintptr_t slot_size;  // nslots int64: elements of one sample's map per slot (slot 0: the input, unused)
+  std::uintptr_t slot_size;  // 2 x nslots int64: elements of one sample's bordered map per slot, then each
+                             // slot's border (slot 0, the input: unused)
   std::int64_t nslots;
   std::uintptr_t x;          // n x c x h x w of step 0's input, element (b, c, i, j) at b*xs_n + c*xs_c + i*xs_h + j*xs_w
   std::int64_t n, xs_n, xs_c, xs_h, xs_w;

@@ -31,7 +31,7 @@ from .linear import SparseLinear
 __all__ = ["SparseConvNet", "fuse_network"]
 
 CONV, MAX_POOL, AVG_POOL = 0, 1, 2
-_FIELDS = 25  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
+_FIELDS = 26  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
 _MAX_SLOTS = 64
 
 
@@ -50,7 +50,7 @@ class NetStep(NamedTuple):
 
 class _Program(NamedTuple):
     steps: torch.Tensor        # (nsteps, 25) int64
-    slot_size: torch.Tensor    # (nslots,) int64
+    slot_size: torch.Tensor    # (2, nslots) int64: bordered map sizes, then borders
     out_shape: Tuple[int, int, int]
     dtype: torch.dtype
     codes: Tuple[int, int]     # (float code, index code)
@@ -97,7 +97,7 @@ class SparseConvNet(nn.Module):
         n = x.shape[0]
         y = torch.empty((n,) + prog.out_shape, dtype=x.dtype)
         native.cpu_module().sparse_conv_net(prog.steps.data_ptr(), prog.steps.shape[0], prog.slot_size.data_ptr(),
-                                            prog.slot_size.numel(), x.data_ptr(), n, *x.stride(), y.data_ptr(),
+                                            prog.slot_size.shape[1], x.data_ptr(), n, *x.stride(), y.data_ptr(),
                                             *prog.codes)
         return y
 
@@ -146,11 +146,20 @@ class SparseConvNet(nn.Module):
             last_use[s.inp] = i
             if s.res >= 0:
                 last_use[s.res] = i
+        # A map read by a stride-1 convolution with square padding p is stored with a zero border of p, so
+        # that convolution reads it in place as its packed input (the first such reader decides).
+        border: Dict[int, int] = {}
+        for s in self.steps:
+            if s.kind == CONV and s.inp > 0 and s.inp not in border:
+                conv = convs[s.conv]
+                if tuple(conv.stride) == (1, 1) and conv.padding[0] == conv.padding[1]:
+                    border[s.inp] = int(conv.padding[0])
         rows: List[List[int]] = []
         keep: List[torch.Tensor] = []
         codes = set()
         slot_of: Dict[int, int] = {0: 0}
         slot_size: List[int] = [0]
+        slot_border: List[int] = [0]
         free: List[int] = []
         mod = native.cpu_module()
         for i, s in enumerate(self.steps):
@@ -177,9 +186,10 @@ class SparseConvNet(nn.Module):
                 bias = conv.bias
                 keep += [off, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
                 codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
-                row[10:25] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(conv.relu), csr.crow_indices.data_ptr(),
+                prepacked = s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1)
+                row[10:26] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(conv.relu), csr.crow_indices.data_ptr(),
                               csr.col_indices.data_ptr(), csr.values.data_ptr(),
-                              0 if bias is None else bias.data_ptr(), off.data_ptr()]
+                              0 if bias is None else bias.data_ptr(), off.data_ptr(), int(prepacked)]
             elif s.kind == MAX_POOL:
                 kh, kw, sh, sw = s.pool
                 if h < kh or w < kw:
@@ -192,14 +202,17 @@ class SparseConvNet(nn.Module):
             for v in {s.inp, s.res} - {-1, 0}:  # maps read for the last time here are free for later steps
                 if last_use.get(v) == i:
                     free.append(slot_of[v])
-            size = oc * oh * ow
-            fits = [f for f in free if slot_size[f] >= size and f not in (slot_of.get(s.inp), slot_of.get(s.res))]
+            b = border.get(s.out, 0)
+            size = oc * (oh + 2 * b) * (ow + 2 * b)
+            busy = (slot_of.get(s.inp), slot_of.get(s.res))
+            fits = [f for f in free if slot_border[f] == b and slot_size[f] >= size and f not in busy]
             if fits:
                 slot = fits[0]
                 free.remove(slot)
             else:
                 slot = len(slot_size)
                 slot_size.append(size)
+                slot_border.append(b)
             slot_of[s.out] = slot
             row[0:10] = [s.kind, slot_of[s.inp], slot_of[s.res] if s.res >= 0 else -1, slot, c, h, w, oc, oh, ow]
             rows.append(row)
@@ -207,7 +220,7 @@ class SparseConvNet(nn.Module):
             return None
         float_code = FLOAT_CODES[x.dtype]
         index_code = next(iter(codes))[1] if codes else INDEX_CODES[torch.int32]
-        return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor(slot_size, dtype=torch.int64),
+        return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor([slot_size, slot_border], dtype=torch.int64),
                         shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(convs),
                         tuple(c._weight_key() for c in convs), tuple(keep))
 
