@@ -419,9 +419,11 @@ void fill_offsets(const SparseConvParams& p, const Packing& k, const I* col, Off
   }
 }
 
-// threads: the team to use (1: run on the calling thread alone, e.g. inside an outer parallel region).
+// threads: the team to use (1: run on the calling thread alone). in_team: every thread of the caller's
+// parallel region (of `threads` threads) makes this call and takes its share of the work; the caller
+// synchronises afterwards (the network executor keeps one region across its layers).
 template <typename T, typename I, typename Off>
-void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads) {
+void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool in_team = false) {
   const I* rowptr = ptr<const I>(p.rowptr);
   const I* col = ptr<const I>(p.col);
   const T* val = ptr<const T>(p.val);
@@ -500,11 +502,25 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads) {
     }
     if (p.res) add_residual(p, k, gi, o_begin, o_end, i0, i1, y);
   };
-  // A single barrier (the region's end): with at least a group per thread every thread packs and
-  // computes whole groups (its packed input stays in its L2); otherwise every thread packs all the
-  // (few, small) groups itself and takes a static share of (group, tile, channel block) items.
   // A prepacked input (the network executor's, one group) is read in place.
   const T* prepacked = p.prepacked ? x : nullptr;
+  // A team's share: every thread packs all the (few, small) groups itself and takes a static share of
+  // the (group, tile, channel block) items; no barrier (the region's end or the caller's).
+  auto team_share = [&]() {
+    T* own = prepacked ? nullptr : scratch<T>(0, k.groups * k.gsize);
+    const T* packed = prepacked ? prepacked : own;
+    T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
+    if (!prepacked)
+      for (std::int64_t gi = 0; gi < k.groups; ++gi) pack(gi, own + gi * k.gsize);
+#pragma omp for schedule(static) collapse(3) nowait
+    for (std::int64_t gi = 0; gi < k.groups; ++gi)
+      for (std::int64_t t = 0; t < tiles; ++t)
+        for (std::int64_t b = 0; b < oblocks; ++b)
+          compute(packed + gi * k.gsize, tile, gi, t, b * ob, std::min(p.out_c, (b + 1) * ob));
+  };
+  if (in_team) return team_share();
+  // A single barrier (the region's end): with at least a group per thread every thread packs and
+  // computes whole groups (its packed input stays in its L2); otherwise the team shares the items.
   if (k.groups >= threads || !par) {
 #pragma omp parallel for schedule(static) if (par)
     for (std::int64_t gi = 0; gi < k.groups; ++gi) {
@@ -516,18 +532,7 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads) {
     return;
   }
 #pragma omp parallel
-  {
-    T* own = prepacked ? nullptr : scratch<T>(0, k.groups * k.gsize);
-    const T* packed = prepacked ? prepacked : own;
-    T* tile = scratch<T>(2, (nhwc_out ? W : 1) * ldt);
-    if (!prepacked)
-      for (std::int64_t gi = 0; gi < k.groups; ++gi) pack(gi, own + gi * k.gsize);
-#pragma omp for schedule(static) collapse(3) nowait
-    for (std::int64_t gi = 0; gi < k.groups; ++gi)
-      for (std::int64_t t = 0; t < tiles; ++t)
-        for (std::int64_t b = 0; b < oblocks; ++b)
-          compute(packed + gi * k.gsize, tile, gi, t, b * ob, std::min(p.out_c, (b + 1) * ob));
-  }
+  team_share();
 }
 
 template <typename T, typename I>
@@ -571,13 +576,17 @@ void sparse_conv2d(CpuTag, const SparseConvParams& p) {
 }
 
 template <typename T, typename I>
-void sparse_conv2d_on(const SparseConvParams& p, int threads) {
-  conv_packed<T, I, std::int32_t>(p, 1, threads);
+void sparse_conv2d_on(const SparseConvParams& p, int threads, bool in_team) {
+  conv_packed<T, I, std::int32_t>(p, 1, threads, in_team);
 }
-template void sparse_conv2d_on<float, std::int32_t>(const SparseConvParams&, int);
-template void sparse_conv2d_on<float, std::int64_t>(const SparseConvParams&, int);
-template void sparse_conv2d_on<double, std::int32_t>(const SparseConvParams&, int);
-template void sparse_conv2d_on<double, std::int64_t>(const SparseConvParams&, int);
+template void sparse_conv2d_on<float, std::int32_t>(const SparseConvParams&, int, bool);
+template void sparse_conv2d_on<float, std::int64_t>(const SparseConvParams&, int, bool);
+template void sparse_conv2d_on<double, std::int32_t>(const SparseConvParams&, int, bool);
+template void sparse_conv2d_on<double, std::int64_t>(const SparseConvParams&, int, bool);
+
+bool sparse_conv2d_team_pays(const SparseConvParams& p) {
+  return (p.nnz + p.out_c) * plan(p, 1).grid > kParallelWork;
+}
 
 std::int64_t sparse_conv2d_batch_block(const SparseConvParams& p) {
   check(p);

@@ -81,9 +81,13 @@ void zero_border(T* base, std::int64_t c, std::int64_t h, std::int64_t w, const 
     T* pl = base + ch * g.plane;
     std::fill(pl, pl + b * g.pitch, T(0));
     std::fill(pl + (b + h) * g.pitch, pl + g.plane, T(0));
-    for (std::int64_t r = b; r < b + h; ++r) {
-      std::fill(pl + r * g.pitch, pl + r * g.pitch + b, T(0));
-      std::fill(pl + r * g.pitch + b + w, pl + (r + 1) * g.pitch, T(0));
+    if (b == 1) {  // the usual 3x3 padding: two stores a row (a loop here compiles to two memset calls)
+      for (std::int64_t r = 1; r <= h; ++r) pl[r * g.pitch] = pl[r * g.pitch + 1 + w] = T(0);
+    } else {
+      for (std::int64_t r = b; r < b + h; ++r) {
+        std::fill(pl + r * g.pitch, pl + r * g.pitch + b, T(0));
+        std::fill(pl + r * g.pitch + b + w, pl + (r + 1) * g.pitch, T(0));
+      }
     }
   }
 }
@@ -153,9 +157,11 @@ void check_program(const ConvNetParams& p) {
   }
 }
 
-// Sample b through the program; acts is this thread's activation scratch (slot offsets in base).
+// Sample b through the program; acts is the activation scratch (slot offsets in base). team: every
+// thread of a parallel region of `threads` runs this call; convolutions with the work for it are shared
+// (one barrier each), every other step runs on one thread. Otherwise the calling thread runs it all.
 template <typename T, typename I>
-void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int64_t* base, int threads) {
+void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int64_t* base, int threads, bool team) {
   const ConvNetStep* steps = ptr<const ConvNetStep>(p.steps);
   const std::int64_t* border = ptr<const std::int64_t>(p.slot_size) + p.nslots;
   const T* x = ptr<const T>(p.x) + b * p.xs_n;
@@ -171,13 +177,15 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
       const MapView<T> v = view(s.in, s.h, s.w);
       return MapView<const T>{v.p, v.sc, v.sh, v.sw};
     }();
-    MapView<T> out{ptr<T>(p.y) + b * s.oc * s.oh * s.ow, s.oh * s.ow, s.ow, 1};
-    if (t < p.nsteps - 1) {
-      out = view(s.out, s.oh, s.ow);
-      if (border[s.out] > 0) zero_border(acts + base[s.out], s.oc, s.oh, s.ow, SlotGeometry(border[s.out], s.oh, s.ow));
-    }
+    const bool last = t == p.nsteps - 1;
+    const MapView<T> out = last ? MapView<T>{ptr<T>(p.y) + b * s.oc * s.oh * s.ow, s.oh * s.ow, s.ow, 1}
+                                : view(s.out, s.oh, s.ow);
+    auto clear_border = [&] {  // the writes below touch only the interior
+      if (!last && border[s.out] > 0)
+        zero_border(acts + base[s.out], s.oc, s.oh, s.ow, SlotGeometry(border[s.out], s.oh, s.ow));
+    };
+    SparseConvParams q = conv_params(s, p.dtype, p.itype);
     if (s.kind == kNetConv) {
-      SparseConvParams q = conv_params(s, p.dtype, p.itype);
       if (s.prepacked) {  // the slot, border included, is the packed input
         const SlotGeometry g(border[s.in], s.h, s.w);
         q.x = reinterpret_cast<std::uintptr_t>(acts + base[s.in]);
@@ -194,11 +202,27 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
         q.res = reinterpret_cast<std::uintptr_t>(r.p);
         q.rs_c = r.sc; q.rs_h = r.sh; q.rs_w = 1;
       }
-      sparse_conv2d_on<T, I>(q, threads);
-    } else if (s.kind == kNetMaxPool) {
-      max_pool<T>(s, in, out);
+    }
+    auto alone = [&] {
+      clear_border();
+      if (s.kind == kNetConv) {
+        sparse_conv2d_on<T, I>(q, 1);
+      } else if (s.kind == kNetMaxPool) {
+        max_pool<T>(s, in, out);
+      } else {
+        avg_pool<T>(s, in, out);
+      }
+    };
+    if (!team) {
+      alone();
+    } else if (s.kind == kNetConv && sparse_conv2d_team_pays(q)) {
+#pragma omp single nowait
+      clear_border();
+      sparse_conv2d_on<T, I>(q, threads, true);
+#pragma omp barrier
     } else {
-      avg_pool<T>(s, in, out);
+#pragma omp single
+      alone();
     }
   }
 }
@@ -223,11 +247,17 @@ void run(const ConvNetParams& p) {
   const int threads = max_threads();
   if (p.n >= 2 && threads > 1) {  // samples in parallel, each depth-first on one thread
 #pragma omp parallel for schedule(dynamic, 1)
-    for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, cpu::scratch<T>(kActivationSlot, total), base, 1);
+    for (std::int64_t b = 0; b < p.n; ++b)
+      run_sample<T, I>(p, b, cpu::scratch<T>(kActivationSlot, total), base, 1, false);
     return;
   }
-  T* acts = cpu::scratch<T>(kActivationSlot, total);
-  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads);  // each step: the team
+  T* acts = cpu::scratch<T>(kActivationSlot, total);  // the calling thread's: the team shares it
+  if (threads > 1) {  // one region for the whole program: a barrier per shared layer, no fork per layer
+#pragma omp parallel num_threads(threads)
+    for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads, true);
+    return;
+  }
+  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, 1, false);
 }
 
 }  // namespace

@@ -90,9 +90,12 @@ std::int64_t sparse_conv2d_batch_block(const SparseConvParams& p);
 bool sparse_conv2d_offsets(const SparseConvParams& p);
 void sparse_conv2d(CudaTag, const SparseConvParams& p);
 // CPU, checked by the caller: the packed path with one sample per group (batch_block 1, int32 offsets
-// in p.off) on a team of `threads` (1: the calling thread alone). The network executor's building block.
+// in p.off) on a team of `threads` (1: the calling thread alone; in_team: called by every thread of the
+// caller's parallel region, which synchronises afterwards). The network executor's building block.
 template <typename T, typename I>
-void sparse_conv2d_on(const SparseConvParams& p, int threads);
+void sparse_conv2d_on(const SparseConvParams& p, int threads, bool in_team = false);
+// CPU: whether one sample of p has the work for a team of threads (else one thread is faster).
+bool sparse_conv2d_team_pays(const SparseConvParams& p);
 
 inline void check(const SparseConvParams& p) {
   require(p.n >= 0 && p.in_c > 0 && p.h > 0 && p.w > 0 && p.out_c >= 0 && p.nnz >= 0, "sparse_conv2d: bad size");
