@@ -3,6 +3,8 @@
 * :class:`HyperFlow` — records fine-tuning trajectories, trains the drift network, saves/loads.
 * :func:`fused_adapt` — adapts a backbone to support sets with a few fused ODE steps.
 * :func:`flow_path` — every state along that integration (for plots and analysis).
+* :func:`select_adapt` — per task, the candidate (a few horizons, support statistics) the support
+  set's leave-one-out accuracy prefers.
 * :func:`drift_integrate` — the fused integrator on the ``torch`` / ``native`` / ``triton`` back-ends.
 * :mod:`~hyperflow_ext.flow.baselines` — the comparison methods: ``direct_transfer``, ``finetune_adapt``.
 * Building blocks: :class:`DriftNetwork`, :class:`Interpolant`, :func:`odeint`, :class:`TaskEncoder`,
@@ -16,6 +18,7 @@ from .hyperflow import HyperFlow, flow_path, fused_adapt
 from .integrate import drift_integrate, drift_integrate_reference
 from .interpolate import INTERPOLATIONS, Interpolant
 from .params import ParamSubset
+from .select import loo_scores, select_adapt
 from .solvers import TABLEAUS, Tableau, get_tableau, odeint
 from .task import TaskEncoder
 from .train import DriftTrainConfig, train_drift
@@ -27,5 +30,5 @@ __all__ = [
     "time_features", "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
     "Interpolant", "ParamSubset", "TABLEAUS", "Tableau", "get_tableau", "odeint", "TaskEncoder",
     "DriftTrainConfig", "train_drift", "TrajectoryConfig", "TrajectorySet", "record_trajectories",
-    "euler_update", "euler_update_reference",
+    "euler_update", "euler_update_reference", "select_adapt", "loo_scores",
 ]
