@@ -46,9 +46,9 @@ def held_out(meta, seed: int):
     return EpisodeSampler(meta, way=5, shot=5, query=15, seed=seed + 99).episodes()
 
 
-def run(backbone, meta, targets, args, log_prefix: str = "") -> dict:
-    """Fit every variant on ``meta``, evaluate it and the baselines on ``targets``; the results table."""
-    t0 = time.perf_counter()
+def fit_flows(backbone, meta, args, log_prefix: str = "", t0: float = None):
+    """Fit every ``args.variants`` flow on ``meta`` the way :func:`run` does; ``(flows, recipe)``."""
+    t0 = time.perf_counter() if t0 is None else t0
     episodes = meta_episodes(meta, args.seed)
     eps = [next(episodes) for _ in range(args.tasks)]
     store = Path(hf.cache_dir()) / "trajectories"
@@ -69,6 +69,13 @@ def run(backbone, meta, targets, args, log_prefix: str = "") -> dict:
         flows[variant] = flow
         print(f"{log_prefix}[{time.perf_counter() - t0:.0f} s] {variant}: lr {flow.recipe['lr']:g}, "
               f"horizon {flow.horizon:g}", flush=True)
+    return flows, recipe
+
+
+def run(backbone, meta, targets, args, log_prefix: str = "") -> dict:
+    """Fit every variant on ``meta``, evaluate it and the baselines on ``targets``; the results table."""
+    t0 = time.perf_counter()
+    flows, recipe = fit_flows(backbone, meta, args, log_prefix, t0)
     lr = recipe["lr"]
     methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
                "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", 50, lr)}
