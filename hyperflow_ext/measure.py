@@ -85,7 +85,10 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], budget_s: float = 1.0, m
 
     Timing the callables in turn means all of them see the same machine load, which is how the
     benchmarks report a ratio against a baseline from the same run on a noisy, shared machine.
-    The number of rounds fills ``budget_s`` (within ``[min_rounds, max_rounds]``).
+    Each round starts one callable later than the last, so every callable follows each of the others
+    equally often (what ran just before, e.g. a large model that evicted the caches or left the
+    thread pool idle, changes a small call's time). The number of rounds fills ``budget_s`` (within
+    ``[min_rounds, max_rounds]``).
 
     Returns:
         ``(times, rounds)``: ``times[i]`` lists the seconds of ``fns[i]`` per round.
@@ -98,11 +101,12 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], budget_s: float = 1.0, m
     per_round = max(time.perf_counter() - t0, 1e-6)
     rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     times: List[List[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
+    order = list(range(len(fns)))
+    for r in range(rounds):
+        for i in order[r % len(fns):] + order[:r % len(fns)]:
             t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
+            fns[i]()
+            times[i].append(time.perf_counter() - t)
     return times, rounds
 
 
