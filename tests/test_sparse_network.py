@@ -85,7 +85,7 @@ def test_odd_geometries_match_the_dense_model(hw):
             if isinstance(m, nn.Conv2d):
                 m.weight.mul_((torch.rand_like(m.weight) < 0.5).double())
     fused, chain = fuse_network(sparsify(model, depth_first=False)[0])
-    assert chain == ["a", "b", "c", "d"]
+    assert chain == ["a", "b", "c", "d", "head"]  # the (sparse) head is a 1x1 convolution of the pooled map
     x = torch.randn(3, 2, *hw, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(fused(x), model(x), **TOL[torch.float64])
@@ -185,8 +185,31 @@ def test_native_program_checks():
     with pytest.raises(ValueError, match="slot out of range"):
         mod.sparse_conv_net(*args)
     steps[0, 3] = 1
-    mod.sparse_conv_net(*args)
-    torch.testing.assert_close(y, x.mean((2, 3)))
+    with pytest.raises(ValueError, match="threads"):
+        mod.sparse_conv_net(*args, -1)
+    for threads in (0, 1, 2):
+        y.fill_(float("nan"))
+        mod.sparse_conv_net(*args, threads)
+        torch.testing.assert_close(y, x.mean((2, 3)))
     steps[0, 0] = 7
     with pytest.raises(ValueError, match="unknown step kind"):
         mod.sparse_conv_net(*args)
+
+
+def test_dense_and_sparse_heads_run_inside_the_program():
+    model = _pruned(VGGStyle, 0.9, dtype=torch.float64)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    dense_head, _ = sparsify(model, layers=convs)  # the head stays nn.Linear
+    sparse_head, _ = sparsify(model)
+    assert type(dense_head.head) is nn.Linear and dense_head.sparse_net.layer_names[-1] == "head"
+    assert sparse_head.sparse_net.layer_names[-1] == "head"
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.inference_mode():
+        for fused in (dense_head, sparse_head):
+            torch.testing.assert_close(fused(x), model(x), **TOL[torch.float64])
+            torch.testing.assert_close(fused(x[:1]), model(x[:1]), **TOL[torch.float64])
+    with torch.no_grad():
+        dense_head.head.weight.mul_(2.0)
+        model.head.weight.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(dense_head(x), model(x), **TOL[torch.float64])

@@ -73,6 +73,20 @@ void avg_pool(const ConvNetStep& s, MapView<const T> in, MapView<T> out) {
   }
 }
 
+// out[o] = bias[o] + sum_c W[o, c] in[c] (a classifier head on a globally pooled map).
+template <typename T>
+void linear(const ConvNetStep& s, MapView<const T> in, MapView<T> out) {
+  const T* __restrict w = ptr<const T>(static_cast<std::uintptr_t>(s.val));
+  const T* bias = s.bias ? ptr<const T>(static_cast<std::uintptr_t>(s.bias)) : nullptr;
+  for (std::int64_t o = 0; o < s.oc; ++o) {
+    const T* __restrict wo = w + o * s.c;
+    T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+    for (std::int64_t c = 0; c < s.c; ++c) acc += wo[c] * in.p[c * in.sc];
+    out.p[o * out.sc] = bias ? acc + bias[o] : acc;
+  }
+}
+
 // The zero border around each of c planes of h x w (interior untouched).
 template <typename T>
 void zero_border(T* base, std::int64_t c, std::int64_t h, std::int64_t w, const SlotGeometry& g) {
@@ -151,6 +165,9 @@ void check_program(const ConvNetParams& p) {
       case kNetAvgPool:
         require(s.oc == s.c && s.oh == 1 && s.ow == 1, at + "average pool must output c x 1 x 1");
         break;
+      case kNetLinear:
+        require(s.h == 1 && s.w == 1 && s.oh == 1 && s.ow == 1 && s.val != 0, at + "linear needs c x 1 x 1 maps and a weight");
+        break;
       default:
         require(false, at + "unknown step kind " + std::to_string(s.kind));
     }
@@ -209,8 +226,10 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
         sparse_conv2d_on<T, I>(q, 1);
       } else if (s.kind == kNetMaxPool) {
         max_pool<T>(s, in, out);
-      } else {
+      } else if (s.kind == kNetAvgPool) {
         avg_pool<T>(s, in, out);
+      } else {
+        linear<T>(s, in, out);
       }
     };
     if (!team) {
@@ -244,9 +263,9 @@ void run(const ConvNetParams& p) {
     base[s] = total;
     total += s == 0 ? 0 : cpu::round_up(size[s], 16) + 16;  // 64-byte aligned maps, a register of slack
   }
-  const int threads = max_threads();
+  const int threads = p.threads > 0 ? std::min(p.threads, max_threads()) : max_threads();
   if (p.n >= 2 && threads > 1) {  // samples in parallel, each depth-first on one thread
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (std::int64_t b = 0; b < p.n; ++b)
       run_sample<T, I>(p, b, cpu::scratch<T>(kActivationSlot, total), base, 1, false);
     return;
@@ -265,6 +284,7 @@ void run(const ConvNetParams& p) {
 void sparse_conv_net(CpuTag, const ConvNetParams& p) {
   check_program(p);
   require(p.nslots <= 64, "sparse_conv_net: at most 64 activation slots");
+  require(p.threads >= 0, "sparse_conv_net: threads must be >= 0");
   if (p.n == 0) return;
   dispatch_float(p.dtype, "sparse_conv_net", [&](auto zero) {
     using T = decltype(zero);

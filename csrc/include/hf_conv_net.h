@@ -18,7 +18,7 @@
 
 namespace hf {
 
-enum ConvNetKind : std::int64_t { kNetConv = 0, kNetMaxPool = 1, kNetAvgPool = 2 };
+enum ConvNetKind : std::int64_t { kNetConv = 0, kNetMaxPool = 1, kNetAvgPool = 2, kNetLinear = 3 };
 
 struct ConvNetStep {
   std::int64_t kind;
@@ -28,7 +28,8 @@ struct ConvNetStep {
   std::int64_t kh, kw, sh, sw;   // kernel and stride (convolutions and max pools)
   std::int64_t ph, pw, dh, dw;   // padding and dilation (convolutions)
   std::int64_t nnz, relu;        // convolutions
-  std::int64_t rowptr, col, val, bias, off;  // convolutions: CSR arrays, bias or 0, int32 tap offsets (batch block 1)
+  std::int64_t rowptr, col, val, bias, off;  // convolutions: CSR arrays, bias or 0, int32 tap offsets (batch block 1);
+                                             // linear (c x 1 x 1 -> oc x 1 x 1): val the oc x c row-major weight, bias
   std::int64_t prepacked;        // convolutions: read the input slot in place (stride 1, padding = its border)
 };
 constexpr std::int64_t kConvNetStepFields = 26;
@@ -44,6 +45,7 @@ struct ConvNetParams {
   std::int64_t n, xs_n, xs_c, xs_h, xs_w;
   std::uintptr_t y;          // n x (last step's oc*oh*ow), contiguous
   int dtype, itype;
+  int threads;               // at most this many threads (0: the OpenMP default)
 };
 
 void sparse_conv_net(CpuTag, const ConvNetParams& p);

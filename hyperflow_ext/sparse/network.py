@@ -30,18 +30,23 @@ from .linear import SparseLinear
 
 __all__ = ["SparseConvNet", "fuse_network"]
 
-CONV, MAX_POOL, AVG_POOL = 0, 1, 2
+CONV, MAX_POOL, AVG_POOL, LINEAR = 0, 1, 2, 3
 _FIELDS = 26  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
 _MAX_SLOTS = 64
+# A single sample gets the whole thread team only above this many multiply-adds: waking a parallel
+# region's idle workers costs more than splitting smaller programs saves (measured on the benchmark
+# CNNs at batch 1, 2 threads: a 6 M multiply-add ResNet-style program ran 12 % faster on one thread,
+# a 10 M VGG-style one 6 % faster on two).
+TEAM_MULTIPLY_ADDS = 8_000_000
 
 
 class NetStep(NamedTuple):
-    """One step: ``kind``, the index of its convolution among the call's modules (or -1), the values
-    it reads (``inp``, ``res``: 0 is the network input, -1 none) and writes (``out``), and the pool's
-    ``(kernel, stride)``."""
+    """One step: ``kind``, the index of its module (convolution or linear head) among the call's
+    modules (or -1), the values it reads (``inp``, ``res``: 0 is the network input, -1 none) and
+    writes (``out``), and the pool's ``(kernel, stride)``."""
 
     kind: int
-    conv: int
+    module: int
     inp: int
     res: int
     out: int
@@ -54,21 +59,23 @@ class _Program(NamedTuple):
     out_shape: Tuple[int, int, int]
     dtype: torch.dtype
     codes: Tuple[int, int]     # (float code, index code)
-    convs: Tuple[SparseConv2d, ...]
+    modules: Tuple[nn.Module, ...]
     keys: Tuple[tuple, ...]    # the weight keys the pointers were read under
     keep: tuple                # tensors whose addresses the program holds (offsets, CSR arrays)
+    multiply_adds: int         # per sample (the convolutions' nonzeros times their output pixels)
 
 
 class SparseConvNet(nn.Module):
-    """A chain of sparse convolutions and pools run as one native call (see the module docstring).
+    """A chain of sparse convolutions, pools and a linear head run as one native call (see the module docstring).
 
     Args:
         steps: the chain, in order (:class:`NetStep`); the last step's value is the output.
-        layer_names: the names of the convolutions in the model, in the order the steps index them.
+        layer_names: the names of the modules in the model, in the order the steps index them.
 
-    Call it as ``net(x, *convs)`` with ``x`` ``(N, C, H, W)`` and the chain's :class:`SparseConv2d`
-    modules in the order the steps index them. Returns ``(N, C', H', W')`` (NCHW), the value of the
-    last step (``(N, C', 1, 1)`` after a global average pool).
+    Call it as ``net(x, *modules)`` with ``x`` ``(N, C, H, W)`` and the chain's modules
+    (:class:`SparseConv2d` layers, an ``nn.Linear`` head) in the order the steps index them. Returns
+    the value of the last step: ``(N, C', H', W')`` (NCHW), ``(N, C', 1, 1)`` after a global average
+    pool, ``(N, out_features)`` after the head.
     """
 
     def __init__(self, steps: Sequence[NetStep], layer_names: Sequence[str] = ()) -> None:
@@ -90,32 +97,35 @@ class SparseConvNet(nn.Module):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def forward(self, x: torch.Tensor, *convs: SparseConv2d) -> torch.Tensor:
-        prog = self._program(x, convs)
+    def forward(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
+        prog = self._program(x, modules)
         if prog is None:
-            return self.reference(x, convs)
+            return self.reference(x, modules)
         n = x.shape[0]
         y = torch.empty((n,) + prog.out_shape, dtype=x.dtype)
+        threads = 1 if n == 1 and prog.multiply_adds <= TEAM_MULTIPLY_ADDS else 0
         native.cpu_module().sparse_conv_net(prog.steps.data_ptr(), prog.steps.shape[0], prog.slot_size.data_ptr(),
                                             prog.slot_size.shape[1], x.data_ptr(), n, *x.stride(), y.data_ptr(),
-                                            *prog.codes)
-        return y
+                                            *prog.codes, threads)
+        return y.view(n, -1) if self.steps[-1].kind == LINEAR else y
 
-    def reference(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> torch.Tensor:
+    def reference(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
         """The same steps through the modules and torch (any device, dtype or autograd mode)."""
         values: Dict[int, torch.Tensor] = {0: x}
         for s in self.steps:
             t = values[s.inp]
             if s.kind == CONV:
-                values[s.out] = convs[s.conv](t) if s.res < 0 else convs[s.conv](t, values[s.res])
+                values[s.out] = modules[s.module](t) if s.res < 0 else modules[s.module](t, values[s.res])
             elif s.kind == MAX_POOL:
                 values[s.out] = F.max_pool2d(t, s.pool[:2], s.pool[2:])
-            else:
+            elif s.kind == AVG_POOL:
                 values[s.out] = F.adaptive_avg_pool2d(t, 1)
+            else:
+                values[s.out] = modules[s.module](torch.flatten(t, 1))
         return values[self.steps[-1].out]
 
     # -- native programs ---------------------------------------------------------------------------
-    def _program(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> Optional[_Program]:
+    def _program(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> Optional[_Program]:
         """The native program for x's geometry and these modules, or None when x needs the reference path."""
         if type(x) is not torch.Tensor or x.dim() != 4 or x.layout != torch.strided or x.device.type != "cpu" \
                 or x.dtype not in FLOAT_CODES or (x.requires_grad and torch.is_grad_enabled()) \
@@ -123,23 +133,26 @@ class SparseConvNet(nn.Module):
             return None
         key = (tuple(x.shape[1:]), x.dtype)
         prog = self._programs.get(key, False)
-        if prog is not False and (prog is None or self._current(prog, convs)):
+        if prog is not False and (prog is None or self._current(prog, modules)):
             return prog
         with self._lock:
-            prog = self._build(x, convs)
+            prog = self._build(x, modules)
             self._programs[key] = prog
         return prog
 
     @staticmethod
-    def _current(prog: _Program, convs: Sequence[SparseConv2d]) -> bool:
-        if len(convs) != len(prog.convs):
+    def _current(prog: _Program, modules: Sequence[nn.Module]) -> bool:
+        if len(modules) != len(prog.modules):
             return False
         # a key of None (weights that keep no version counter) cannot vouch for the pointers: rebuild
-        return all(a is b and k is not None and a._weight_key() == k for a, b, k in zip(convs, prog.convs, prog.keys))
+        return all(a is b and k is not None and _weight_key(a) == k
+                   for a, b, k in zip(modules, prog.modules, prog.keys))
 
-    def _build(self, x: torch.Tensor, convs: Sequence[SparseConv2d]) -> Optional[_Program]:
-        if not all(type(c) is SparseConv2d for c in convs):  # a layer swapped after export: run the modules
-            return None
+    def _build(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> Optional[_Program]:
+        kinds = {s.module: s.kind for s in self.steps if s.module >= 0}
+        allowed = {CONV: (SparseConv2d,), LINEAR: (nn.Linear, SparseLinear)}
+        if not all(type(modules[i]) in allowed[k] for i, k in kinds.items()):
+            return None  # a layer swapped after export: run the modules
         shapes: Dict[int, Tuple[int, int, int]] = {0: tuple(x.shape[1:])}
         last_use = {}
         for i, s in enumerate(self.steps):
@@ -151,7 +164,7 @@ class SparseConvNet(nn.Module):
         border: Dict[int, int] = {}
         for s in self.steps:
             if s.kind == CONV and s.inp > 0 and s.inp not in border:
-                conv = convs[s.conv]
+                conv = modules[s.module]
                 if tuple(conv.stride) == (1, 1) and conv.padding[0] == conv.padding[1]:
                     border[s.inp] = int(conv.padding[0])
         rows: List[List[int]] = []
@@ -161,17 +174,30 @@ class SparseConvNet(nn.Module):
         slot_size: List[int] = [0]
         slot_border: List[int] = [0]
         free: List[int] = []
+        multiply_adds = 0
         mod = native.cpu_module()
         for i, s in enumerate(self.steps):
             c, h, w = shapes[s.inp]
             row = [0] * _FIELDS
-            if s.kind == CONV:
-                conv = convs[s.conv]
+            head = modules[s.module] if s.kind == LINEAR else None
+            if s.kind == CONV or isinstance(head, SparseLinear):  # a sparse head is a 1x1 convolution of a 1x1 map
+                conv = modules[s.module]
                 csr = conv.csr()
-                if conv.in_channels != c or csr.values.dtype != x.dtype or csr.values.device.type != "cpu":
+                if s.kind == CONV:
+                    in_c, relu, bias = conv.in_channels, conv.relu, conv.bias
+                    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+                    oc = conv.out_channels
+                else:
+                    in_c, relu, bias = conv.in_features, False, conv.bias
+                    kh = kw = sh = sw = dh = dw = 1
+                    ph = pw = 0
+                    oc = conv.out_features
+                    if (h, w) != (1, 1):
+                        return None
+                if in_c != c or csr.values.dtype != x.dtype or csr.values.device.type != "cpu" \
+                        or (bias is not None and bias.dtype != x.dtype):
                     return None
-                (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-                oc, oh, ow = conv.out_channels, conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+                oh, ow = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
                 if oh <= 0 or ow <= 0 or (s.res >= 0 and shapes[s.res] != (oc, oh, ow)):
                     return None
                 off = torch.empty(max(1, csr.nnz), dtype=torch.int32)
@@ -179,15 +205,15 @@ class SparseConvNet(nn.Module):
                                 val=csr.values.data_ptr(), x=1, bias=0, y=1, n=1, in_c=c, h=h, w=w, out_c=oc, ho=oh,
                                 wo=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, xs_n=0,
                                 xs_c=h * w, xs_h=w, xs_w=1, ys_n=0, ys_c=oh * ow, ys_h=ow, ys_w=1, res=0, rs_n=0,
-                                rs_c=0, rs_h=0, rs_w=0, batch_block=1, off=off.data_ptr(), algo=0, relu=conv.relu,
+                                rs_c=0, rs_h=0, rs_w=0, batch_block=1, off=off.data_ptr(), algo=0, relu=relu,
                                 dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[csr.crow_indices.dtype], stream=0)
                 if not mod.sparse_conv2d_offsets(**geometry):
                     return None
-                bias = conv.bias
                 keep += [off, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
                 codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
+                multiply_adds += csr.nnz * oh * ow
                 prepacked = s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1)
-                row[10:26] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(conv.relu), csr.crow_indices.data_ptr(),
+                row[10:26] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(relu), csr.crow_indices.data_ptr(),
                               csr.col_indices.data_ptr(), csr.values.data_ptr(),
                               0 if bias is None else bias.data_ptr(), off.data_ptr(), int(prepacked)]
             elif s.kind == MAX_POOL:
@@ -196,8 +222,17 @@ class SparseConvNet(nn.Module):
                     return None
                 oc, oh, ow = c, (h - kh) // sh + 1, (w - kw) // sw + 1
                 row[10:14] = [kh, kw, sh, sw]
-            else:
+            elif s.kind == AVG_POOL:
                 oc, oh, ow = c, 1, 1
+            else:  # a dense head
+                wt, bias = head.weight, head.bias
+                if (h, w) != (1, 1) or head.in_features != c or wt.dtype != x.dtype or wt.device.type != "cpu" \
+                        or not wt.is_contiguous() or (bias is not None and bias.dtype != x.dtype):
+                    return None
+                oc, oh, ow = head.out_features, 1, 1
+                multiply_adds += c * oc
+                keep += [wt] + ([bias] if bias is not None else [])
+                row[22], row[23] = wt.data_ptr(), 0 if bias is None else bias.data_ptr()
             shapes[s.out] = (oc, oh, ow)
             for v in {s.inp, s.res} - {-1, 0}:  # maps read for the last time here are free for later steps
                 if last_use.get(v) == i:
@@ -214,19 +249,37 @@ class SparseConvNet(nn.Module):
                 slot_size.append(size)
                 slot_border.append(b)
             slot_of[s.out] = slot
-            row[0:10] = [s.kind, slot_of[s.inp], slot_of[s.res] if s.res >= 0 else -1, slot, c, h, w, oc, oh, ow]
+            kind = CONV if isinstance(head, SparseLinear) else s.kind
+            row[0:10] = [kind, slot_of[s.inp], slot_of[s.res] if s.res >= 0 else -1, slot, c, h, w, oc, oh, ow]
             rows.append(row)
         if len(codes) > 1 or len(slot_size) > _MAX_SLOTS:
             return None
         float_code = FLOAT_CODES[x.dtype]
         index_code = next(iter(codes))[1] if codes else INDEX_CODES[torch.int32]
         return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor([slot_size, slot_border], dtype=torch.int64),
-                        shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(convs),
-                        tuple(c._weight_key() for c in convs), tuple(keep))
+                        shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(modules),
+                        tuple(_weight_key(m) for m in modules), tuple(keep), multiply_adds)
 
     def extra_repr(self) -> str:
         kinds = [s.kind for s in self.steps]
-        return f"convs={kinds.count(CONV)}, max_pools={kinds.count(MAX_POOL)}, avg_pool={AVG_POOL in kinds}"
+        return (f"convs={kinds.count(CONV)}, max_pools={kinds.count(MAX_POOL)}, avg_pool={AVG_POOL in kinds}, "
+                f"head={LINEAR in kinds}")
+
+
+def _weight_key(m: nn.Module) -> Optional[tuple]:
+    """What a program read from a module's tensors (None: cannot tell, rebuild)."""
+    if isinstance(m, SparseConv2d):
+        return m._weight_key()
+    try:
+        if isinstance(m, SparseLinear):
+            key, b = m._csr_key(), m.bias
+            m.values._version  # noqa: B018 (raises for inference tensors: their in-place edits cannot be seen)
+            return (key, None if b is None else (b._version, b.data_ptr(), b.shape))
+        b = m.bias
+        return (m.weight._version, m.weight.data_ptr(), m.weight.shape,
+                None if b is None else (b._version, b.data_ptr(), b.shape))
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
 
 
 # ----------------------------------------------------------------------------------------- graph rewrite
@@ -265,6 +318,21 @@ def _classify(node: fx.Node, modules: Dict[str, nn.Module]):
     return None
 
 
+def _head(rest: Sequence[fx.Node], pooled: fx.Node, modules: Dict[str, nn.Module]) -> List[Tuple[fx.Node, tuple]]:
+    """``torch.flatten(pooled, 1)`` and a dense ``nn.Linear`` on it, if they come next (else fewer or none)."""
+    if len(rest) < 2:
+        return []
+    flat, lin = rest[0], rest[1]
+    if not (flat.op == "call_function" and flat.target is torch.flatten and flat.args[:1] == (pooled,)
+            and tuple(flat.args[1:]) + tuple(flat.kwargs.values()) in ((1,), (1, -1))):
+        return []
+    out = [(flat, ("alias", None, (pooled,), None))]
+    m = modules.get(str(lin.target)) if lin.op == "call_module" else None
+    if type(m) in (nn.Linear, SparseLinear) and lin.args == (flat,) and not lin.kwargs:
+        out.append((lin, (LINEAR, m, (flat,), None)))
+    return out
+
+
 def _is_relu_call(node: fx.Node) -> bool:
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         return False
@@ -277,8 +345,9 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
 
     The chain starts at the model's single input and takes nodes in graph order while they are
     :class:`SparseConv2d` calls (with or without a fused residual), ``nn.Identity``, ``nn.MaxPool2d``
-    without padding, or a global average pool (``nn.AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``,
-    which ends it). Values of the chain used later in the graph must be its last one.
+    without padding, or a global average pool (``nn.AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``);
+    after the pool, ``torch.flatten(x, 1)`` and a dense ``nn.Linear`` head end it. Values of the chain
+    used later in the graph must be its last one.
 
     Args:
         model: a :func:`~hyperflow_ext.sparse.sparsify` result (eval mode, no autograd).
@@ -313,7 +382,11 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
             if info[0] == CONV and info[1].relu:
                 rectified.add(value[node])
         chain.append((node, info))
-        if info[0] == AVG_POOL:
+        if info[0] == AVG_POOL:  # only the flatten and the linear head may follow
+            tail = _head(nodes[nodes.index(node) + 1:], node, modules)
+            for n, head_info in tail:
+                value[n] = value[node] if head_info[0] == "alias" else len(chain) + 1
+                chain.append((n, head_info))
             break
     # Trim until only the chain's last value is used outside it.
     while chain:
@@ -323,8 +396,9 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
             break
         chain.pop()
     convs = [info[1] for _, info in chain if info[0] == CONV]
-    names = [str(n.target) for n, info in chain if info[0] == CONV]
-    if len(convs) < min_convs or len(set(map(id, convs))) != len(convs):
+    used = [(n, info) for n, info in chain if info[0] in (CONV, LINEAR)]
+    names = [str(n.target) for n, _ in used]
+    if len(convs) < min_convs or len({id(info[1]) for _, info in used}) != len(used):
         return model, []
     steps: List[NetStep] = []
     for node, (kind, mod, args, pool) in chain:
@@ -333,8 +407,8 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
         res = value[args[1]] if kind == CONV and len(args) == 2 else -1
         if res == 0:  # the input as a residual: not a slot the program can hold
             return model, []
-        steps.append(NetStep(kind, names.index(str(node.target)) if kind == CONV else -1, value[args[0]], res,
-                             value[node], pool or (0, 0, 0, 0)))
+        steps.append(NetStep(kind, names.index(str(node.target)) if kind in (CONV, LINEAR) else -1, value[args[0]],
+                             res, value[node], pool or (0, 0, 0, 0)))
     last = chain[-1][0]
     target = "sparse_net"
     while target in modules:
