@@ -37,7 +37,7 @@ _MAX_SLOTS = 64
 # region's idle workers costs more than splitting smaller programs saves (measured on the benchmark
 # CNNs at batch 1, 2 threads: a 6 M multiply-add ResNet-style program ran 12 % faster on one thread,
 # a 10 M VGG-style one 6 % faster on two).
-TEAM_MULTIPLY_ADDS = 8_000_000
+TEAM_MULTIPLY_ADDS = 2_000_000
 
 
 class NetStep(NamedTuple):
