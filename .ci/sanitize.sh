@@ -56,7 +56,7 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=87:log_path=$L
 # The sanitised module really is the one that loads:
 (cd "$OUT" && python -c "import hyperflow_ext as hf; b = hf.native.cpu_module().build_info(); print('[sanitize] loaded', hf.native.cpu_module().__file__, '|', b); assert 'sanitize' in b, b")
 
-TESTS="${HYPERFLOW_SANITIZE_TESTS:-tests/test_native.py tests/test_sparse_kernels.py tests/test_sparse_conv.py tests/test_flow_ops.py tests/test_drift_kernels.py tests/test_norm.py tests/test_checked_once.py tests/test_kernel_properties.py tests/test_native_threads.py}"
+TESTS="${HYPERFLOW_SANITIZE_TESTS:-tests/test_native.py tests/test_sparse_kernels.py tests/test_sparse_conv.py tests/test_flow_ops.py tests/test_drift_kernels.py tests/test_norm.py tests/test_checked_once.py tests/test_kernel_properties.py tests/test_native_threads.py tests/test_sparse_network.py}"
 status=0
 for threads in ${HYPERFLOW_SANITIZE_THREADS:-1 2}; do
   echo "[sanitize] OMP_NUM_THREADS=$threads: $TESTS"

@@ -22,9 +22,9 @@
    median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`).
 4. **Depth-first execution.** The chain of sparse convolutions, pools and the linear head at the start
    of the network runs as one native call that takes each sample through every layer while its maps are
-   in cache (:mod:`~hyperflow_ext.sparse.network`). It is not timed against layer-by-layer execution:
-   in every benchmark configuration (VGG- and ResNet-style, 90-99 %, batch 1 and 32, 1 and 2 threads)
-   it was the faster. CPU only: CUDA inputs run the same layers one call each.
+   in cache (:mod:`~hyperflow_ext.sparse.network`). With an ``example_input`` it is timed against
+   layer-by-layer execution (interleaved) and kept only when its median is not slower; without one it
+   is always used. CPU only: CUDA inputs run the same layers one call each.
 
 Every decision is returned as a per-layer report (:func:`format_report` prints it).
 
@@ -304,7 +304,8 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             ``example_input`` the whole model is also timed with channels-last vs NCHW maps.
         inplace: rewrite ``model`` itself instead of a deep copy.
         depth_first: run the chain of sparse convolutions, pools and head at the start of the network as
-            one native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.network.fuse_network`).
+            one native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.network.fuse_network`);
+            with ``example_input``, only when that times faster than layer by layer.
 
     Returns:
         ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
@@ -396,11 +397,26 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         _pick_layout(model, example_input, report, time_budget_s)
     chain: List[str] = []
     if depth_first:
-        model, chain = fuse_network(model)
+        model, chain = _pick_depth_first(model, example_input, time_budget_s)
     for r in report:
         r["depth_first"] = r["name"] in chain
     logger.debug("sparsify:\n%s", format_report(report))
     return model, report
+
+
+def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: float) -> Tuple[nn.Module, List[str]]:
+    """The model with its leading chain fused (:func:`fuse_network`), unless timing on ``x`` says the
+    layer-by-layer model is faster (small maps at a large batch: the layers interleave 16 samples per
+    SIMD register, the depth-first program one)."""
+    fused, chain = fuse_network(model)
+    if not chain or x is None:
+        return fused, chain
+    with torch.inference_mode():
+        ts, _ = interleaved_times([lambda: fused(x), lambda: model(x)], max(budget_s, 0.05) * 4, min_rounds=9,
+                                  max_rounds=100)
+    t_fused, t_layers = statistics.median(ts[0]), statistics.median(ts[1])
+    logger.info("sparsify: depth-first %.3f ms vs layer by layer %.3f ms", 1e3 * t_fused, 1e3 * t_layers)
+    return (fused, chain) if t_fused <= t_layers else (model, [])
 
 
 def _pick_layout(model: nn.Module, x: torch.Tensor, report: List[Dict[str, Any]], budget_s: float) -> None:
