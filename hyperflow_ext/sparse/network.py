@@ -8,9 +8,9 @@ max pools and a final global average pool — by one :class:`SparseConvNet` call
 through the whole chain before the next (its maps stay in the thread's cache-resident scratch),
 samples in parallel across the native threads; a single sample uses every thread per convolution.
 
-The convolutions stay the model's own modules (same names, same state dict): the graph passes them
-to :class:`SparseConvNet` on every call, and a program built for them (geometry, CSR pointers, tap
-offsets) is rebuilt whenever one of their weights changes. Inputs the native program does not cover
+The convolutions stay the model's own modules (same names, same state dict): :class:`SparseConvNet`
+looks them up by name on every call, and a program built for them (geometry, CSR pointers, tap
+offsets) is rebuilt whenever one of their weights changes or a module was replaced. Inputs the native program does not cover
 (autograd, CUDA, another dtype) take the same steps through the modules themselves.
 """
 from __future__ import annotations
@@ -73,7 +73,8 @@ class SparseConvNet(nn.Module):
         layer_names: the names of the modules in the model, in the order the steps index them.
 
     Call it as ``net(x, *modules)`` with ``x`` ``(N, C, H, W)`` and the chain's modules
-    (:class:`SparseConv2d` layers, an ``nn.Linear`` head) in the order the steps index them. Returns
+    (:class:`SparseConv2d` layers, an ``nn.Linear`` head) in the order the steps index them, or as
+    ``net(x)`` once attached (:meth:`attach`) to the model that holds them (what :func:`fuse_network` does). Returns
     the value of the last step: ``(N, C', H', W')`` (NCHW), ``(N, C', 1, 1)`` after a global average
     pool, ``(N, out_features)`` after the head.
     """
@@ -98,6 +99,8 @@ class SparseConvNet(nn.Module):
         self._lock = threading.Lock()
 
     def forward(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
+        if not modules:
+            modules = self._resolve()
         prog = self._program(x, modules)
         if prog is None:
             return self.reference(x, modules)
@@ -108,6 +111,24 @@ class SparseConvNet(nn.Module):
                                             prog.slot_size.shape[1], x.data_ptr(), n, *x.stride(), y.data_ptr(),
                                             *prog.codes, threads)
         return y.view(n, -1) if self.steps[-1].kind == LINEAR else y
+
+    def attach(self, root: nn.Module) -> None:
+        """Look the modules up by :attr:`layer_names` in ``root`` on every call (``net(x)``): a module
+        replaced there is seen at the next call, at a few dictionary look-ups per module."""
+        self._root = (root,)  # a tuple: not registered as a submodule (no cycle in modules(), state_dict)
+        self._paths = [tuple(name.split(".")) for name in self.layer_names]
+
+    def _resolve(self) -> List[nn.Module]:
+        root = getattr(self, "_root", None)
+        if root is None:
+            raise RuntimeError("SparseConvNet: call it with its modules, or attach() it to the model first")
+        out = []
+        for path in self._paths:
+            m = root[0]
+            for key in path:
+                m = m._modules[key]
+            out.append(m)
+        return out
 
     def reference(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
         """The same steps through the modules and torch (any device, dtype or autograd mode)."""
@@ -414,8 +435,7 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
     while target in modules:
         target += "_"
     with graph.inserting_before(last.next):  # in creation order, after the chain's last node
-        attrs = [graph.get_attr(name) for name in names]
-        call = graph.call_module(target, (inputs[0], *attrs))
+        call = graph.call_module(target, (inputs[0],))
     last.replace_all_uses_with(call)
     for node, _ in reversed(chain):
         graph.erase_node(node)
@@ -434,5 +454,6 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
     for name, buf in model._buffers.items():
         if name not in gm._buffers and buf is not None:
             gm.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
+    gm.get_submodule(target).attach(gm)
     gm.train(model.training)
     return gm, names
