@@ -53,6 +53,9 @@ def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, nativ
             got = fused(x)
             torch.testing.assert_close(got, want, **TOL[dtype])
             torch.testing.assert_close(got, layered(x), **TOL[dtype])
+    if cls is ResNetStyle:  # each 1x1 stride-2 shortcut reads what its block's first convolution packed
+        prog = next(iter(fused.sparse_net._programs.values()))
+        assert int((prog.steps[:, 25] == 2).sum()) == 3
 
 
 class _Odd(nn.Module):

@@ -584,6 +584,13 @@ template void sparse_conv2d_on<float, std::int64_t>(const SparseConvParams&, int
 template void sparse_conv2d_on<double, std::int32_t>(const SparseConvParams&, int, bool);
 template void sparse_conv2d_on<double, std::int64_t>(const SparseConvParams&, int, bool);
 
+template <typename T>
+const T* sparse_conv2d_packed_scratch(const SparseConvParams& p) {
+  return scratch<T>(0, plan(p, 1).gsize);  // the serial path's buffer (one group)
+}
+template const float* sparse_conv2d_packed_scratch<float>(const SparseConvParams&);
+template const double* sparse_conv2d_packed_scratch<double>(const SparseConvParams&);
+
 bool sparse_conv2d_team_pays(const SparseConvParams& p) {
   return (p.nnz + p.out_c) * plan(p, 1).grid > kParallelWork;
 }

@@ -146,9 +146,17 @@ void check_program(const ConvNetParams& p) {
     require(t == p.nsteps - 1 || fits(s.out, s.oc, s.oh, s.ow), at + "output slot size does not match");
     require(s.res < 0 || (s.kind == kNetConv && s.res > 0 && fits(s.res, s.oc, s.oh, s.ow)),
             at + "residual slot does not match");
-    require(!s.prepacked || (s.kind == kNetConv && s.in > 0 && s.sh == 1 && s.sw == 1 && s.ph == border[s.in] &&
-                             s.pw == border[s.in]),
+    require(s.prepacked != 1 || (s.kind == kNetConv && s.in > 0 && s.sh == 1 && s.sw == 1 && s.ph == border[s.in] &&
+                                 s.pw == border[s.in]),
             at + "a prepacked input needs stride 1 and padding equal to its slot's border");
+    if (s.prepacked == 2) {  // the previous convolution's packed input, same geometry
+      const ConvNetStep* a = t > 0 ? &steps[t - 1] : nullptr;
+      require(a && s.kind == kNetConv && a->kind == kNetConv && !a->prepacked && a->in == s.in && a->c == s.c &&
+                  a->h == s.h && a->w == s.w && a->kh == s.kh && a->kw == s.kw && a->sh == s.sh && a->sw == s.sw &&
+                  a->ph == s.ph && a->pw == s.pw && a->dh == s.dh && a->dw == s.dw,
+              at + "a reused packed input needs the previous step to be a convolution of the same geometry");
+    }
+    require(s.prepacked >= 0 && s.prepacked <= 2, at + "bad prepacked mode");
     switch (s.kind) {
       case kNetConv: {
         require(s.off != 0, at + "convolutions need precomputed tap offsets");
@@ -203,12 +211,15 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
     };
     SparseConvParams q = conv_params(s, p.dtype, p.itype);
     if (s.kind == kNetConv) {
-      if (s.prepacked) {  // the slot, border included, is the packed input
+      if (s.prepacked == 1) {  // the slot, border included, is the packed input
         const SlotGeometry g(border[s.in], s.h, s.w);
         q.x = reinterpret_cast<std::uintptr_t>(acts + base[s.in]);
         q.xs_c = g.plane; q.xs_h = g.pitch; q.xs_w = 1;
         q.prepacked = true;
-      } else {
+      } else if (s.prepacked == 2 && !team) {  // what the previous step packed on this thread
+        q.x = reinterpret_cast<std::uintptr_t>(sparse_conv2d_packed_scratch<T>(q));
+        q.prepacked = true;
+      } else {  // (in a team the previous step may have packed on another thread: pack again)
         q.x = reinterpret_cast<std::uintptr_t>(in.p);
         q.xs_c = in.sc; q.xs_h = in.sh; q.xs_w = in.sw;
       }

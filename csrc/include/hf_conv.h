@@ -96,6 +96,10 @@ template <typename T, typename I>
 void sparse_conv2d_on(const SparseConvParams& p, int threads, bool in_team = false);
 // CPU: whether one sample of p has the work for a team of threads (else one thread is faster).
 bool sparse_conv2d_team_pays(const SparseConvParams& p);
+// CPU: the calling thread's buffer that sparse_conv2d_on packs one sample of p's geometry into (valid
+// until its next convolution), so a following convolution of the same geometry can read it prepacked.
+template <typename T>
+const T* sparse_conv2d_packed_scratch(const SparseConvParams& p);
 
 inline void check(const SparseConvParams& p) {
   require(p.n >= 0 && p.in_c > 0 && p.h > 0 && p.w > 0 && p.out_c >= 0 && p.nnz >= 0, "sparse_conv2d: bad size");
@@ -108,9 +112,12 @@ inline void check(const SparseConvParams& p) {
   require(p.nnz == 0 || (p.col && p.val && (p.x || p.n == 0)), "sparse_conv2d: null pointer");
   require(p.batch_block >= 0 && (p.algo == 0 || p.algo == 1), "sparse_conv2d: bad batch_block or algo");
   require(p.off == 0 || p.batch_block > 0, "sparse_conv2d: precomputed offsets need an explicit batch_block");
-  require(!p.prepacked || (p.n == 1 && p.batch_block == 1 && p.sh == 1 && p.sw == 1 && p.algo == 0 && p.xs_w == 1 &&
-                           p.xs_h == p.w + 2 * p.pw && p.xs_c == (p.h + 2 * p.ph) * p.xs_h),
-          "sparse_conv2d: a prepacked input must be one sample's zero-bordered stride-1 planes");
+  // Stride 1: the executor's zero-bordered planes, described by xs_*; otherwise the phase-split buffer
+  // sparse_conv2d_packed_scratch gives (what the previous call of the same geometry packed).
+  require(!p.prepacked || (p.n == 1 && p.batch_block == 1 && p.algo == 0 &&
+                           (p.sh * p.sw > 1 || (p.xs_w == 1 && p.xs_h == p.w + 2 * p.pw &&
+                                                p.xs_c == (p.h + 2 * p.ph) * p.xs_h))),
+          "sparse_conv2d: a prepacked input must be one sample's packed buffer");
 }
 
 }  // namespace hf

@@ -30,7 +30,8 @@ struct ConvNetStep {
   std::int64_t nnz, relu;        // convolutions
   std::int64_t rowptr, col, val, bias, off;  // convolutions: CSR arrays, bias or 0, int32 tap offsets (batch block 1);
                                              // linear (c x 1 x 1 -> oc x 1 x 1): val the oc x c row-major weight, bias
-  std::int64_t prepacked;        // convolutions: read the input slot in place (stride 1, padding = its border)
+  std::int64_t prepacked;        // convolutions: 0 pack the input; 1 read the input slot in place (stride 1,
+                                 // padding = its border); 2 read what the previous step (same geometry) packed
 };
 constexpr std::int64_t kConvNetStepFields = 26;
 static_assert(sizeof(ConvNetStep) == kConvNetStepFields * sizeof(std::int64_t), "ConvNetStep must be 26 int64");

@@ -221,8 +221,21 @@ class SparseConvNet(nn.Module):
                 oh, ow = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
                 if oh <= 0 or ow <= 0 or (s.res >= 0 and shapes[s.res] != (oc, oh, ow)):
                     return None
+                col = csr.col_indices
+                prev = rows[-1] if rows else None
+                if s.kind == CONV and prev is not None and prev[0] == CONV and prev[1] == slot_of[s.inp] \
+                        and prev[25] == 0 and (kh, kw, sh, sw, ph, pw, dh, dw) == (1, 1, 2, 2, 0, 0, 1, 1) \
+                        and tuple(prev[10:18]) == (3, 3, 2, 2, 1, 1, 1, 1):
+                    # A 1x1/s2 shortcut beside its block's 3x3/s2/p1 convolution on the same input is that
+                    # geometry's centre tap: it reads the buffer the convolution just packed.
+                    col = (col.to(torch.int64) * 9 + 4).to(col.dtype)
+                    kh = kw = 3
+                    ph = pw = 1
+                    reuse = True
+                else:
+                    reuse = False
                 off = torch.empty(max(1, csr.nnz), dtype=torch.int32)
-                geometry = dict(rowptr=csr.crow_indices.data_ptr(), col=csr.col_indices.data_ptr(),
+                geometry = dict(rowptr=csr.crow_indices.data_ptr(), col=col.data_ptr(),
                                 val=csr.values.data_ptr(), x=1, bias=0, y=1, n=1, in_c=c, h=h, w=w, out_c=oc, ho=oh,
                                 wo=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, xs_n=0,
                                 xs_c=h * w, xs_h=w, xs_w=1, ys_n=0, ys_c=oh * ow, ys_h=ow, ys_w=1, res=0, rs_n=0,
@@ -230,13 +243,13 @@ class SparseConvNet(nn.Module):
                                 dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[csr.crow_indices.dtype], stream=0)
                 if not mod.sparse_conv2d_offsets(**geometry):
                     return None
-                keep += [off, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
+                keep += [off, col, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
                 codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
                 multiply_adds += csr.nnz * oh * ow
-                prepacked = s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1)
+                prepacked = 2 if reuse else int(s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1))
                 row[10:26] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(relu), csr.crow_indices.data_ptr(),
-                              csr.col_indices.data_ptr(), csr.values.data_ptr(),
-                              0 if bias is None else bias.data_ptr(), off.data_ptr(), int(prepacked)]
+                              col.data_ptr(), csr.values.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                              off.data_ptr(), prepacked]
             elif s.kind == MAX_POOL:
                 kh, kw, sh, sw = s.pool
                 if h < kh or w < kw:
