@@ -5,18 +5,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _toy_tasks import episodes
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, flow_path, fused_adapt
 from hyperflow_ext.flow.select import CALIBRATION_SCALES, loo_scores, select_adapt
 from hyperflow_ext.models import Conv4, proto_logits
 
 
 def _episodes(n, way=3, shot=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(8, 1, 16, 16, generator=g)
-    for _ in range(n):
-        cls = torch.randperm(8, generator=g)[:way]
-        x = centres[cls].repeat_interleave(shot, 0) + 0.1 * torch.rand(way * shot, 1, 16, 16, generator=g)
-        yield x, torch.arange(way).repeat_interleave(shot)
+    return episodes(n, way=way, shot=shot, seed=seed)
 
 
 def _loo_reference(feats, labels, metric, scale):

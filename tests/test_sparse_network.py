@@ -216,3 +216,17 @@ def test_dense_and_sparse_heads_run_inside_the_program():
         model.head.weight.mul_(2.0)
     with torch.inference_mode():
         torch.testing.assert_close(dense_head(x), model(x), **TOL[torch.float64])
+
+
+def test_a_detached_program_or_an_empty_one_is_refused_clearly():
+    with pytest.raises(ValueError, match="at least one step"):
+        SparseConvNet([])
+    model = _pruned(VGGStyle, 0.9)
+    fused, _ = sparsify(model)
+    detached = SparseConvNet(fused.sparse_net.steps, fused.sparse_net.layer_names)
+    with pytest.raises(RuntimeError, match="attach"):
+        detached(torch.randn(1, 3, 32, 32))
+    mods = [fused.get_submodule(n) for n in detached.layer_names]
+    with torch.inference_mode():  # with its modules passed explicitly it runs
+        torch.testing.assert_close(detached(torch.ones(1, 3, 32, 32), *mods), model(torch.ones(1, 3, 32, 32)),
+                                   **TOL[torch.float32])

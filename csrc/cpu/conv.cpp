@@ -26,29 +26,18 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "hf_sparse_cpu.h"
 
 namespace hf {
 namespace {
 
 using cpu::gather_row;
+using cpu::max_threads;
 using cpu::round_up;
 using cpu::scratch;
 
 constexpr std::int64_t kTileLanes = 512;  // output lanes per work item (whole output rows; at least one)
 constexpr std::int64_t kParallelWork = 1 << 15;
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // Short row copies and zero fills (a 4x4 map has rows of 4-6 elements): masked register moves, not
 // memset / memmove calls per row.

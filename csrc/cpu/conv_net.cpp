@@ -8,10 +8,6 @@
 #include <cstdint>
 #include <string>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "hf_sparse_cpu.h"
 
 namespace hf {
@@ -257,14 +253,6 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
   }
 }
 
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
 template <typename T, typename I>
 void run(const ConvNetParams& p) {
   const std::int64_t* size = ptr<const std::int64_t>(p.slot_size);
@@ -274,7 +262,7 @@ void run(const ConvNetParams& p) {
     base[s] = total;
     total += s == 0 ? 0 : cpu::round_up(size[s], 16) + 16;  // 64-byte aligned maps, a register of slack
   }
-  const int threads = p.threads > 0 ? std::min(p.threads, max_threads()) : max_threads();
+  const int threads = p.threads > 0 ? std::min(p.threads, cpu::max_threads()) : cpu::max_threads();
   if (p.n >= 2 && threads > 1) {  // samples in parallel, each depth-first on one thread
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (std::int64_t b = 0; b < p.n; ++b)

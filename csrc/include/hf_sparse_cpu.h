@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #if defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
@@ -27,6 +31,15 @@ template <typename T>
 constexpr int vec_width() { return kVecBytes / static_cast<int>(sizeof(T)); }
 
 inline std::int64_t round_up(std::int64_t v, std::int64_t m) { return (v + m - 1) / m * m; }
+
+// Threads a parallel region started here would get (1 without OpenMP).
+inline int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
 
 // A 64-byte aligned per-thread buffer of at least `count` T's; `slot` separates buffers that
 // must be live at the same time. Contents are unspecified.
