@@ -162,6 +162,35 @@ def test_deepcopy_and_save_load_keep_the_chain(tmp_path):
         torch.testing.assert_close(back(x), want, atol=0, rtol=0)
 
 
+def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_threads):
+    native_threads(2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = _pruned(VGGStyle, 0.95)
+        x = torch.randn(1, 3, 32, 32)
+        fused, report = sparsify(model, x, time_budget_s=0.02)
+    finally:
+        torch.set_num_threads(before)
+    if not isinstance(getattr(fused, "sparse_net", None), SparseConvNet):
+        fused, _ = fuse_network(fused)  # timing kept layer by layer: test the program itself
+        fused.sparse_net.single_sample_team = True
+    net = fused.sparse_net
+    assert net.single_sample_team in (True, False)
+    with torch.inference_mode():
+        want = model(x)
+        outputs = {}
+        for team in (True, False, None):
+            net.single_sample_team = team
+            outputs[team] = fused(x)
+            torch.testing.assert_close(outputs[team], want, **TOL[torch.float32])
+        # the team splits output channels: every sum is still one thread's, in the same order
+        assert torch.equal(outputs[True], outputs[False])
+    net.single_sample_team = False
+    save(fused, tmp_path / "m.safetensors")
+    assert load(tmp_path / "m.safetensors", VGGStyle).sparse_net.single_sample_team is False
+
+
 def test_concurrent_calls_are_bit_exact(native_threads):
     native_threads(2)
     model = _pruned(ResNetStyle, 0.9)

@@ -134,46 +134,50 @@ void check_program(const ConvNetParams& p) {
   };
   for (std::int64_t t = 0; t < p.nsteps; ++t) {
     const ConvNetStep& s = steps[t];
-    const std::string at = "sparse_conv_net: step " + std::to_string(t) + ": ";
-    require(s.in >= 0 && s.in < p.nslots && s.res >= -1 && s.res < p.nslots && s.out > 0 && s.out < p.nslots,
-            at + "slot out of range");
-    require(s.c > 0 && s.h > 0 && s.w > 0 && s.oc > 0 && s.oh > 0 && s.ow > 0, at + "bad size");
-    require(s.in == 0 || fits(s.in, s.c, s.h, s.w), at + "input slot size does not match");
-    require(t == p.nsteps - 1 || fits(s.out, s.oc, s.oh, s.ow), at + "output slot size does not match");
-    require(s.res < 0 || (s.kind == kNetConv && s.res > 0 && fits(s.res, s.oc, s.oh, s.ow)),
-            at + "residual slot does not match");
-    require(s.prepacked != 1 || (s.kind == kNetConv && s.in > 0 && s.sh == 1 && s.sw == 1 && s.ph == border[s.in] &&
-                                 s.pw == border[s.in]),
-            at + "a prepacked input needs stride 1 and padding equal to its slot's border");
+    // the message is built only on failure: this runs on every call
+    auto need = [t](bool ok, const char* what) {
+      if (!ok) require(false, "sparse_conv_net: step " + std::to_string(t) + ": " + what);
+    };
+    need(s.in >= 0 && s.in < p.nslots && s.res >= -1 && s.res < p.nslots && s.out > 0 && s.out < p.nslots,
+         "slot out of range");
+    need(s.c > 0 && s.h > 0 && s.w > 0 && s.oc > 0 && s.oh > 0 && s.ow > 0, "bad size");
+    need(s.in == 0 || fits(s.in, s.c, s.h, s.w), "input slot size does not match");
+    need(t == p.nsteps - 1 || fits(s.out, s.oc, s.oh, s.ow), "output slot size does not match");
+    need(s.res < 0 || (s.kind == kNetConv && s.res > 0 && fits(s.res, s.oc, s.oh, s.ow)),
+         "residual slot does not match");
+    need(s.prepacked != 1 || (s.kind == kNetConv && s.in > 0 && s.sh == 1 && s.sw == 1 && s.ph == border[s.in] &&
+                              s.pw == border[s.in]),
+         "a prepacked input needs stride 1 and padding equal to its slot's border");
     if (s.prepacked == 2) {  // the previous convolution's packed input, same geometry
       const ConvNetStep* a = t > 0 ? &steps[t - 1] : nullptr;
-      require(a && s.kind == kNetConv && a->kind == kNetConv && !a->prepacked && a->in == s.in && a->c == s.c &&
-                  a->h == s.h && a->w == s.w && a->kh == s.kh && a->kw == s.kw && a->sh == s.sh && a->sw == s.sw &&
-                  a->ph == s.ph && a->pw == s.pw && a->dh == s.dh && a->dw == s.dw,
-              at + "a reused packed input needs the previous step to be a convolution of the same geometry");
+      need(a && s.kind == kNetConv && a->kind == kNetConv && !a->prepacked && a->in == s.in && a->c == s.c &&
+               a->h == s.h && a->w == s.w && a->kh == s.kh && a->kw == s.kw && a->sh == s.sh && a->sw == s.sw &&
+               a->ph == s.ph && a->pw == s.pw && a->dh == s.dh && a->dw == s.dw,
+           "a reused packed input needs the previous step to be a convolution of the same geometry");
     }
-    require(s.prepacked >= 0 && s.prepacked <= 2, at + "bad prepacked mode");
+    need(s.prepacked >= 0 && s.prepacked <= 2, "bad prepacked mode");
     switch (s.kind) {
       case kNetConv: {
-        require(s.off != 0, at + "convolutions need precomputed tap offsets");
+        need(s.off != 0, "convolutions need precomputed tap offsets");
         SparseConvParams q = conv_params(s, p.dtype, p.itype);
         q.x = q.y = 1;  // stand-ins: check() looks at sizes and presence only
         check(q);
         break;
       }
       case kNetMaxPool:
-        require(s.kh > 0 && s.kw > 0 && s.sh > 0 && s.sw > 0 && s.oc == s.c &&
-                    s.oh == (s.h - s.kh) / s.sh + 1 && s.ow == (s.w - s.kw) / s.sw + 1 && s.h >= s.kh && s.w >= s.kw,
-                at + "max pool geometry does not match");
+        need(s.kh > 0 && s.kw > 0 && s.sh > 0 && s.sw > 0 && s.oc == s.c && s.oh == (s.h - s.kh) / s.sh + 1 &&
+                 s.ow == (s.w - s.kw) / s.sw + 1 && s.h >= s.kh && s.w >= s.kw,
+             "max pool geometry does not match");
         break;
       case kNetAvgPool:
-        require(s.oc == s.c && s.oh == 1 && s.ow == 1, at + "average pool must output c x 1 x 1");
+        need(s.oc == s.c && s.oh == 1 && s.ow == 1, "average pool must output c x 1 x 1");
         break;
       case kNetLinear:
-        require(s.h == 1 && s.w == 1 && s.oh == 1 && s.ow == 1 && s.val != 0, at + "linear needs c x 1 x 1 maps and a weight");
+        need(s.h == 1 && s.w == 1 && s.oh == 1 && s.ow == 1 && s.val != 0,
+             "linear needs c x 1 x 1 maps and a weight");
         break;
       default:
-        require(false, at + "unknown step kind " + std::to_string(s.kind));
+        need(false, ("unknown step kind " + std::to_string(s.kind)).c_str());
     }
   }
 }

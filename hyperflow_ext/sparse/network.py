@@ -60,7 +60,7 @@ class _Program(NamedTuple):
     dtype: torch.dtype
     codes: Tuple[int, int]     # (float code, index code)
     modules: Tuple[nn.Module, ...]
-    keys: Tuple[tuple, ...]    # the weight keys the pointers were read under
+    watch: Optional[tuple]     # (dict, name, tensor, version, address) of every tensor the modules hold (None: cannot tell)
     keep: tuple                # tensors whose addresses the program holds (offsets, CSR arrays)
     multiply_adds: int         # per sample (the convolutions' nonzeros times their output pixels)
 
@@ -85,6 +85,9 @@ class SparseConvNet(nn.Module):
             raise ValueError("SparseConvNet: needs at least one step")
         self.steps = [NetStep(*s) for s in steps]
         self.layer_names = list(layer_names)  # the convolutions' names in the model (for save's manifest)
+        # Whether a single sample runs on the whole thread team (True), on the calling thread (False), or as
+        # TEAM_MULTIPLY_ADDS decides (None); sparsify(example_input=) of one sample sets it by timing both.
+        self.single_sample_team: Optional[bool] = None
         self._programs: Dict[tuple, Optional[_Program]] = {}
         self._lock = threading.Lock()
 
@@ -96,6 +99,7 @@ class SparseConvNet(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("single_sample_team", None)
         self._lock = threading.Lock()
 
     def forward(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
@@ -106,7 +110,8 @@ class SparseConvNet(nn.Module):
             return self.reference(x, modules)
         n = x.shape[0]
         y = torch.empty((n,) + prog.out_shape, dtype=x.dtype)
-        threads = 1 if n == 1 and prog.multiply_adds <= TEAM_MULTIPLY_ADDS else 0
+        team = self.single_sample_team
+        threads = 1 if n == 1 and not (prog.multiply_adds > TEAM_MULTIPLY_ADDS if team is None else team) else 0
         native.cpu_module().sparse_conv_net(prog.steps.data_ptr(), prog.steps.shape[0], prog.slot_size.data_ptr(),
                                             prog.slot_size.shape[1], x.data_ptr(), n, *x.stride(), y.data_ptr(),
                                             *prog.codes, threads)
@@ -163,11 +168,14 @@ class SparseConvNet(nn.Module):
 
     @staticmethod
     def _current(prog: _Program, modules: Sequence[nn.Module]) -> bool:
-        if len(modules) != len(prog.modules):
+        """Same modules, holding the same tensors at the same in-place versions and addresses. Every
+        call pays this check, so it is a flat loop (each call runs with cold caches in a larger model)."""
+        if prog.watch is None or len(modules) != len(prog.modules) or not all(map(operator.is_, modules, prog.modules)):
             return False
-        # a key of None (weights that keep no version counter) cannot vouch for the pointers: rebuild
-        return all(a is b and k is not None and _weight_key(a) == k
-                   for a, b, k in zip(modules, prog.modules, prog.keys))
+        for d, name, t, version, address in prog.watch:
+            if d.get(name) is not t or (t is not None and (t._version != version or t.data_ptr() != address)):
+                return False
+        return True
 
     def _build(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> Optional[_Program]:
         kinds = {s.module: s.kind for s in self.steps if s.module >= 0}
@@ -292,7 +300,7 @@ class SparseConvNet(nn.Module):
         index_code = next(iter(codes))[1] if codes else INDEX_CODES[torch.int32]
         return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor([slot_size, slot_border], dtype=torch.int64),
                         shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(modules),
-                        tuple(_weight_key(m) for m in modules), tuple(keep), multiply_adds)
+                        _watch(modules), tuple(keep), multiply_adds)
 
     def extra_repr(self) -> str:
         kinds = [s.kind for s in self.steps]
@@ -300,19 +308,13 @@ class SparseConvNet(nn.Module):
                 f"head={LINEAR in kinds}")
 
 
-def _weight_key(m: nn.Module) -> Optional[tuple]:
-    """What a program read from a module's tensors (None: cannot tell, rebuild)."""
-    if isinstance(m, SparseConv2d):
-        return m._weight_key()
+def _watch(modules: Sequence[nn.Module]) -> Optional[tuple]:
+    """What :meth:`SparseConvNet._current` compares: each module's parameters and buffers (the program's
+    pointers and offsets derive from them alone). None for inference tensors, which keep no version counter."""
     try:
-        if isinstance(m, SparseLinear):
-            key, b = m._csr_key(), m.bias
-            m.values._version  # noqa: B018 (raises for inference tensors: their in-place edits cannot be seen)
-            return (key, None if b is None else (b._version, b.data_ptr(), b.shape))
-        b = m.bias
-        return (m.weight._version, m.weight.data_ptr(), m.weight.shape,
-                None if b is None else (b._version, b.data_ptr(), b.shape))
-    except RuntimeError:  # inference tensors keep no version counter
+        return tuple((d, name, t, 0 if t is None else t._version, 0 if t is None else t.data_ptr())
+                     for m in modules for d in (m._parameters, m._buffers) for name, t in d.items())
+    except RuntimeError:
         return None
 
 

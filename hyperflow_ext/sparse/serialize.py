@@ -26,6 +26,7 @@ def _manifest(model: nn.Module) -> Dict[str, Any]:
     layers: Dict[str, Dict[str, Any]] = {}
     identity: List[str] = []
     network: List[str] = []
+    team: Optional[bool] = None
     for name, m in model.named_modules():
         if isinstance(m, SparseConv2d):
             layers[name] = {"kind": "sparse_conv2d", "in_channels": m.in_channels, "shape": list(m.csr().shape),
@@ -45,7 +46,9 @@ def _manifest(model: nn.Module) -> Dict[str, Any]:
             identity.append(name)
         elif isinstance(m, SparseConvNet):
             network = list(m.layer_names)
-    return {"format": FORMAT, "layers": layers, "identity": identity, "depth_first": network}
+            team = m.single_sample_team
+    return {"format": FORMAT, "layers": layers, "identity": identity, "depth_first": network,
+            "single_sample_team": team}
 
 
 def save(model: nn.Module, path: os.PathLike, metadata: Optional[Dict[str, Any]] = None) -> None:
@@ -137,6 +140,10 @@ def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
         raise ValueError(f"{op}: {path} does not match the factory's architecture: {exc}") from exc
     if manifest.get("depth_first"):  # an execution plan only: whatever chain the rebuilt graph allows
         model, _ = fuse_network(model)
+        team = manifest.get("single_sample_team")
+        for m in model.modules():
+            if isinstance(m, SparseConvNet) and team in (True, False):
+                m.single_sample_team = team
     model.eval()
     model.requires_grad_(False)
     return model
