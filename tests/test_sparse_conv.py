@@ -88,6 +88,23 @@ def test_layer_sized_convolutions(dtype, density, n, hw, stride, layout):
     torch.testing.assert_close(y_res_again, (want + res).relu(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("w,k,padding,dilation", [
+    (w, k, p, d) for w in (1, 5, 16, 17, 32, 33, 40, 70)
+    for k, p, d in ((3, 1, 1), (1, 0, 1), (5, 3, 1), (3, 2, 2), (2, 0, 1)) if conv_out_size(w, k, 2, p, d) > 0])
+def test_stride_two_rows_of_every_width_at_batch_one(dtype, w, k, padding, dilation):
+    """One sample at stride 2 packs its input two registers of a padded row at a time: widths below,
+    at and across register multiples, paddings wider than a kernel's reach."""
+    gen = torch.Generator().manual_seed(w)
+    h = 9
+    weight = _masked_weight(6, 5, k, k, 0.5, dtype, gen)
+    x = torch.randn(1, 5, h, w, dtype=dtype, generator=gen)
+    sp = SparseConv2d.from_dense(weight, stride=2, padding=padding, dilation=dilation)
+    with torch.inference_mode():
+        y = sp(x)
+    torch.testing.assert_close(y, F.conv2d(x, weight, None, 2, padding, dilation), **TOL[dtype])
+
+
 def test_empty_output_channels_give_bias_and_relu():
     weight = torch.randn(6, 3, 3, 3)
     weight[[1, 4]] = 0.0  # output channels with no nonzero at all

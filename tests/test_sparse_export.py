@@ -122,6 +122,32 @@ def test_dense_kept_layers_round_trip_with_relu():
         torch.testing.assert_close(back(x), want)
 
 
+@pytest.mark.parametrize("whole_model_faster", [True, False])
+def test_a_layer_faster_dense_alone_is_retried_sparse_inside_the_program(monkeypatch, whole_model_faster):
+    """A convolution that times faster dense on its own ends the depth-first chain; sparsify also builds
+    the model with it sparse inside the program and keeps whichever whole model times faster."""
+    from hyperflow_ext.sparse import export
+
+    def time_pair(sparse, dense, x, budget_s):  # the third convolution (128 -> 256 channels) "is faster dense"
+        return (2.0, 1.0) if getattr(sparse, "in_channels", 0) == 128 else (1.0, 2.0)
+    faster = []
+    monkeypatch.setattr(export, "_time_pair", time_pair)
+    monkeypatch.setattr(export, "_faster", lambda a, b, x, budget_s: faster.append((a, b)) or whole_model_faster)
+    model = _pruned(VGGStyle, 0.95)
+    x = torch.randn(1, 3, 32, 32)
+    out, report = sparsify(model, x, time_budget_s=0.01)
+    middle = next(r for r in report if r["name"] == "features.8")
+    assert len(faster) == 1 and middle["speedup"] == 0.5  # the alternative was timed against the first choice
+    if whole_model_faster:
+        assert out is faster[0][0] and middle["kind"] == "sparse"
+        assert all(r["depth_first"] for r in report if r["layer"] == "Conv2d")
+    else:
+        assert out is faster[0][1] and middle["kind"] == "dense"
+        assert not middle["depth_first"]
+    with torch.inference_mode():
+        torch.testing.assert_close(out(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 _CHILD = """
 import sys, torch
 from hyperflow_ext.prune.cnns import {cls}

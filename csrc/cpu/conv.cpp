@@ -189,6 +189,57 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
 }
 
 #if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_AVX512)
+// Lanes [begin, begin + W) of a row of w elements, zero outside [0, w): reads only s[0, w).
+template <typename T>
+inline typename cpu::Simd<T>::R padded_lanes(const T* s, std::int64_t begin, std::int64_t w) {
+  using S = cpu::Simd<T>;
+  const std::int64_t lo = std::max<std::int64_t>(0, -begin), hi = std::min<std::int64_t>(S::W, w - begin);
+  if (hi <= lo) return S::zero();
+  if (lo == 0 && hi == S::W) return S::load(s + begin);
+  const auto m = static_cast<typename S::M>(((std::uint32_t{1} << hi) - 1u) & ~((std::uint32_t{1} << lo) - 1u));
+  return S::expandz(m, s + begin + lo);
+}
+
+// pack_channel for stride 2x2, one sample, unit column stride. The generic loop pays a row's set-up
+// per phase, and ResNet maps have rows of 8-17 elements; here each source row is read once, two
+// registers of its zero-padded form at a time, and split into both column phases.
+template <typename T>
+void pack_channel_stride2(const SparseConvParams& p, const Packing& k, const T* __restrict x, std::int64_t gi,
+                          std::int64_t c, T* __restrict dst) {
+  using S = cpu::Simd<T>;
+  constexpr std::int64_t W = S::W;
+  for (std::int64_t py = 0; py < 2; ++py) {
+    const bool even_used = (k.used >> (2 * py)) & 1u, odd_used = (k.used >> (2 * py + 1)) & 1u;
+    if (!even_used && !odd_used) continue;
+    T* __restrict even_plane = dst + (c * 4 + 2 * py) * k.plane;
+    T* __restrict odd_plane = even_plane + k.plane;
+    for (std::int64_t r = 0; r < k.hq; ++r) {
+      T* __restrict even_row = even_plane + r * k.wq;
+      T* __restrict odd_row = odd_plane + r * k.wq;
+      const std::int64_t yy = 2 * r + py - p.ph;
+      if (yy < 0 || yy >= p.h) {
+        if (even_used) zero_row(even_row, k.wq);
+        if (odd_used) zero_row(odd_row, k.wq);
+        continue;
+      }
+      const T* __restrict s = x + gi * p.xs_n + c * p.xs_c + yy * p.xs_h;
+      for (std::int64_t q0 = 0; q0 < k.wq; q0 += W) {  // padded columns 2 q0 .. 2 q0 + 2W, source - pw
+        const typename S::R a = padded_lanes(s, 2 * q0 - p.pw, p.w), b = padded_lanes(s, 2 * q0 + W - p.pw, p.w);
+        const std::int64_t m = std::min(W, k.wq - q0);
+        if (m == W) {
+          if (even_used) S::store(even_row + q0, S::even(a, b));
+          if (odd_used) S::store(odd_row + q0, S::odd(a, b));
+        } else {
+          if (even_used) S::store(S::tail(m), even_row + q0, S::even(a, b));
+          if (odd_used) S::store(S::tail(m), odd_row + q0, S::odd(a, b));
+        }
+      }
+    }
+  }
+}
+#endif
+
 // Channels-last input (xs_c == 1), stride 1 (one phase), nb <= W: the packed buffer of group gi from
 // (column, channel) or (sample, channel) blocks transposed in registers, every element written.
 template <typename T>
@@ -452,6 +503,10 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
   auto pack = [&](std::int64_t gi, T* dst) {
 #if defined(HF_SPARSE_AVX512)
     if (nhwc_in) return pack_group_nhwc(p, k, x, gi, dst);
+    if (nb == 1 && p.sh == 2 && p.sw == 2 && p.xs_w == 1) {
+      for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel_stride2(p, k, x, gi, c, dst);
+      return;
+    }
 #endif
     for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, dst);
   };

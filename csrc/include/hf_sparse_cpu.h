@@ -76,6 +76,11 @@ struct Simd<float> {
   static R even(R a, R b) {
     return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
   }
+  static R odd(R a, R b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
+  }
+  // The lanes in m filled, in order, from p[0, popcount(m)) (zero elsewhere): reads nothing else.
+  static R expandz(M m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
   static float sum(R v) {
@@ -115,6 +120,8 @@ struct Simd<double> {
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
   static R even(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b); }
+  static R odd(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b); }
+  static R expandz(M m, const double* p) { return _mm512_maskz_expandloadu_pd(m, p); }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static void store(M m, double* p, R v) { _mm512_mask_storeu_pd(p, m, v); }
   static double sum(R v) {

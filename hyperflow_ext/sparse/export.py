@@ -288,7 +288,8 @@ def _time_pair(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, budget_s: f
 def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
              layers: Optional[Iterable[str]] = None, fold_bn: bool = True, fuse_relu: bool = True,
              time_budget_s: float = 0.1, inplace: bool = False,
-             depth_first: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+             depth_first: bool = True, _keep_sparse: Optional[Set[str]] = None
+             ) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """Fold BatchNorm, fuse ReLU and replace layers by sparse kernels (or keep them dense if faster).
 
     Args:
@@ -305,7 +306,9 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         inplace: rewrite ``model`` itself instead of a deep copy.
         depth_first: run the chain of sparse convolutions, pools and head at the start of the network as
             one native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.network.fuse_network`);
-            with ``example_input``, only when that times faster than layer by layer.
+            with ``example_input``, only when that times faster than layer by layer. A convolution that
+            timed faster dense on its own but ends the chain early is also tried sparse inside the
+            program, and the faster whole model is kept.
 
     Returns:
         ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
@@ -328,6 +331,10 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     op = "sparsify"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
+    original = model
+    retry_sparse = depth_first and example_input is not None and _keep_sparse is None
+    if retry_sparse and inplace:
+        original = copy.deepcopy(model)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
     modules = dict(model.named_modules())
@@ -379,7 +386,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         if name in inputs:
             t_sparse, t_dense = _time_pair(sparse_mod, dense_mod, inputs[name], time_budget_s)
             rec.update(sparse_ms=1e3 * t_sparse, dense_ms=1e3 * t_dense, speedup=t_dense / t_sparse)
-            if t_dense < t_sparse:
+            if t_dense < t_sparse and name not in (_keep_sparse or ()):
                 chosen, rec["kind"] = dense_mod, "dense"
         _set_module(model, name, chosen)
         report.append(rec)
@@ -400,6 +407,16 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         model, chain = _pick_depth_first(model, example_input, time_budget_s)
     for r in report:
         r["depth_first"] = r["name"] in chain
+    dense_convs = {r["name"] for r in report if r["kind"] == "dense" and r["layer"] == "Conv2d"}
+    if retry_sparse and dense_convs:
+        # Timed alone, a small layer can be faster dense, but as the only dense layer it ends the
+        # depth-first chain there: try it sparse, and keep whichever whole model is faster.
+        alt, alt_report = sparsify(original, example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
+                                   time_budget_s=time_budget_s, inplace=inplace, depth_first=True,
+                                   _keep_sparse=dense_convs)
+        if sum(r["depth_first"] for r in alt_report) > len(chain) and _faster(alt, model, example_input, time_budget_s):
+            logger.info("sparsify: kept %s sparse inside the depth-first program", sorted(dense_convs))
+            return alt, alt_report
     logger.debug("sparsify:\n%s", format_report(report))
     return model, report
 
@@ -433,6 +450,13 @@ def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: flo
     logger.info("sparsify: depth-first %s ms (team %s) vs layer by layer %.3f ms",
                 "/".join(f"{1e3 * m:.3f}" for m in medians[:-1]), teams, 1e3 * medians[-1])
     return (fused, chain) if medians[best] <= medians[-1] else (model, [])
+
+
+def _faster(a: nn.Module, b: nn.Module, x: torch.Tensor, budget_s: float) -> bool:
+    """Whether model a's median time on x is below model b's (timed interleaved)."""
+    with torch.inference_mode():
+        ts, _ = interleaved_times([lambda: a(x), lambda: b(x)], max(budget_s, 0.05) * 4, min_rounds=9, max_rounds=100)
+    return statistics.median(ts[0]) < statistics.median(ts[1])
 
 
 def _pick_layout(model: nn.Module, x: torch.Tensor, report: List[Dict[str, Any]], budget_s: float) -> None:
