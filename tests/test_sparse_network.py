@@ -247,6 +247,35 @@ def test_dense_and_sparse_heads_run_inside_the_program():
         torch.testing.assert_close(dense_head(x), model(x), **TOL[torch.float64])
 
 
+class _FlattenHead(nn.Module):
+    """A user's plain CNN: conv-BN-ReLU blocks in nn.Sequential, a pool, one of three flatten spellings, a head."""
+
+    def __init__(self, flatten: str):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1))
+        self.flatten, self.how = nn.Flatten(), flatten
+        self.head = nn.Linear(24, 7)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = self.flatten(x) if self.how == "module" else x.flatten(1) if self.how == "method" else torch.flatten(x, 1)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("how", ["module", "method", "function"])
+def test_every_flatten_spelling_before_the_head_is_folded(how):
+    model = _pruned(_FlattenHead, 0.7, flatten=how)
+    fused, _ = sparsify(model)
+    assert fused.sparse_net.layer_names[-1] == "head"
+    x = torch.randn(2, 3, 12, 10)
+    with torch.inference_mode():
+        y = fused(x)
+        assert y.shape == (2, 7)
+        torch.testing.assert_close(y, model(x), **TOL[torch.float32])
+
+
 def test_a_detached_program_or_an_empty_one_is_refused_clearly():
     with pytest.raises(ValueError, match="at least one step"):
         SparseConvNet([])

@@ -355,18 +355,28 @@ def _classify(node: fx.Node, modules: Dict[str, nn.Module]):
 
 
 def _head(rest: Sequence[fx.Node], pooled: fx.Node, modules: Dict[str, nn.Module]) -> List[Tuple[fx.Node, tuple]]:
-    """``torch.flatten(pooled, 1)`` and a dense ``nn.Linear`` on it, if they come next (else fewer or none)."""
+    """A flatten of ``pooled`` from dim 1 (``torch.flatten(x, 1)``, ``x.flatten(1)`` or ``nn.Flatten()``) and a
+    ``nn.Linear`` / ``SparseLinear`` on it, if they come next (else fewer or none)."""
     if len(rest) < 2:
         return []
     flat, lin = rest[0], rest[1]
-    if not (flat.op == "call_function" and flat.target is torch.flatten and flat.args[:1] == (pooled,)
-            and tuple(flat.args[1:]) + tuple(flat.kwargs.values()) in ((1,), (1, -1))):
+    if not (flat.args[:1] == (pooled,) and _flattens_from_dim_1(flat, modules)):
         return []
     out = [(flat, ("alias", None, (pooled,), None))]
     m = modules.get(str(lin.target)) if lin.op == "call_module" else None
     if type(m) in (nn.Linear, SparseLinear) and lin.args == (flat,) and not lin.kwargs:
         out.append((lin, (LINEAR, m, (flat,), None)))
     return out
+
+
+def _flattens_from_dim_1(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    dims = tuple(node.args[1:]) + tuple(node.kwargs.values())
+    if node.op == "call_module":
+        m = modules.get(str(node.target))
+        return type(m) is nn.Flatten and (m.start_dim, m.end_dim) in ((1, -1), (1, 3)) and len(node.args) == 1 \
+            and not node.kwargs
+    return ((node.op == "call_function" and node.target is torch.flatten) or
+            (node.op == "call_method" and node.target == "flatten")) and dims in ((1,), (1, -1), (1, 3))
 
 
 def _is_relu_call(node: fx.Node) -> bool:
@@ -382,8 +392,8 @@ def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[
     The chain starts at the model's single input and takes nodes in graph order while they are
     :class:`SparseConv2d` calls (with or without a fused residual), ``nn.Identity``, ``nn.MaxPool2d``
     without padding, or a global average pool (``nn.AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``);
-    after the pool, ``torch.flatten(x, 1)`` and a dense ``nn.Linear`` head end it. Values of the chain
-    used later in the graph must be its last one.
+    after the pool, a flatten from dim 1 (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``nn.Flatten()``) and an
+    ``nn.Linear`` head end it. Values of the chain used later in the graph must be its last one.
 
     Args:
         model: a :func:`~hyperflow_ext.sparse.sparsify` result (eval mode, no autograd).
