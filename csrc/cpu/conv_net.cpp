@@ -184,9 +184,12 @@ void check_program(const ConvNetParams& p) {
 
 // Sample b through the program; acts is the activation scratch (slot offsets in base). team: every
 // thread of a parallel region of `threads` runs this call; convolutions with the work for it are shared
-// (one barrier each), every other step runs on one thread. Otherwise the calling thread runs it all.
+// (one barrier each), every other step runs on the master thread, with a barrier only before the next
+// shared step (master_ran: the master wrote since the last barrier; the same on every thread, as
+// every thread takes the same branches). Otherwise the calling thread runs it all.
 template <typename T, typename I>
-void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int64_t* base, int threads, bool team) {
+void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int64_t* base, int threads, bool team,
+                bool& master_ran) {
   const ConvNetStep* steps = ptr<const ConvNetStep>(p.steps);
   const std::int64_t* border = ptr<const std::int64_t>(p.slot_size) + p.nslots;
   const T* x = ptr<const T>(p.x) + b * p.xs_n;
@@ -246,13 +249,17 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
     if (!team) {
       alone();
     } else if (s.kind == kNetConv && sparse_conv2d_team_pays(q)) {
+      if (master_ran) {  // the team reads what the master wrote since the last barrier
+#pragma omp barrier
+        master_ran = false;
+      }
 #pragma omp single nowait
       clear_border();
       sparse_conv2d_on<T, I>(q, threads, true);
 #pragma omp barrier
-    } else {
-#pragma omp single
-      alone();
+    } else {  // the master thread alone, no barrier: the next step on it sees its writes
+      if (cpu::thread_num() == 0) alone();
+      master_ran = true;
     }
   }
 }
@@ -269,17 +276,23 @@ void run(const ConvNetParams& p) {
   const int threads = p.threads > 0 ? std::min(p.threads, cpu::max_threads()) : cpu::max_threads();
   if (p.n >= 2 && threads > 1) {  // samples in parallel, each depth-first on one thread
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (std::int64_t b = 0; b < p.n; ++b)
-      run_sample<T, I>(p, b, cpu::scratch<T>(kActivationSlot, total), base, 1, false);
+    for (std::int64_t b = 0; b < p.n; ++b) {
+      bool unused = false;
+      run_sample<T, I>(p, b, cpu::scratch<T>(kActivationSlot, total), base, 1, false, unused);
+    }
     return;
   }
   T* acts = cpu::scratch<T>(kActivationSlot, total);  // the calling thread's: the team shares it
   if (threads > 1) {  // one region for the whole program: a barrier per shared layer, no fork per layer
 #pragma omp parallel num_threads(threads)
-    for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads, true);
+    {
+      bool master_ran = false;  // (the region's end is a barrier)
+      for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, threads, true, master_ran);
+    }
     return;
   }
-  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, 1, false);
+  bool unused = false;
+  for (std::int64_t b = 0; b < p.n; ++b) run_sample<T, I>(p, b, acts, base, 1, false, unused);
 }
 
 }  // namespace

@@ -41,6 +41,14 @@ inline int max_threads() {
 #endif
 }
 
+inline int thread_num() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // A 64-byte aligned per-thread buffer of at least `count` T's; `slot` separates buffers that
 // must be live at the same time. Contents are unspecified.
 template <typename T>
