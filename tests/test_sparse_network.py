@@ -186,6 +186,9 @@ def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_thre
             torch.testing.assert_close(outputs[team], want, **TOL[torch.float32])
         # the team splits output channels: every sum is still one thread's, in the same order
         assert torch.equal(outputs[True], outputs[False])
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(TypeError, match="single_sample_team must be True, False or None"):
+            net.single_sample_team = bad
     net.single_sample_team = False
     save(fused, tmp_path / "m.safetensors")
     assert load(tmp_path / "m.safetensors", VGGStyle).sparse_net.single_sample_team is False

@@ -189,7 +189,6 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
 }
 
 #if defined(HF_SPARSE_AVX512)
-#if defined(HF_SPARSE_AVX512)
 // Lanes [begin, begin + W) of a row of w elements, zero outside [0, w): reads only s[0, w).
 template <typename T>
 inline typename cpu::Simd<T>::R padded_lanes(const T* s, std::int64_t begin, std::int64_t w) {
@@ -238,7 +237,6 @@ void pack_channel_stride2(const SparseConvParams& p, const Packing& k, const T* 
     }
   }
 }
-#endif
 
 // Channels-last input (xs_c == 1), stride 1 (one phase), nb <= W: the packed buffer of group gi from
 // (column, channel) or (sample, channel) blocks transposed in registers, every element written.

@@ -279,17 +279,19 @@ def fuse_residuals(model: nn.Module, only: Optional[Iterable[str]] = None) -> Tu
 
 
 # ----------------------------------------------------------------------------------------- sparsify
-def _time_pair(sparse: nn.Module, dense: nn.Module, x: torch.Tensor, budget_s: float) -> Tuple[float, float]:
+def _time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, budget_s: float, min_rounds: int = 7,
+               max_rounds: int = 50) -> Tuple[float, float]:
+    """Median seconds of a(x) and b(x), timed interleaved."""
     with torch.inference_mode():
-        times, _ = interleaved_times([lambda: sparse(x), lambda: dense(x)], budget_s, min_rounds=7, max_rounds=50)
+        times, _ = interleaved_times([lambda: a(x), lambda: b(x)], budget_s, min_rounds=min_rounds,
+                                     max_rounds=max_rounds)
     return statistics.median(times[0]), statistics.median(times[1])
 
 
 def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
              layers: Optional[Iterable[str]] = None, fold_bn: bool = True, fuse_relu: bool = True,
              time_budget_s: float = 0.1, inplace: bool = False,
-             depth_first: bool = True, _keep_sparse: Optional[Set[str]] = None
-             ) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+             depth_first: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """Fold BatchNorm, fuse ReLU and replace layers by sparse kernels (or keep them dense if faster).
 
     Args:
@@ -331,14 +333,37 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     op = "sparsify"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
-    original = model
-    retry_sparse = depth_first and example_input is not None and _keep_sparse is None
-    if retry_sparse and inplace:
-        original = copy.deepcopy(model)
-    model = model if inplace else copy.deepcopy(model)
+    retry = depth_first and example_input is not None
+    original = copy.deepcopy(model) if retry and inplace else model  # the retry converts its own copy
+    settings = dict(example_input=example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
+                    time_budget_s=time_budget_s, depth_first=depth_first)
+    out, report, collapsed = _convert(model if inplace else copy.deepcopy(model), **settings)
+    dense_convs = {r["name"] for r in report if r["kind"] == "dense" and r["layer"] == "Conv2d"}
+    if retry and dense_convs:
+        # Timed alone, a small layer can be faster dense, but as the only dense layer it ends the
+        # depth-first chain there: try it sparse, and keep whichever whole model is faster.
+        alt, alt_report, _ = _convert(original if inplace else copy.deepcopy(original), keep_sparse=dense_convs,
+                                      **settings)
+        fused = sum(r["depth_first"] for r in report)
+        if sum(r["depth_first"] for r in alt_report) > fused and _faster(alt, out, example_input, time_budget_s):
+            logger.info("sparsify: kept %s sparse inside the depth-first program", sorted(dense_convs))
+            out, report = alt, alt_report
+    if collapsed:
+        warnings.warn(f"{op}: layer(s) {', '.join(collapsed)} have no nonzero weight left (pruned to zero): their "
+                      f"output no longer depends on their input, so the exported network ignores its input there; "
+                      f"prune less, or leave these layers out of pruning", CollapsedLayerWarning, stacklevel=2)
+    logger.debug("sparsify:\n%s", format_report(report))
+    return out, report
+
+
+def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Optional[Iterable[str]],
+             fold_bn: bool, fuse_relu: bool, time_budget_s: float, depth_first: bool,
+             keep_sparse: Set[str] = frozenset()) -> Tuple[nn.Module, List[Dict[str, Any]], List[str]]:
+    """One conversion of ``model`` (rewritten in place) as :func:`sparsify` describes; the layers in
+    ``keep_sparse`` stay sparse whatever their timing. Returns ``(model, report, collapsed layer names)``."""
     model.eval()
     modules = dict(model.named_modules())
-    selected = _select_layers(op, modules, layers)
+    selected = _select_layers("sparsify", modules, layers)
     try:
         chains = _chains_fx(model)
     except Exception as exc:  # fx cannot trace data-dependent control flow: fall back to nn.Sequential
@@ -386,7 +411,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         if name in inputs:
             t_sparse, t_dense = _time_pair(sparse_mod, dense_mod, inputs[name], time_budget_s)
             rec.update(sparse_ms=1e3 * t_sparse, dense_ms=1e3 * t_dense, speedup=t_dense / t_sparse)
-            if t_dense < t_sparse and name not in (_keep_sparse or ()):
+            if t_dense < t_sparse and name not in keep_sparse:
                 chosen, rec["kind"] = dense_mod, "dense"
         _set_module(model, name, chosen)
         report.append(rec)
@@ -396,10 +421,6 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             r["residual"] = r["name"] in fused_names
             r["relu"] = r["relu"] or r["residual"]
     model.requires_grad_(False)
-    if collapsed:
-        warnings.warn(f"{op}: layer(s) {', '.join(collapsed)} have no nonzero weight left (pruned to zero): their "
-                      f"output no longer depends on their input, so the exported network ignores its input there; "
-                      f"prune less, or leave these layers out of pruning", CollapsedLayerWarning, stacklevel=2)
     if example_input is not None:
         _pick_layout(model, example_input, report, time_budget_s)
     chain: List[str] = []
@@ -407,18 +428,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         model, chain = _pick_depth_first(model, example_input, time_budget_s)
     for r in report:
         r["depth_first"] = r["name"] in chain
-    dense_convs = {r["name"] for r in report if r["kind"] == "dense" and r["layer"] == "Conv2d"}
-    if retry_sparse and dense_convs:
-        # Timed alone, a small layer can be faster dense, but as the only dense layer it ends the
-        # depth-first chain there: try it sparse, and keep whichever whole model is faster.
-        alt, alt_report = sparsify(original, example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
-                                   time_budget_s=time_budget_s, inplace=inplace, depth_first=True,
-                                   _keep_sparse=dense_convs)
-        if sum(r["depth_first"] for r in alt_report) > len(chain) and _faster(alt, model, example_input, time_budget_s):
-            logger.info("sparsify: kept %s sparse inside the depth-first program", sorted(dense_convs))
-            return alt, alt_report
-    logger.debug("sparsify:\n%s", format_report(report))
-    return model, report
+    return model, report, collapsed
 
 
 def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: float) -> Tuple[nn.Module, List[str]]:
@@ -453,10 +463,9 @@ def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: flo
 
 
 def _faster(a: nn.Module, b: nn.Module, x: torch.Tensor, budget_s: float) -> bool:
-    """Whether model a's median time on x is below model b's (timed interleaved)."""
-    with torch.inference_mode():
-        ts, _ = interleaved_times([lambda: a(x), lambda: b(x)], max(budget_s, 0.05) * 4, min_rounds=9, max_rounds=100)
-    return statistics.median(ts[0]) < statistics.median(ts[1])
+    """Whether model a's median time on x is below model b's (whole models: the depth-first budget)."""
+    t_a, t_b = _time_pair(a, b, x, max(budget_s, 0.05) * 4, min_rounds=9, max_rounds=100)
+    return t_a < t_b
 
 
 def _pick_layout(model: nn.Module, x: torch.Tensor, report: List[Dict[str, Any]], budget_s: float) -> None:

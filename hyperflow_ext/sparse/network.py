@@ -85,9 +85,7 @@ class SparseConvNet(nn.Module):
             raise ValueError("SparseConvNet: needs at least one step")
         self.steps = [NetStep(*s) for s in steps]
         self.layer_names = list(layer_names)  # the convolutions' names in the model (for save's manifest)
-        # Whether a single sample runs on the whole thread team (True), on the calling thread (False), or as
-        # TEAM_MULTIPLY_ADDS decides (None); sparsify(example_input=) of one sample sets it by timing both.
-        self.single_sample_team: Optional[bool] = None
+        self.single_sample_team = None
         self._programs: Dict[tuple, Optional[_Program]] = {}
         self._lock = threading.Lock()
 
@@ -99,8 +97,20 @@ class SparseConvNet(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.__dict__.setdefault("single_sample_team", None)
+        self.__dict__.setdefault("_single_sample_team", None)
         self._lock = threading.Lock()
+
+    @property
+    def single_sample_team(self) -> Optional[bool]:
+        """Whether a single sample runs on the whole thread team (True), on the calling thread (False), or
+        as ``TEAM_MULTIPLY_ADDS`` decides (None); ``sparsify(example_input=)`` of one sample times both."""
+        return self._single_sample_team
+
+    @single_sample_team.setter
+    def single_sample_team(self, value: Optional[bool]) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"SparseConvNet: single_sample_team must be True, False or None, got {value!r}")
+        self._single_sample_team = value
 
     def forward(self, x: torch.Tensor, *modules: nn.Module) -> torch.Tensor:
         if not modules:
@@ -110,8 +120,10 @@ class SparseConvNet(nn.Module):
             return self.reference(x, modules)
         n = x.shape[0]
         y = torch.empty((n,) + prog.out_shape, dtype=x.dtype)
-        team = self.single_sample_team
-        threads = 1 if n == 1 and not (prog.multiply_adds > TEAM_MULTIPLY_ADDS if team is None else team) else 0
+        team = self._single_sample_team
+        if team is None:
+            team = prog.multiply_adds > TEAM_MULTIPLY_ADDS
+        threads = 1 if n == 1 and not team else 0  # 0: every thread OpenMP allows
         native.cpu_module().sparse_conv_net(prog.steps.data_ptr(), prog.steps.shape[0], prog.slot_size.data_ptr(),
                                             prog.slot_size.shape[1], x.data_ptr(), n, *x.stride(), y.data_ptr(),
                                             *prog.codes, threads)

@@ -141,9 +141,11 @@ def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
     if manifest.get("depth_first"):  # an execution plan only: whatever chain the rebuilt graph allows
         model, _ = fuse_network(model)
         team = manifest.get("single_sample_team")
+        if not (team is None or isinstance(team, bool)):
+            raise ValueError(f"{op}: {path}: single_sample_team must be true, false or null, got {team!r}")
         for m in model.modules():
-            if isinstance(m, SparseConvNet) and team in (True, False):
-                m.single_sample_team = team
+            if isinstance(m, SparseConvNet):
+                m.single_sample_team = team  # timed at export (None: the multiply-add rule)
     model.eval()
     model.requires_grad_(False)
     return model
