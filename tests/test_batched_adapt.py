@@ -36,7 +36,7 @@ def test_a_list_of_tasks_is_one_encoder_forward_per_shape_and_one_native_call(fl
         pytest.skip("native extension not built")
     backbone, f = flow
     tasks = [_support(w, s, 10 + i) for i, (w, s) in enumerate(SHAPES)]
-    singles = [fused_adapt(backbone, x, y, flow=f, steps=6, backend="native") for x, y in tasks]
+    singles = [fused_adapt(backbone, x, y, flow=f, steps=6, backend="native", select=False) for x, y in tasks]
 
     encodes, integrations = [], []
     real_encode, real_module = f.encoder._encode, native.cpu_module()
@@ -52,7 +52,7 @@ def test_a_list_of_tasks_is_one_encoder_forward_per_shape_and_one_native_call(fl
     monkeypatch.setattr(f.encoder, "_encode", lambda chunks, **kw: encodes.append(
         sum(c.shape[0] for c in chunks)) or real_encode(chunks, **kw))
     monkeypatch.setattr(native, "cpu_module", lambda: Counting())
-    models = fused_adapt(backbone, [x for x, _ in tasks], [y for _, y in tasks], flow=f, steps=6, backend="native")
+    models = fused_adapt(backbone, [x for x, _ in tasks], [y for _, y in tasks], flow=f, steps=6, backend="native", select=False)
     assert integrations == [len(tasks)]                      # one call integrates every task
     assert sorted(encodes) == sorted([3 * 6, 2 * 2, 3 * 3 * 2])  # one forward per group, all its images
     assert len(models) == len(tasks)

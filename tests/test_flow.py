@@ -245,7 +245,7 @@ def test_fused_adapt_no_graph_no_mutation(tiny):
     backbone, flow, _ = tiny
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     sx, sy = next(_episodes(1, seed=5))
-    model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native")
+    model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native", select=False)
     logits = model(sx)
     assert logits.shape == (6, 3) and not logits.requires_grad and model.theta.grad_fn is None
     for k, v in backbone.state_dict().items():
@@ -260,14 +260,14 @@ def test_fused_adapt_backends_agree_and_batch(tiny):
     backbone, flow, _ = tiny
     eps = list(_episodes(3, seed=7))
     sx = torch.stack([e[0] for e in eps]); sy = torch.stack([e[1] for e in eps])
-    ref = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="torch")
-    nat = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native")
+    ref = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="torch", select=False)
+    nat = fused_adapt(backbone, sx, sy, flow=flow, steps=8, backend="native", select=False)
     torch.testing.assert_close(nat.theta, ref.theta, atol=1e-5, rtol=1e-5)
-    singles = [fused_adapt(backbone, x, y, flow=flow, steps=8, backend="torch") for x, y in eps]
+    singles = [fused_adapt(backbone, x, y, flow=flow, steps=8, backend="torch", select=False) for x, y in eps]
     for i, m in enumerate(singles):
         torch.testing.assert_close(m.theta, ref.theta[i], atol=1e-5, rtol=1e-5)
     assert ref(sx).shape == (3, 6, 3)
-    as_list = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=8)
+    as_list = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=8, select=False)
     assert len(as_list) == 3
 
 
@@ -305,8 +305,8 @@ def test_save_load_roundtrip(tiny, tmp_path):
     flow.save(path)
     loaded = HyperFlow.load(path, backbone)
     sx, sy = next(_episodes(1, seed=9))
-    a = fused_adapt(backbone, sx, sy, flow=flow, steps=4, backend="torch")
-    b = fused_adapt(backbone, sx, sy, flow=loaded, steps=4, backend="torch")
+    a = fused_adapt(backbone, sx, sy, flow=flow, steps=4, backend="torch", select=False)
+    b = fused_adapt(backbone, sx, sy, flow=loaded, steps=4, backend="torch", select=False)
     torch.testing.assert_close(a.theta, b.theta)
     (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a valid safetensors"):
@@ -319,7 +319,7 @@ def test_guard_warns_and_returns_last_good_state(tiny):
     backbone, flow, _ = tiny
     sx, sy = next(_episodes(1, seed=2))
     with pytest.warns(RuntimeWarning, match="divergence guard"):
-        model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, guard=1e-9, backend="native")
+        model = fused_adapt(backbone, sx, sy, flow=flow, steps=8, guard=1e-9, backend="native", select=False)
     torch.testing.assert_close(model.theta, flow.subset.vector(backbone))
 
 
@@ -473,14 +473,14 @@ def test_tune_horizon_picks_the_most_accurate_and_is_saved(tiny, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert scores[f"h={flow.horizon:g}"] == max(scores["h=0.25"], scores["h=1"])
     # each score is the query accuracy of fused_adapt at that horizon
-    models = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=4, horizon=0.25)
+    models = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow, steps=4, horizon=0.25, select=False)
     acc = torch.stack([(m(e[2]).argmax(-1) == e[3]).float().mean() for m, e in zip(models, eps)]).mean()
     assert abs(float(acc) - scores["h=0.25"]) < 1e-6
     # fused_adapt's default horizon is the tuned one, and it survives save/load
     flow.horizon = 0.5
     sx, sy = eps[0][0], eps[0][1]
-    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=flow, steps=4).theta,
-                               fused_adapt(backbone, sx, sy, flow=flow, steps=4, horizon=0.5).theta)
+    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=flow, steps=4, select=False).theta,
+                               fused_adapt(backbone, sx, sy, flow=flow, steps=4, horizon=0.5, select=False).theta)
     flow.save(tmp_path / "f.safetensors")
     assert HyperFlow.load(tmp_path / "f.safetensors", backbone).horizon == 0.5
     flow.horizon = 1.0
@@ -532,7 +532,7 @@ def test_flow_path_ends_where_fused_adapt_does(tiny):
     theta_pre = flow.subset.vector(backbone)
     assert path.shape == (1, 7, flow.subset.numel) and not path.requires_grad
     torch.testing.assert_close(path[0, 0], theta_pre)
-    end = fused_adapt(backbone, sx, sy, flow=flow, steps=6, solver="heun", horizon=0.7, backend="torch").theta
+    end = fused_adapt(backbone, sx, sy, flow=flow, steps=6, solver="heun", horizon=0.7, backend="torch", select=False).theta
     torch.testing.assert_close(path[0, -1], end)
     assert not torch.equal(path[0, 3], theta_pre)
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
-from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt, support_statistics, tune_lr
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, flow_path, fused_adapt, loo_scores
+from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt, split_support, support_statistics, tune_lr
+from hyperflow_ext.flow.hyperflow import DEFAULT_REACH
 
 
 def _bn_backbone() -> nn.Sequential:
@@ -44,8 +45,8 @@ def fitted():
     assert flow.net is None  # no feature_dim yet: the drift network waits for the first support set
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        flow.fit(eps, trajectory_steps=6, interpolation="linear", train_config=DriftTrainConfig(iters=20),
-                 progress=False)
+        flow.fit(eps, tasks=len(eps), trajectory_steps=6, interpolation="linear",
+                 train_config=DriftTrainConfig(iters=20), progress=False)
     return backbone, eps, flow
 
 
@@ -53,7 +54,9 @@ def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     backbone, eps, flow = fitted
     assert flow.encoder.feature_dim == 24 and flow.task_stats == "layers"
     assert flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
-    assert flow.trajectory_config.lr == flow.recipe["lr"]
+    # recorded at DEFAULT_REACH times the chosen rate; the per-task choice decides how far each task goes
+    assert flow.trajectory_config.lr == pytest.approx(DEFAULT_REACH * flow.recipe["lr"]) == flow.recipe["recorded_lr"]
+    assert flow.recipe["augment"]["probability"] == 0.75
     sx, sy, qx, qy = eps[0]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     model = fused_adapt(backbone, sx, sy, flow=flow, steps=5)
@@ -62,13 +65,16 @@ def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
 
 
-def test_fit_records_every_episode_of_a_finite_sequence_and_refuses_too_few(fitted):
+def test_record_takes_every_episode_and_fit_draws_more_tasks_from_few(fitted, caplog):
     backbone, eps, _ = fitted
     flow = HyperFlow(backbone, params="bias", hidden=32)
     ts = flow.record(eps[:4], trajectory_steps=3, progress=False, lr=1e-2)
     assert ts.episodes == 4 and ts.losses.shape == (4, 2)
-    with pytest.raises(ValueError, match="ran out after 4 of 5"):
-        flow.record(eps[:4], tasks=5, trajectory_steps=3, progress=False, lr=1e-2)
+    with caplog.at_level("WARNING", logger="hyperflow_ext.flow.hyperflow"):
+        more = flow.record(eps[:4], tasks=6, trajectory_steps=3, progress=False, lr=1e-2)
+    assert more.episodes == 6 and "drawing the other 2 as new support/query splits" in caplog.text
+    torch.testing.assert_close(more.deltas[:4], ts.deltas)  # the given episodes first, unchanged
+    assert not torch.allclose(more.z[4], ts.z[0])           # a new split of episode 0: another support set
     with pytest.raises(ValueError, match="tasks must be a positive int"):
         flow.record(eps, tasks=0, trajectory_steps=3, progress=False)
 
@@ -77,7 +83,7 @@ def test_a_backbone_without_flat_features_gets_a_clear_error():
     conv = nn.Sequential(nn.Conv2d(1, 4, 3))
     flow = HyperFlow(conv, params="bias")
     with pytest.raises(ValueError, match=r"\(n, d\) features"):
-        flow.fit(_episodes(2), trajectory_steps=2, progress=False, lr=1e-2)
+        flow.fit(_episodes(2), tasks=2, trajectory_steps=2, progress=False, lr=1e-2)
 
 
 def test_tune_lr_matches_a_hand_made_grid_search(fitted):
@@ -94,8 +100,19 @@ def test_tune_lr_matches_a_hand_made_grid_search(fitted):
     assert 0.0 <= choice.unadapted <= 1.0 and math.isfinite(choice.loss_drop)
     with pytest.raises(ValueError, match="grid must hold"):
         tune_lr(backbone, eps, grid=(0.0,))
-    with pytest.raises(ValueError, match="query sets"):
-        tune_lr(backbone, [ep[:2] for ep in eps])
+    with pytest.raises(ValueError, match="2 shots per class"):
+        tune_lr(backbone, [ep[:2] for ep in _episodes(2, shot=1)])
+
+
+def test_tune_lr_without_queries_leaves_shots_out(fitted):
+    backbone, _, _ = fitted
+    eps = _episodes(3, seed=4, shot=4)
+    grid = (1e-3, 1e-1)
+    without = tune_lr(backbone, [ep[:2] for ep in eps], "bias", grid, tasks=3, steps=4)
+    split = [split_support(ep) for ep in eps]
+    for sx, sy, qx, qy in split:  # half of each class's shots fine-tune, the rest score
+        assert len(sy) == len(qy) == 6 and torch.equal(torch.bincount(sy), torch.bincount(qy))
+    assert without.accuracy == tune_lr(backbone, split, "bias", grid, tasks=3, steps=4).accuracy
 
 
 def test_the_chosen_recipe_is_saved_and_loaded(fitted, tmp_path):
@@ -115,8 +132,8 @@ def test_fit_warns_when_fine_tuning_barely_moves_the_loss(fitted):
     backbone, eps, _ = fitted
     flow = HyperFlow(backbone, params="bias", hidden=32)
     with pytest.warns(RuntimeWarning, match="barely move"):
-        flow.fit(eps, trajectory_steps=3, interpolation="linear", train_config=DriftTrainConfig(iters=2),
-                 progress=False, lr=1e-7)
+        flow.fit(eps, tasks=len(eps), trajectory_steps=3, interpolation="linear",
+                 train_config=DriftTrainConfig(iters=2), progress=False, lr=1e-7)
     assert flow.recipe["chosen_by"] == "user" and flow.recipe["loss_drop"] < 0.05
 
 
@@ -128,30 +145,51 @@ def test_ood_guard_keeps_an_uninformed_task_at_theta0(fitted):
     z_far, z_in = flow.encoder(far, sy), flow.encoder(sx, sy)
     assert float(flow.net.task_distance(z_far)) > 2 * flow.task_radius
     assert float(flow.net.task_distance(z_in)) <= flow.task_radius
-    guarded = fused_adapt(backbone, far, sy, flow=flow, steps=5).theta
+    guarded = fused_adapt(backbone, far, sy, flow=flow, steps=5, ood_radius=2.0, select=False).theta
     torch.testing.assert_close(guarded, theta0, atol=0, rtol=0)
-    free = fused_adapt(backbone, far, sy, flow=flow, steps=5, ood_radius=math.inf).theta
+    free = fused_adapt(backbone, far, sy, flow=flow, steps=5, ood_radius=math.inf, select=False).theta
     assert not torch.equal(free, theta0)
     # in range: the guard changes nothing
-    torch.testing.assert_close(fused_adapt(backbone, sx, sy, flow=flow, steps=5).theta,
-                               fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf).theta)
+    torch.testing.assert_close(
+        fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=2.0, select=False).theta,
+        fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf, select=False).theta)
     # flow_path applies the same factor; its end point is fused_adapt's
-    path = flow_path(backbone, far, sy, flow, steps=5)
+    path = flow_path(backbone, far, sy, flow, steps=5, ood_radius=2.0)
     torch.testing.assert_close(path[0, -1], theta0)
     with pytest.raises(ValueError, match="ood_radius must be > 1"):
         fused_adapt(backbone, sx, sy, flow=flow, ood_radius=1.0)
+
+
+def test_a_far_task_is_adapted_by_default_and_the_criterion_decides(fitted):
+    backbone, eps, flow = fitted
+    theta0 = flow.subset.vector(backbone)
+    sx, sy, _, _ = eps[0]
+    far = sx * 50.0 + 20.0
+    assert float(flow.net.task_distance(flow.encoder(far, sy))) > 2 * flow.task_radius
+    plain = fused_adapt(backbone, far, sy, flow=flow, steps=5, select=False).theta  # no guard by default
+    torch.testing.assert_close(plain, fused_adapt(backbone, far, sy, flow=flow, steps=5, select=False,
+                                                  ood_radius=math.inf).theta)
+    assert not torch.equal(plain, theta0)
+    chosen = fused_adapt(backbone, far, sy, flow=flow, steps=5)
+    sel = chosen.selection
+    assert sel["chosen"] == min(sel["scores"], key=lambda k: sel["scores"][k][2])
+    f = features_with(backbone, flow.subset, plain, far)  # the unshrunk state is what the criterion scored
+    want = loo_scores(f, sy, metric=flow.metric, scale=flow.scale)
+    assert max(abs(a - b) for a, b in zip(sel["scores"][f"flow@{flow.horizon:g}"], want)) < 1e-5
+    if sel["chosen"] != "none":
+        assert not torch.equal(chosen.theta, theta0)
 
 
 def test_ood_guard_shrinks_linearly_between_one_and_ood_radius(fitted):
     backbone, eps, flow = fitted
     sx, sy, _, _ = eps[0]
     theta0 = flow.subset.vector(backbone)
-    free = fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf).theta
+    free = fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=math.inf, select=False).theta
     d = float(flow.net.task_distance(flow.encoder(sx, sy)))
     radius = flow.task_radius
     try:
         flow.task_radius = d / 1.5  # the task sits halfway between the radius and 2x the radius
-        half = fused_adapt(backbone, sx, sy, flow=flow, steps=5).theta
+        half = fused_adapt(backbone, sx, sy, flow=flow, steps=5, ood_radius=2.0, select=False).theta
     finally:
         flow.task_radius = radius
     torch.testing.assert_close(half - theta0, 0.5 * (free - theta0), atol=1e-6, rtol=1e-5)
@@ -188,7 +226,7 @@ def test_layer_statistics_match_a_hand_computed_reference_and_leave_no_hook(fitt
 def test_layer_statistics_flow_fits_adapts_and_round_trips(fitted, tmp_path):
     backbone, eps, _ = fitted
     flow = HyperFlow(backbone, params="bias", hidden=32, task_stats="layers")
-    flow.fit(eps, trajectory_steps=4, interpolation="linear", train_config=DriftTrainConfig(iters=10),
+    flow.fit(eps, tasks=len(eps), trajectory_steps=4, interpolation="linear", train_config=DriftTrainConfig(iters=10),
              progress=False, lr=3e-2)
     sx, sy, qx, _ = eps[2]
     out = fused_adapt(backbone, sx, sy, flow=flow, steps=4)(qx)

@@ -1,13 +1,15 @@
-"""select_adapt: the leave-one-out criterion and the per-task choice among adapted candidates."""
+"""fused_adapt's per-task choice: the leave-one-out criterion and the candidates it scores."""
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from _toy_tasks import episodes
-from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, flow_path, fused_adapt
-from hyperflow_ext.flow.select import CALIBRATION_SCALES, loo_scores, select_adapt
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
+from hyperflow_ext.flow.baselines import support_statistics
+from hyperflow_ext.flow.select import CALIBRATION_SCALES, loo_scores, select_adapt, selection_horizons
 from hyperflow_ext.models import Conv4, proto_logits
 
 
@@ -63,60 +65,80 @@ def tiny():
     return backbone, flow
 
 
-def test_select_adapt_scores_every_candidate_and_keeps_the_best(tiny):
+def _candidate_thetas(backbone, flow, sx, sy):
+    """Every candidate's parameters, each computed on its own (the oracle of the choice)."""
+    theta0 = flow.subset.vector(backbone)
+    out = {"none": theta0}
+    for h in selection_horizons(flow.horizon):
+        out[f"flow@{h:g}"] = fused_adapt(backbone, sx, sy, flow=flow, horizon=h, steps=int(round(50 * h / 0.5)),
+                                         select=False).theta
+    for s in (0.5, 1.0):
+        out[f"mean@{s:g}"] = theta0 + s * flow.mean_delta
+    return out
+
+
+def test_fused_adapt_scores_every_candidate_and_keeps_the_best(tiny):
     backbone, flow = tiny
     sx, sy = next(_episodes(1, seed=5))
-    model = select_adapt(backbone, sx, sy, flow, horizons=(0.0, 0.5, 1.0))
+    model = fused_adapt(backbone, sx, sy, flow=flow)
     sel = model.selection
-    assert set(sel["scores"]) == {"h=0", "h=0.25", "h=0.5"}  # relative to the tuned horizon 0.5
-    assert sel["scores"][sel["chosen"]][2] == min(s[2] for s in sel["scores"].values())
-    # each score is loo_scores of that candidate's support features; the states are flow_path's
-    path = flow_path(backbone, sx, sy, flow, steps=50, horizon=0.5)[0]
-    for name, k in (("h=0", 0), ("h=0.25", 25), ("h=0.5", 50)):
-        f = features_with(backbone, flow.subset, path[k], sx)
+    thetas = _candidate_thetas(backbone, flow, sx, sy)
+    assert set(sel["scores"]) == set(thetas) == {"none", "flow@0.25", "flow@0.5", "flow@1", "mean@0.5", "mean@1"}
+    for name, theta in thetas.items():  # each score is loo_scores of that candidate's own support features
+        f = features_with(backbone, flow.subset, theta, sx)
         for got, want in zip(loo_scores(f, sy, metric=flow.metric, scale=flow.scale), sel["scores"][name]):
-            assert abs(got - want) < 1e-5
-    torch.testing.assert_close(model.theta, path[{"h=0": 0, "h=0.25": 25, "h=0.5": 50}[sel["chosen"]]])
+            assert abs(got - want) < 1e-5, name
+    assert sel["chosen"] == min(sel["scores"], key=lambda k: sel["scores"][k][2])
+    torch.testing.assert_close(model.theta, thetas[sel["chosen"]], rtol=1e-5, atol=1e-6)
     assert model(sx).shape == (len(sy), 3) and not model.theta.requires_grad
-    for criterion, key in (("loss", lambda s: s[0]), ("accuracy", lambda s: (-s[1], s[0]))):
-        sel = select_adapt(backbone, sx, sy, flow, criterion=criterion).selection
-        assert sel["chosen"] == min(sel["scores"], key=lambda k: key(sel["scores"][k]))
 
 
-def test_select_adapt_keeps_theta0_when_the_drift_is_uninformed(tiny):
+def test_a_stacked_batch_chooses_like_one_task_at_a_time(tiny):
+    backbone, flow = tiny
+    eps = list(_episodes(4, seed=11))
+    sx, sy = torch.stack([e[0] for e in eps]), torch.stack([e[1] for e in eps])
+    batched = fused_adapt(backbone, sx, sy, flow=flow)
+    singles = [fused_adapt(backbone, x, y, flow=flow) for x, y, *_ in eps]
+    assert [s["chosen"] for s in batched.selection] == [m.selection["chosen"] for m in singles]
+    torch.testing.assert_close(batched.theta, torch.stack([m.theta for m in singles]), rtol=1e-5, atol=1e-6)
+    as_list = fused_adapt(backbone, [e[0] for e in eps], [e[1] for e in eps], flow=flow)
+    assert [m.selection["chosen"] for m in as_list] == [m.selection["chosen"] for m in singles]
+
+
+def test_fused_adapt_keeps_theta0_when_the_drift_is_uninformed(tiny):
     backbone, flow = tiny
     wild = copy.deepcopy(flow)
     wild.net.drift_scale.mul_(1e4)   # a drift that throws the biases far off
+    wild.mean_delta = flow.mean_delta * 1e4
     wild._clear_caches()
-    wild.task_radius = float("inf")  # no out-of-range shrinking: the criterion alone must catch it
     theta0 = flow.subset.vector(backbone)
-    for sx, sy in _episodes(4, seed=9):
-        model = select_adapt(backbone, sx, sy, wild, horizons=(0.0, 0.5, 1.0, 1.5))
-        assert model.selection["chosen"] == "h=0", model.selection
-        theta0_score = model.selection["scores"]["h=0"]
-        assert all(s[2] > theta0_score[2] and s[1] < theta0_score[1]   # clearly worse, not a tie
-                   for k, s in model.selection["scores"].items() if k != "h=0")
+    for sx, sy, *_ in _episodes(4, seed=9):
+        model = fused_adapt(backbone, sx, sy, flow=wild, guard=math.inf)  # the criterion alone must catch it
+        assert model.selection["chosen"] == "none", model.selection
+        best = model.selection["scores"]["none"]
+        assert all(s[2] > best[2] for k, s in model.selection["scores"].items() if k != "none")
         torch.testing.assert_close(model.theta, theta0)
-        for criterion in ("accuracy", "loss", "calibrated"):
-            assert select_adapt(backbone, sx, sy, wild, criterion=criterion).selection["chosen"] == "h=0"
 
 
-def test_select_adapt_falls_back_at_one_shot_and_checks_arguments(tiny):
+def test_one_shot_falls_back_to_the_state_at_the_horizon(tiny):
     backbone, flow = tiny
     sx, sy = next(_episodes(1, shot=1, seed=3))
-    model = select_adapt(backbone, sx, sy, flow)
-    assert model.selection == {"chosen": "h=0.5", "scores": {}}
+    model = fused_adapt(backbone, sx, sy, flow=flow)
+    assert model.selection == {"chosen": "flow@0.5", "scores": {}}
+    torch.testing.assert_close(model.theta, fused_adapt(backbone, sx, sy, flow=flow, select=False).theta)
+    with pytest.raises(TypeError, match="select"):
+        fused_adapt(backbone, sx, sy, flow=flow, select="yes")
+
+
+def test_select_adapt_is_a_deprecated_alias(tiny):
+    backbone, flow = tiny
+    sx, sy = next(_episodes(1, seed=5))
+    with pytest.warns(DeprecationWarning, match="fused_adapt"):
+        model = select_adapt(backbone, sx, sy, flow)
     torch.testing.assert_close(model.theta, fused_adapt(backbone, sx, sy, flow=flow).theta)
-    sx, sy = next(_episodes(1, seed=3))
-    with pytest.raises(ValueError, match="criterion"):
-        select_adapt(backbone, sx, sy, flow, criterion="queries")
-    with pytest.raises(ValueError, match="horizons"):
-        select_adapt(backbone, sx, sy, flow, horizons=(0.0,))
-    with pytest.raises(NotImplementedError):
-        select_adapt(backbone, sx[None], sy[None], flow)
 
 
-def test_select_adapt_offers_support_statistics_on_batchnorm():
+def test_support_statistics_are_a_candidate_on_batchnorm():
     torch.manual_seed(0)
     backbone = Conv4(hidden=8, norm="batch").eval()
     for p in backbone.parameters():
@@ -126,8 +148,13 @@ def test_select_adapt_offers_support_statistics_on_batchnorm():
     flow.fit(trajectories=ts, train_config=DriftTrainConfig(iters=10, eval_every=5), progress=False)
     sx, sy = next(_episodes(1, seed=4))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    model = select_adapt(backbone, sx, sy, flow)
-    assert "support statistics" in model.selection["scores"]
-    assert "support statistics" not in select_adapt(backbone, sx, sy, flow, support_stats=False).selection["scores"]
+    model = fused_adapt(backbone, sx, sy, flow=flow)
+    stats = support_statistics(backbone, sx, sy, flow.metric, flow.scale)
+    f = features_with(backbone, flow.subset, stats.theta, sx, buffers=stats.buffers)
+    want = loo_scores(f, sy, metric=flow.metric, scale=flow.scale)
+    assert max(abs(a - b) for a, b in zip(model.selection["scores"]["support statistics"], want)) < 1e-5
+    # a stacked batch holds one set of buffers: parameter candidates only
+    stacked = fused_adapt(backbone, sx[None], sy[None], flow=flow)
+    assert "support statistics" not in stacked.selection[0]["scores"]
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before[k]), k

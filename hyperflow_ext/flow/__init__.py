@@ -3,8 +3,9 @@
 * :class:`HyperFlow` — records fine-tuning trajectories, trains the drift network, saves/loads.
 * :func:`fused_adapt` — adapts a backbone to support sets with a few fused ODE steps.
 * :func:`flow_path` — every state along that integration (for plots and analysis).
-* :func:`select_adapt` — per task, the candidate (a few horizons, support statistics) the support
-  set's leave-one-out accuracy prefers.
+* :func:`loo_scores` — the support-only criterion behind ``fused_adapt``'s per-task choice.
+* :class:`EpisodeAugmenter` — the capture shifts ``fit`` draws on meta-training episodes.
+* :func:`emulation_fidelity` — how much of bias tuning's support-loss drop the flow reproduces.
 * :func:`drift_integrate` — the fused integrator on the ``torch`` / ``native`` / ``triton`` back-ends.
 * :mod:`~hyperflow_ext.flow.baselines` — the comparison methods: ``direct_transfer``, ``finetune_adapt``.
 * Building blocks: :class:`DriftNetwork`, :class:`Interpolant`, :func:`odeint`, :class:`TaskEncoder`,
@@ -13,8 +14,11 @@
 from . import baselines
 from .adapted import AdaptedProtoNet
 from .drift import DriftNetwork, PackedDrift, time_features
+from .adapt import flow_path, fused_adapt
+from .augment import AUGMENTATIONS, EpisodeAugmenter, augment_episode
+from .evaluate import emulation_fidelity
 from .functional import features_with, finetune
-from .hyperflow import HyperFlow, flow_path, fused_adapt
+from .hyperflow import HyperFlow
 from .integrate import drift_integrate, drift_integrate_reference
 from .interpolate import INTERPOLATIONS, Interpolant
 from .params import ParamSubset
@@ -30,5 +34,6 @@ __all__ = [
     "time_features", "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
     "Interpolant", "ParamSubset", "TABLEAUS", "Tableau", "get_tableau", "odeint", "TaskEncoder",
     "DriftTrainConfig", "train_drift", "TrajectoryConfig", "TrajectorySet", "record_trajectories",
-    "euler_update", "euler_update_reference", "select_adapt", "loo_scores",
+    "euler_update", "euler_update_reference", "select_adapt", "loo_scores", "AUGMENTATIONS", "EpisodeAugmenter",
+    "augment_episode", "emulation_fidelity",
 ]

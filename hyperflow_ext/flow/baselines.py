@@ -20,7 +20,8 @@ from .checks import check_support
 from .functional import features_with, finetune
 from .params import ParamSpec, ParamSubset
 
-__all__ = ["direct_transfer", "support_statistics", "finetune_adapt", "tune_lr", "LrChoice", "LR_GRID"]
+__all__ = ["direct_transfer", "support_statistics", "finetune_adapt", "tune_lr", "split_support", "LrChoice",
+           "LR_GRID"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,28 @@ class LrChoice:
                 "unadapted": self.unadapted, "loss_drop": self.loss_drop, "tasks": self.tasks}
 
 
+def split_support(episode: Sequence) -> tuple:
+    """``(support_x, support_y, query_x, query_y)`` from a support set alone: per class, the first
+    half of its shots (at least one) stay support and the rest become queries (leave shots out).
+
+    Raises:
+        ValueError: a class with fewer than 2 shots (nothing to hold out).
+    """
+    sx, sy = episode[0], episode[1]
+    way = int(sy.max()) + 1
+    keep = torch.zeros_like(sy, dtype=torch.bool)
+    for c in range(way):
+        idx = (sy == c).nonzero().flatten()
+        if idx.numel() < 2:
+            raise ValueError(f"split_support: class {c} has {idx.numel()} shot(s); leaving shots out needs >= 2")
+        keep[idx[: idx.numel() // 2]] = True
+    return sx[keep], sy[keep], sx[~keep], sy[~keep]
+
+
+def has_queries(episode: Sequence) -> bool:
+    return len(episode) >= 4 and isinstance(episode[2], torch.Tensor) and episode[2].numel() > 0
+
+
 def tune_lr(backbone: nn.Module, episodes: Iterable, params: ParamSpec = "bias", grid: Sequence[float] = LR_GRID,
             tasks: int = 20, steps: int = 50, optimizer: str = "adam", metric: str = "cosine", scale: float = 10.0,
             progress: bool = False) -> LrChoice:
@@ -118,11 +141,13 @@ def tune_lr(backbone: nn.Module, episodes: Iterable, params: ParamSpec = "bias",
 
     The way a user tunes bias tuning: fine-tune on each support set for ``steps`` steps at every
     rate in ``grid`` and keep the rate with the best mean query accuracy (ties: the smaller
-    rate). Use episodes of the meta-training domains only, never of a test domain.
+    rate). Use episodes of the meta-training domains only, never of a test domain. Episodes
+    without queries are scored by leaving shots out (:func:`split_support`): half of each class's
+    shots fine-tune, the other half score.
 
     Args:
         backbone: the pretrained backbone (not modified).
-        episodes: iterable of ``(support_x, support_y, query_x, query_y, ...)``.
+        episodes: iterable of ``(support_x, support_y[, query_x, query_y, ...])``.
         params: which parameters fine-tuning adapts.
         grid: candidate learning rates (each finite and > 0).
         tasks: how many episodes to score.
@@ -132,15 +157,20 @@ def tune_lr(backbone: nn.Module, episodes: Iterable, params: ParamSpec = "bias",
         An :class:`LrChoice` with the rate, every candidate's accuracy and the loss drop.
 
     Raises:
-        ValueError: an empty or invalid grid, or episodes without queries.
+        ValueError: an empty or invalid grid, or episodes with neither queries nor 2 shots per class.
     """
     if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in grid):
         raise ValueError(f"tune_lr: grid must hold finite learning rates > 0, got {list(grid)}")
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"tune_lr: tasks must be a positive int, got {tasks!r}")
     eps = list(itertools.islice(episodes, tasks))
-    if not eps or any(len(ep) < 4 or ep[2].numel() == 0 for ep in eps):
-        raise ValueError("tune_lr: needs episodes with query sets (EpisodeSampler(query > 0))")
+    if not eps:
+        raise ValueError("tune_lr: the episode iterable is empty")
+    try:
+        eps = [tuple(ep) if has_queries(ep) else split_support(ep) for ep in eps]
+    except ValueError as err:
+        raise ValueError(f"tune_lr: needs episodes with query sets (EpisodeSampler(query > 0)) or at least 2 "
+                         f"shots per class to leave out ({err})") from None
     subset = ParamSubset(backbone, params)
     theta0 = subset.vector(backbone)
     grid = sorted(float(lr) for lr in grid)

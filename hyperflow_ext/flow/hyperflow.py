@@ -1,4 +1,7 @@
-"""HyperFlow: learn the drift of fine-tuning offline, adapt by integrating it (no backprop)."""
+"""HyperFlow: learn the drift of fine-tuning offline (meta-training, tuning, persistence).
+
+Adaptation with a trained flow lives in :mod:`~hyperflow_ext.flow.adapt` (:func:`fused_adapt`).
+"""
 from __future__ import annotations
 
 import copy
@@ -17,11 +20,9 @@ from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
-from .baselines import LR_GRID, tune_lr
-from .batched import encode_tasks
-from .checks import check_support
+from .augment import EpisodeAugmenter
+from .baselines import LR_GRID, has_queries, split_support, tune_lr
 from .drift import DriftNetwork, PackedDrift
-from .integrate import drift_integrate, drift_integrate_reference
 from .interpolate import INTERPOLATIONS
 from .params import ParamSpec, ParamSubset
 from .solvers import get_tableau
@@ -29,7 +30,7 @@ from .task import TaskEncoder
 from .train import DriftTrainConfig, fit_normalisation, train_drift
 from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
 
-__all__ = ["HyperFlow", "fused_adapt", "flow_path"]
+__all__ = ["HyperFlow", "DEFAULT_TASKS", "DEFAULT_REACH"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +40,49 @@ def _declared_feature_dim(module: nn.Module) -> Optional[int]:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
-def _episode_list(op: str, episodes: Iterable, tasks: Optional[int]) -> list:
-    """The episodes to meta-train on: all of a finite sequence, or ``tasks`` of any iterable."""
-    if tasks is None:
-        if not hasattr(episodes, "__len__"):
-            tasks = DEFAULT_TASKS
-        else:
-            tasks = len(episodes)
+def _episode_list(op: str, episodes: Iterable, tasks: Optional[int], seed: int = 0) -> list:
+    """``tasks`` episodes to meta-train on (default :data:`DEFAULT_TASKS`). A finite sequence with
+    fewer episodes is extended by drawing new support/query splits of its episodes (:func:`_resplit`)."""
+    tasks = DEFAULT_TASKS if tasks is None else tasks
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"{op}: tasks must be a positive int, got {tasks!r}")
-    eps = list(itertools.islice(episodes, tasks))
+    eps = [tuple(ep) for ep in itertools.islice(episodes, tasks)]
     if not eps:
         raise ValueError(f"{op}: the episode iterable is empty")
     if len(eps) < tasks:
-        raise ValueError(f"{op}: the episode iterable ran out after {len(eps)} of {tasks} tasks (pass tasks=)")
+        if not all(has_queries(ep) for ep in eps):
+            logger.warning("%s: %d episodes given for %d tasks and they have no queries to re-split; "
+                           "meta-training on the %d given", op, len(eps), tasks, len(eps))
+            return eps
+        logger.warning("%s: %d episodes given for %d tasks; drawing the other %d as new support/query splits "
+                       "of the given episodes", op, len(eps), tasks, tasks - len(eps))
+        gen = torch.Generator().manual_seed(seed + 7919)
+        given = len(eps)
+        eps += [_resplit(eps[i % given], gen) for i in range(given, tasks)]
     return eps
+
+
+def _splittable(episode: Sequence) -> bool:
+    try:
+        split_support(episode)
+        return True
+    except ValueError:
+        return False
+
+
+def _resplit(episode: tuple, gen: torch.Generator) -> tuple:
+    """The same classes with their support and query images pooled and split again at random."""
+    sx, sy, qx, qy = episode[:4]
+    xs, ys, xq, yq = [], [], [], []
+    for c in range(int(sy.max()) + 1):
+        pool = torch.cat([sx[sy == c], qx[qy == c]])
+        order = torch.randperm(pool.shape[0], generator=gen)
+        shots = int((sy == c).sum())
+        xs.append(pool[order[:shots]])
+        xq.append(pool[order[shots:]])
+        ys.append(torch.full((shots,), c, dtype=sy.dtype))
+        yq.append(torch.full((pool.shape[0] - shots,), c, dtype=qy.dtype))
+    return (torch.cat(xs), torch.cat(ys), torch.cat(xq), torch.cat(yq)) + tuple(episode[4:])
 
 
 TASK_STATS = ("final", "layers")
@@ -66,7 +95,8 @@ def _adapted_layers(subset: ParamSubset, encoder: nn.Module) -> List[str]:
     return [n for n in names if n and n in modules]
 
 
-DEFAULT_TASKS = 200      # episodes recorded from an unbounded iterable when tasks is not given
+DEFAULT_TASKS = 200      # meta-training tasks recorded when tasks is not given
+DEFAULT_REACH = 3.0      # trajectories are recorded at this multiple of the chosen learning rate
 RECIPE_TASKS = 20        # meta-training episodes that score the learning-rate grid
 MIN_LOSS_DROP = 0.05     # fine-tuning that lowers its loss by less than this barely moves: warn
 
@@ -116,6 +146,7 @@ class HyperFlow:
         self.task_radius = math.inf       # farthest training task embedding (for the OOD guard)
         self.interpolation: Optional[str] = None
         self.horizon = 1.0                # default integration time of fused_adapt (see tune_horizon)
+        self.mean_delta: Optional[torch.Tensor] = None  # mean end displacement of the training trajectories
         self.trajectory_config: Optional[TrajectoryConfig] = None
         self.recipe: Dict[str, object] = {}  # the fine-tuning recipe emulated, and how it was chosen
         self.history: Dict[str, List[float]] = {}
@@ -166,9 +197,12 @@ class HyperFlow:
                store: Optional[os.PathLike] = None, progress: bool = True, **config) -> TrajectorySet:
         """Record fine-tuning trajectories on ``tasks`` episodes (see :func:`record_trajectories`).
 
-        ``tasks=None`` records every episode of a finite sequence (200 of an unbounded iterable).
+        ``tasks=None`` records every episode of a finite sequence (:data:`DEFAULT_TASKS` of an
+        unbounded iterable).
         """
-        eps = _episode_list("HyperFlow.record", episodes, tasks)
+        if tasks is None and hasattr(episodes, "__len__"):
+            tasks = len(episodes)
+        eps = _episode_list("HyperFlow.record", episodes, tasks, self.seed)
         self._prepare(eps[0][0])
         cfg = TrajectoryConfig(steps=trajectory_steps, metric=self.metric, scale=self.scale, **config)
         self.trajectory_config = cfg
@@ -196,14 +230,15 @@ class HyperFlow:
             val_fraction: float = 0.1, store: Optional[os.PathLike] = None,
             train_config: DriftTrainConfig = DriftTrainConfig(), progress: bool = True,
             checkpoint: Optional[os.PathLike] = None, recipe_episodes: Optional[Iterable] = None,
+            augment: Union[bool, Sequence[str], EpisodeAugmenter, None] = True, reach: float = DEFAULT_REACH,
             **trajectory_config) -> "HyperFlow":
         """Meta-train: choose the recipe, record trajectories (unless given), interpolate, regress the drift.
 
         Args:
             episodes: iterable of ``(support_x, support_y, query_x, query_y, ...)`` with labels
                 ``0..N-1``, from meta-training domains.
-            tasks: how many episodes to record; default every episode of a finite sequence, or
-                200 of an unbounded iterable (an :class:`~hyperflow_ext.data.EpisodeSampler`).
+            tasks: how many meta-training tasks to record (default :data:`DEFAULT_TASKS`). Given
+                fewer episodes (with queries), the rest are new support/query splits of them (logged).
             trajectory_steps: fine-tuning steps ``K`` per trajectory.
             interpolation: ``"linear"`` (HyperFlow-L), ``"piecewise"`` (-PL) or ``"cubic"`` (-C).
             trajectories: reuse recorded trajectories (then ``episodes`` is not needed).
@@ -216,9 +251,18 @@ class HyperFlow:
             recipe_episodes: episodes with queries (meta-training domains) on which
                 :meth:`choose_recipe` scores the learning-rate grid; default the first 20 of
                 ``episodes`` when they have queries.
+            augment: capture shifts drawn on the meta-training episodes (recipe scoring and
+                recording alike; see :mod:`~hyperflow_ext.flow.augment`): ``True`` (every shift, on
+                3 of 4 episodes), ``False``, shift names, or an :class:`EpisodeAugmenter`. Shifted
+                tasks are ones on which fine-tuning pays, so the drift learns moves worth making.
+            reach: trajectories are recorded at ``reach`` times the chosen learning rate, so the
+                recorded paths go past where the average meta-training task stops;
+                :func:`fused_adapt`'s per-task choice among horizons decides how far each task goes.
+                A user-given ``lr`` is recorded as given.
             trajectory_config: extra :class:`TrajectoryConfig` fields (``lr``, ``optimizer``, ...).
                 Without ``lr``, fine-tuning's learning rate is chosen by :meth:`choose_recipe`,
-                the way bias tuning is tuned.
+                the way bias tuning is tuned (on held-out splits of the support sets when the
+                episodes have no queries).
 
         Warns:
             RuntimeWarning: the recorded fine-tuning barely lowers its loss (the recipe is too
@@ -229,20 +273,30 @@ class HyperFlow:
         if trajectories is None:
             if episodes is None:
                 raise ValueError("HyperFlow.fit: pass episodes or trajectories")
-            eps = _episode_list("HyperFlow.fit", episodes, tasks)
+            if not (isinstance(reach, (int, float)) and math.isfinite(reach) and reach > 0):
+                raise ValueError(f"HyperFlow.fit: reach must be finite and > 0, got {reach!r}")
+            augmenter = EpisodeAugmenter.from_setting(augment, self.seed)
+            eps = _episode_list("HyperFlow.fit", episodes, tasks, self.seed)
             self._prepare(eps[0][0])
             scoring = (list(itertools.islice(recipe_episodes, RECIPE_TASKS)) if recipe_episodes is not None
                        else eps[:RECIPE_TASKS])
+            if augmenter is not None:
+                eps = augmenter(eps)
+                scoring = EpisodeAugmenter(augmenter.shifts, augmenter.probability, augmenter.seed + 1)(scoring)
             if "lr" in trajectory_config:
                 self.recipe = {"chosen_by": "user", "lr": float(trajectory_config["lr"])}
-            elif scoring and all(len(ep) >= 4 and ep[2].numel() > 0 for ep in scoring):
+            elif scoring and all(has_queries(ep) or _splittable(ep) for ep in scoring):
                 recipe = self.choose_recipe(scoring, trajectory_steps,
                                             optimizer=trajectory_config.get("optimizer", "adam"), progress=progress)
-                trajectory_config["lr"] = recipe["lr"]
+                trajectory_config["lr"] = recipe["lr"] * reach
+                self.recipe.update(reach=float(reach), recorded_lr=trajectory_config["lr"])
             else:
                 self.recipe = {"chosen_by": "default", "lr": TrajectoryConfig.lr}
-                logger.warning("HyperFlow.fit: the episodes have no queries to tune fine-tuning's learning rate "
-                               "on; using the default lr %g (pass lr= to choose it)", TrajectoryConfig.lr)
+                logger.warning("HyperFlow.fit: the episodes have neither queries nor 2 shots per class to tune "
+                               "fine-tuning's learning rate on; using the default lr %g (pass lr= to choose it)",
+                               TrajectoryConfig.lr)
+            if augmenter is not None:
+                self.recipe["augment"] = augmenter.describe()
             trajectories = self.record(eps, len(eps), trajectory_steps, store, progress, **trajectory_config)
         elif self.net is None:
             self._adopt_layout(trajectories)
@@ -264,6 +318,7 @@ class HyperFlow:
         train, val = trajectories.split(n_val) if 0 < n_val < trajectories.episodes else (trajectories, None)
         self.max_rate = fit_normalisation(self.net, train)
         self.task_radius = float(self.net.task_distance(train.z).max())
+        self.mean_delta = train.deltas[:, 0, -1].mean(dim=0).to(self.subset.vector(self.backbone).dtype)
         self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress,
                                    checkpoint=checkpoint)
         self.interpolation = interpolation
@@ -273,7 +328,8 @@ class HyperFlow:
     @torch.no_grad()
     def tune_horizon(self, episodes: Iterable, tasks: int = 40,
                      horizons: Sequence[float] = (0.125, 0.25, 0.5, 0.75, 1.0), steps: int = 50,
-                     progress: bool = True) -> Dict[str, float]:
+                     progress: bool = True,
+                     augment: Union[bool, Sequence[str], EpisodeAugmenter, None] = True) -> Dict[str, float]:
         """Choose the integration horizon by query accuracy on held-out episodes.
 
         The horizon is adaptation's step budget and is tuned like a learning rate: on episodes
@@ -285,6 +341,8 @@ class HyperFlow:
             tasks: how many episodes to score.
             horizons: candidate integration times (each > 0).
             steps: integration steps used for every candidate.
+            augment: capture shifts drawn on the episodes, as in :meth:`fit` (a horizon is then
+                chosen for tasks on which adaptation pays).
 
         Returns:
             Mean query accuracy per candidate (keys ``"h=<value>"``) and of the unadapted
@@ -294,9 +352,14 @@ class HyperFlow:
             raise ValueError("HyperFlow.tune_horizon: fit the flow first")
         if not horizons or not all(math.isfinite(h) and h > 0 for h in horizons):
             raise ValueError(f"HyperFlow.tune_horizon: horizons must be finite and > 0, got {list(horizons)}")
+        from .adapt import fused_adapt  # adapt imports this module
+
         eps = list(itertools.islice(episodes, tasks))
-        if not eps or any(len(ep) < 4 or ep[2].numel() == 0 for ep in eps):
+        if not eps or not all(has_queries(ep) for ep in eps):
             raise ValueError("HyperFlow.tune_horizon: needs episodes with query sets (EpisodeSampler(query > 0))")
+        augmenter = EpisodeAugmenter.from_setting(augment, self.seed + 2)
+        if augmenter is not None:
+            eps = augmenter(eps)
         sx, sy, qx, qy = ([ep[i] for ep in eps] for i in range(4))
 
         def accuracy(models) -> float:
@@ -307,7 +370,8 @@ class HyperFlow:
         scores = {"none": accuracy([AdaptedProtoNet(self.backbone, self.subset, theta_pre, x, y, int(y.max()) + 1,
                                                     self.metric, self.scale) for x, y in zip(sx, sy)])}
         for h in tqdm(horizons, desc="horizon", disable=not progress, unit="horizon"):
-            scores[f"h={h:g}"] = accuracy(fused_adapt(self.backbone, sx, sy, flow=self, steps=steps, horizon=h))
+            scores[f"h={h:g}"] = accuracy(fused_adapt(self.backbone, sx, sy, flow=self, steps=steps, horizon=h,
+                                                      select=False))
         best = max(horizons, key=lambda h: scores[f"h={h:g}"])
         self.horizon = float(best)
         logger.info("HyperFlow.tune_horizon: %s -> horizon %g", scores, best)
@@ -384,7 +448,10 @@ class HyperFlow:
                 "interpolation": self.interpolation, "horizon": self.horizon, "task_stats": self.task_stats,
                 "feature_dim": self.encoder.feature_dim, "layers": self.encoder.layers,
                 "layer_dims": self.encoder.layer_dims}
-        return dict(self.net.state_dict()), meta
+        tensors = dict(self.net.state_dict())
+        if self.mean_delta is not None:
+            tensors["mean_delta"] = self.mean_delta
+        return tensors, meta
 
     def save(self, path: os.PathLike) -> None:
         """Write the drift network and its configuration as one safetensors file (atomically)."""
@@ -416,6 +483,11 @@ class HyperFlow:
             raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
                              f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")
         flow.net = DriftNetwork(meta["numel"], meta["task_dim"], meta["hidden"], meta["time_dim"], meta["task_hidden"])
+        mean_delta = tensors.pop("mean_delta", None)
+        if mean_delta is not None and mean_delta.shape != (flow.subset.numel,):
+            raise ValueError(f"HyperFlow.load: {path} holds a mean displacement of shape {tuple(mean_delta.shape)}, "
+                             f"expected ({flow.subset.numel},)")
+        flow.mean_delta = mean_delta
         flow.net.load_state_dict(tensors)
         flow.net.eval()
         flow.max_rate = meta["max_rate"] if meta["max_rate"] is not None else math.inf
@@ -428,134 +500,3 @@ class HyperFlow:
     def __repr__(self) -> str:
         return (f"HyperFlow(adapted={self.subset.numel}, interpolation={self.interpolation!r}, "
                 f"metric={self.metric!r}, net={self.net.extra_repr()})")
-
-
-SupportSet = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSet, flow: HyperFlow,
-                steps: int = 50, solver: str = "euler", horizon: Optional[float] = None, backend: Optional[str] = None,
-                guard: float = 10.0, way: Optional[int] = None, ood_radius: float = 2.0
-                ) -> Union[AdaptedProtoNet, List[AdaptedProtoNet]]:
-    """Adapt ``backbone`` to a support set by integrating the learned drift — no autograd.
-
-    The drop-in replacement for a few-shot fine-tuning loop: same inputs, returns a model to call.
-    The task encoder runs once per task; integration never runs the backbone.
-
-    Args:
-        backbone: the backbone ``flow`` was trained for (left unmodified).
-        support_x: ``(shots, C, H, W)``, a stacked batch ``(tasks, shots, C, H, W)``, or a list
-            of per-task tensors (then a list of models is returned).
-        support_y: labels ``0..way-1`` matching ``support_x``.
-        flow: a fitted :class:`HyperFlow`.
-        steps: integration steps.
-        solver: ``"euler"`` (the paper), ``"heun"`` or ``"rk4"``.
-        horizon: integration time; ``1.0`` is the length of a recorded trajectory. Default:
-            ``flow.horizon`` (1.0 unless set by :meth:`HyperFlow.tune_horizon`).
-        backend: ``"auto" | "triton" | "native" | "torch"``.
-        guard: a task stops (with a warning) when a step's increment is non-finite or exceeds
-            ``guard`` times the largest drift seen in training times ``dt``; ``math.inf`` disables it.
-        way: number of classes (default: ``max(label) + 1``).
-        ood_radius: never worse than not adapting, as far as the training data can tell: a task
-            whose embedding lies farther from the training tasks than the farthest of them
-            (:meth:`DriftNetwork.task_distance`) has its update shrunk toward ``θ_0``, linearly
-            to no update at ``ood_radius`` times that distance. ``math.inf`` disables it.
-
-    Returns:
-        An :class:`AdaptedProtoNet` (batched when ``support_x`` is stacked) or a list of them.
-
-    Raises:
-        TypeError / ValueError: bad support sets (shapes, labels, empty classes, NaN, device).
-    """
-    op = "fused_adapt"
-    if not isinstance(flow, HyperFlow):
-        raise TypeError(f"{op}: flow must be a HyperFlow, got {type(flow).__name__}")
-    if flow.interpolation is None:
-        raise ValueError(f"{op}: the flow is not trained; call flow.fit(...) or HyperFlow.load(...)")
-    flow.check_backbone(op, backbone)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{op}: steps must be a positive int, got {steps!r}")
-    horizon = flow.horizon if horizon is None else horizon
-    if not (isinstance(horizon, (int, float)) and math.isfinite(horizon) and horizon > 0):
-        raise ValueError(f"{op}: horizon must be finite and > 0, got {horizon}")
-    if not (isinstance(ood_radius, (int, float)) and ood_radius > 1):
-        raise ValueError(f"{op}: ood_radius must be > 1 (math.inf disables the guard), got {ood_radius!r}")
-    if isinstance(support_x, (list, tuple)):
-        if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
-            raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
-        ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
-        z = encode_tasks(flow.encoder, support_x, support_y, ways)  # same-shaped tasks in one batch
-        thetas = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard, ood_radius)
-        return [AdaptedProtoNet(backbone, flow.subset, th, sx, sy, w, flow.metric, flow.scale)
-                for th, sx, sy, w in zip(thetas, support_x, support_y, ways)]
-    way, batched = check_support(op, backbone, support_x, support_y, way)
-    z = flow.encoder(support_x, support_y, way)
-    theta = _integrate(backbone, flow, z, steps, solver, horizon, backend, guard, ood_radius)
-    return AdaptedProtoNet(backbone, flow.subset, theta if batched else theta[0], support_x, support_y, way,
-                           flow.metric, flow.scale)
-
-
-def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow: HyperFlow,
-              steps: int = 50, solver: str = "euler", horizon: Optional[float] = None,
-              ood_radius: float = 2.0) -> torch.Tensor:
-    """Every state of :func:`fused_adapt`'s integration, for plots and analysis (torch reference).
-
-    Shape:
-        - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
-        - Returns: ``(tasks, steps + 1, P)`` adapted parameter vectors, ``θ_0`` first.
-    """
-    way, _ = check_support("flow_path", backbone, support_x, support_y, None)
-    horizon = flow.horizon if horizon is None else horizon
-    z = flow.encoder(support_x, support_y, way)
-    with torch.inference_mode():
-        theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
-        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=task_bias.dtype, device=task_bias.device)
-        _, _, states = drift_integrate_reference(w, delta0, task_bias, table, dt, solver, return_path=True)
-        trust = _trust(flow, z, ood_radius).to(task_bias)
-        return theta_pre + (trust[:, None, None] * torch.stack(states, dim=1)).to(theta_pre.dtype)
-
-
-def _trust(flow: HyperFlow, z: torch.Tensor, ood_radius: float) -> torch.Tensor:
-    """``(tasks,)`` factors in ``[0, 1]`` for the update: 1 inside the training tasks' range, falling
-    linearly to 0 at ``ood_radius`` times the farthest training task's distance."""
-    if not (math.isfinite(ood_radius) and math.isfinite(flow.task_radius)):
-        return torch.ones(z.shape[0], dtype=torch.float64)
-    radius = flow.task_radius
-    d = flow.net.task_distance(z.to(flow.net.task_mean.device)).double().cpu()
-    return ((ood_radius * radius - d) / ((ood_radius - 1) * radius)).clamp(0.0, 1.0)
-
-
-def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str,
-                        horizon: float):
-    """``(θ_pre, packed weights, task term, time table, dt)`` in the backbone's float dtype."""
-    theta_pre = flow.subset.vector(backbone)
-    dtype, device = theta_pre.dtype, theta_pre.device
-    if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32
-    net = flow.net_on(device)
-    task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
-    table = flow.time_table(steps, horizon, solver, dtype, device)
-    return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
-
-
-def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
-               backend: Optional[str], guard: float, ood_radius: float) -> torch.Tensor:
-    with torch.inference_mode():
-        theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
-        dtype = task_bias.dtype
-        limit = guard * flow.max_rate * dt if math.isfinite(guard) else math.inf
-        delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=task_bias.device)
-        delta, done = drift_integrate(w, delta0, task_bias, table, dt, solver, limit if limit > 0 else math.inf,
-                                      backend)
-        stopped = (done < steps).nonzero().flatten()
-        if stopped.numel():
-            warnings.warn(f"fused_adapt: the divergence guard stopped {stopped.numel()} task(s) early "
-                          f"(first: task {int(stopped[0])} after {int(done[stopped[0]])} of {steps} steps); "
-                          f"their last good state is returned", RuntimeWarning, stacklevel=3)
-        trust = _trust(flow, z, ood_radius)
-        if bool((trust < 1).any()):
-            logger.debug("fused_adapt: %d of %d task(s) lie outside the training tasks' range; their updates are "
-                        "shrunk toward the pretrained parameters (min factor %.2f)", int((trust < 1).sum()),
-                        trust.numel(), float(trust.min()))
-            delta = delta * trust.to(delta)[:, None]
-        return (theta_pre.to(dtype) + delta).to(theta_pre.dtype)
