@@ -17,9 +17,10 @@ def test_cpu_extension_loaded():
     assert info["native_cpu"] and info["openmp_threads"] >= 1
 
 
+@pytest.mark.cuda_build
 def test_cuda_module_imports_without_gpu():
-    # nvcc is present wherever CI runs, so the CUDA module must be built and importable even
-    # though there is no GPU or driver on the machine.
+    # CI sets HYPERFLOW_REQUIRE_CUDA_BUILD=1 (nvcc is present there), so the CUDA module must be
+    # built and importable even though there is no GPU or driver on the machine.
     assert native.cuda_built(), native.diagnostics()
     mod = native.cuda_module()
     assert "cuda runtime" in mod.build_info()
@@ -31,7 +32,8 @@ def test_import_works_in_a_fresh_interpreter_without_gpu(tmp_path):
     code = "import hyperflow_ext as hf; print(hf.__version__, hf.native.available(), hf.native.cuda_built())"
     # cwd outside the checkout: `python -c` puts the cwd first on sys.path
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert res.stdout.split() == [hf.__version__, "True", "True"]
+    # the CUDA module loads here exactly when it does in this process (required by the test above in CI)
+    assert res.stdout.split() == [hf.__version__, "True", str(native.cuda_built())]
     assert res.stderr == ""
 
 
