@@ -231,7 +231,7 @@ def test_readme_python_examples_run(monkeypatch, tmp_path, one_thread):
 @pytest.mark.parametrize("old, new, error", [
     ("hf.models.load_pretrained(", "hf.models.load_pretrained_backbone(", "load_pretrained_backbone"),  # renamed
     ("hf.data.episodes(meta, way=5", "hf.data.episodes(meta, ways=5", "'ways'"),              # renamed keyword
-    ("trajectory_steps=50", "trajectory_step=50", "'trajectory_step'"),                      # keyword fit lacks
+    ("tasks=200", "task=200", "'task'"),                                                      # keyword fit lacks
     ('load_pretrained("conv4-glyphs")', 'load_pretrained("conv5-glyphs")', "conv5-glyphs"),  # a name not there
 ])
 def test_a_broken_example_fails(old, new, error, monkeypatch, tmp_path, one_thread):
@@ -296,7 +296,7 @@ def test_readme_api_names_resolve(tmp_path):
 
 
 def test_subpackage_all_lists_resolve():
-    for module in (hf, hf.data, hf.flow, hf.models, hf.prune, hf.sparse):
+    for module in (hf, hf.data, hf.flow, hf.models, hf.prune, hf.sparse, hf.testing):
         missing = [name for name in module.__all__ if not hasattr(module, name)]
         assert not missing, f"{module.__name__}.__all__ names missing attributes: {missing}"
         assert len(set(module.__all__)) == len(module.__all__), f"{module.__name__}.__all__ has duplicates"
