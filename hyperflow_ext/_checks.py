@@ -5,6 +5,7 @@ checked here first. Messages name the operation and argument, expected vs actual
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
@@ -137,3 +138,17 @@ def check_no_overlap(op: str, name: str, out: torch.Tensor, allow_same: Iterable
             same = " (it is the same tensor)" if t is out else ""
             raise ValueError(f"{op}: {name} overlaps the memory of {other}{same}; pass an output that shares "
                              f"no memory with the inputs")
+
+
+def check_int(op: str, name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` as an ``int`` if it is an integer (a Python or NumPy int, not ``bool``) ``>= minimum``.
+
+    Raises:
+        TypeError: ``value`` is not an integer.
+        ValueError: ``value < minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return int(value)

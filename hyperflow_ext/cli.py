@@ -110,7 +110,7 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
 
     from . import cache_dir, distributed
     from .data import fewshot_benchmark
-    from .demo import _held_out_episodes, _mixed_episodes
+    from .demo import held_out_episodes, mixed_episodes
     from .flow import DriftTrainConfig, HyperFlow
 
     out = Path(args.out or "drift.safetensors")
@@ -120,13 +120,13 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
         meta = fewshot_benchmark(args.cache_dir, progress=_progress(args)).meta
     flow = HyperFlow(backbone, params=args.params, seed=args.seed)
     query = 5 if args.objective == "query" else 0
-    flow.fit(_mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,
+    flow.fit(mixed_episodes(meta, args.seed, [1, 5], query), tasks=args.tasks, trajectory_steps=args.steps,
              interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
              train_config=DriftTrainConfig(iters=args.iters), progress=_progress(args),
              perturbations=args.perturbations, objective=args.objective, checkpoint=checkpoint,
-             recipe_episodes=_held_out_episodes(meta, args.seed), **({} if args.lr is None else {"lr": args.lr}))
+             recipe_episodes=held_out_episodes(meta, args.seed), **({} if args.lr is None else {"lr": args.lr}))
     if args.horizon_tasks > 0:
-        flow.tune_horizon(_held_out_episodes(meta, args.seed), args.horizon_tasks, progress=_progress(args))
+        flow.tune_horizon(held_out_episodes(meta, args.seed), args.horizon_tasks, progress=_progress(args))
     if not distributed.is_main():  # every rank holds the same flow; rank 0 writes it
         return 0
     flow.save(out)
@@ -186,14 +186,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from . import distributed
     from ._io import save_tensors
     from .prune import Pruner
-    from .prune.experiment import QUICK, DEFAULTS, _setup, evaluate
+    from .prune._loop import evaluate
+    from .prune.experiment import DEFAULTS, QUICK, dense_digits_setup
 
     if not 0.0 <= args.target < 1.0:
         raise CLIError(f"--target must lie in [0, 1), got {args.target}")
     out = Path(args.out or "pruned.safetensors")
     checkpoint = Path(args.checkpoint) if args.checkpoint else out.with_suffix(".ckpt" + (out.suffix or ".safetensors"))
     cfg = dict(QUICK if args.quick else DEFAULTS)
-    train, test, model = _setup(args.seed, cfg)  # the same dense model on every rank (seeded)
+    train, test, model = dense_digits_setup(args.seed, cfg)  # the same dense model on every rank (seeded)
     dense_acc = evaluate(model, test)
     pruner = Pruner(model, target_sparsity=args.target)
     pruner.fit(train, epochs=args.epochs or cfg["epochs"], regrowth_epochs=cfg["regrowth_epochs"],
@@ -211,15 +212,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import copy
-    import statistics
     from pathlib import Path
 
     import torch
 
     from ._io import load_tensors
-    from .measure import interleaved_times
     from .prune.experiment import DigitsCNN, digits_split
+    from .prune.pays import end_to_end_speed
     from .sparse import format_report, save, sparsify
 
     path = Path(args.model or "pruned.safetensors")
@@ -233,18 +232,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     # BN folded, ReLU fused, each layer timed on the test batch and kept dense where that is faster
     sparse_model, report = sparsify(model, test_x)
     print(format_report(report))
-    dense_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x_cl = test_x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         agree = float((sparse_model(test_x).argmax(-1) == model(test_x).argmax(-1)).float().mean())
-        times, _ = interleaved_times([lambda: sparse_model(test_x), lambda: model(test_x), lambda: dense_cl(x_cl)],
-                                     budget_s=2.0, min_rounds=9)
-    t_sparse, t_dense, t_cl = (statistics.median(t) for t in times)
-    best = min(t_dense, t_cl)
+    speed = end_to_end_speed(model, sparse_model, test_x, budget_s=2.0)
+    best = min(speed["dense_ms"], speed["dense_cl_ms"])
+    layout = "channels-last" if speed["dense_cl_ms"] < speed["dense_ms"] else "default layout"
     print(f"exported {meta.get('sparsity', float('nan')) * 100:.2f}%-sparse model: argmax agreement "
-          f"{100 * agree:.2f}%, CPU inference end to end {1e3 * t_sparse:.2f} ms sparse vs {1e3 * best:.2f} ms dense "
-          f"({'channels-last' if t_cl < t_dense else 'default layout'}, the faster): {best / t_sparse:.2f}x "
-          f"(batch {test_x.shape[0]}, medians of interleaved rounds)")
+          f"{100 * agree:.2f}%, CPU inference end to end {speed['sparse_ms']:.2f} ms sparse vs {best:.2f} ms dense "
+          f"({layout}, the faster): {speed['speedup']:.2f}x (batch {test_x.shape[0]}, medians of interleaved rounds)")
     if args.out:
         save(sparse_model, args.out, metadata={"task": "digits-cnn", "sparsity": meta.get("sparsity")})
         print(f"wrote {args.out} (load with hyperflow_ext.sparse.load(path, DigitsCNN))")

@@ -29,7 +29,7 @@ from .flow.evaluate import FewShotResult, evaluate_few_shot, summarise
 from .flow.functional import features_with, finetune, support_loss
 from .models import load_pretrained
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "run_demo", "mixed_episodes", "held_out_episodes"]
 
 logger = logging.getLogger("hyperflow.demo")
 
@@ -90,14 +90,15 @@ class _Stages:
         return out
 
 
-def _mixed_episodes(domains, seed: int, shots: List[int], query: int = 0):
+def mixed_episodes(domains, seed: int, shots: List[int], query: int = 0):
+    """Endless 5-way episodes of ``domains``, alternating the shot counts of ``shots`` (trajectory recording)."""
     samplers = [EpisodeSampler(domains, way=5, shot=s, query=query, seed=seed + s).episodes() for s in shots]
     while True:
         for it in samplers:
             yield next(it)
 
 
-def _held_out_episodes(domains, seed: int):
+def held_out_episodes(domains, seed: int):
     """5-way 5-shot episodes with 15 queries, seeded apart from the trajectory episodes (horizon search)."""
     return EpisodeSampler(domains, way=5, shot=5, query=15, seed=seed + 99).episodes()
 
@@ -114,7 +115,7 @@ def _tuned_lrs(backbone, meta, cfg: DemoConfig, progress: bool) -> Dict[str, dic
         if fixed is not None:
             out[key] = {"lr": fixed, "chosen_by": "config"}
             continue
-        choice = tune_lr(backbone, _held_out_episodes(meta, cfg.seed), params, grid, cfg.lr_tasks, cfg.adapt_steps,
+        choice = tune_lr(backbone, held_out_episodes(meta, cfg.seed), params, grid, cfg.lr_tasks, cfg.adapt_steps,
                          progress=progress)
         out[key] = {"chosen_by": "tune_lr", **choice.as_dict()}
     return out
@@ -199,7 +200,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     recorder = HyperFlow(backbone, params="bias", seed=cfg.seed)
     store = resolve_cache_dir(cache_dir) / "trajectories"
     trajs = st.run("trajectories", lambda: recorder.record(
-        _mixed_episodes(meta, cfg.seed, cfg.traj_shots, cfg.traj_query), tasks=cfg.traj_tasks,
+        mixed_episodes(meta, cfg.seed, cfg.traj_shots, cfg.traj_query), tasks=cfg.traj_tasks,
         trajectory_steps=cfg.traj_steps, store=store, progress=progress, lr=bias_lr,
         perturbations=cfg.perturbations, objective=cfg.traj_objective),
         lambda t: f"{t.episodes} tasks x {t.runs} runs x {cfg.traj_steps} steps, {recorder.subset.numel} biases")
@@ -210,7 +211,7 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
             flow = HyperFlow(backbone, params="bias", seed=cfg.seed).fit(
                 trajectories=trajs, interpolation=interp, progress=progress,
                 train_config=DriftTrainConfig(iters=cfg.drift_iters))
-            horizon_scores[label] = flow.tune_horizon(_held_out_episodes(meta, cfg.seed), cfg.horizon_tasks,
+            horizon_scores[label] = flow.tune_horizon(held_out_episodes(meta, cfg.seed), cfg.horizon_tasks,
                                                       cfg.horizons, cfg.adapt_steps, progress=False)
             return flow
         flows[label] = st.run(f"drift {label}", meta_train,

@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 from ._io import atomic_path
 
-__all__ = ["write_report", "PLOTS"]
+__all__ = ["write_report", "sparsity_pays_section", "PLOTS"]
 
 PLOTS = ("fewshot_accuracy.png", "loss_vs_step.png", "power_law.png", "accuracy_vs_sparsity.png",
          "kernel_speedup.png")
@@ -122,7 +122,7 @@ def _md_table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def _pays_section(p) -> str:
+def sparsity_pays_section(p) -> str:
     """The 'sparsity pays' subsection: the wider CNN's accuracy and its export's end-to-end speed."""
     if not p:
         return "(the sparsity-pays stage was not run)"
@@ -173,7 +173,7 @@ def write_report(out: Path, data: Dict[str, Any]) -> Path:
                        f"{r['torch_sparse_ms']:.3f}", f"{r['vs_dense']:.2f}x", f"{r['vs_torch_sparse']:.2f}x"]
                       for r in data["kernels"]])
     speed = pr.get("speed") or {}
-    pays = _pays_section(data.get("sparsity_pays"))
+    pays = sparsity_pays_section(data.get("sparsity_pays"))
     hz = data.get("horizons", {})
     horizons = _md_table(["method", "chosen horizon"] + [k for k in next(iter(hz.values()), {}).get("meta_val_accuracy", {})],
                          [[label, f"{h['chosen']:g}"] + [f"{100 * v:.2f}" for v in h["meta_val_accuracy"].values()]

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from hyperflow_ext.data import (
-    FEWSHOT_META, FEWSHOT_TARGETS, HELD_OUT_FAMILIES, HELD_OUT_SCRIPTS, HELD_OUT_SHIFTS, META_SHIFTS, SHIFTS,
-    SOURCE_SCRIPTS, STROKE_FAMILIES, STROKE_INSTANCES, ImageDataset, add_noise, apply_shift, blur, contrast,
-    domain_families, draw_strokes, families, fewshot_benchmark, flip, invert, leave_one_out, low_resolution, rescan, rotate,
-    stroke_cache_path, stroke_domains,
+    ImageDataset, add_noise, apply_shift, blur, contrast, domain_families, draw_strokes, families, fewshot_benchmark,
+    flip, invert, leave_one_out, low_resolution, rescan, rotate, stroke_domains,
 )
+from hyperflow_ext.data.benchmark import SOURCE_SCRIPTS
+from hyperflow_ext.data.fewshot import (FEWSHOT_META, FEWSHOT_TARGETS, HELD_OUT_FAMILIES, HELD_OUT_SCRIPTS,
+                                        HELD_OUT_SHIFTS, META_SHIFTS, STROKE_INSTANCES)
+from hyperflow_ext.data.shifts import SHIFTS
+from hyperflow_ext.data.strokes import STROKE_FAMILIES, stroke_cache_path
 from hyperflow_ext.data import strokes as strokes_module
 
 SIZE = 12        # small images and few instances keep the drawing short

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from hyperflow_ext.data import (
-    META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS, Episode, EpisodeSampler, ImageDataset, benchmark_domains,
-    episodes, glyph_cache_path, glyph_domains, load_digits, load_folder, render_glyphs, usable_fonts,
+    Episode, EpisodeSampler, ImageDataset, benchmark_domains, episodes, glyph_domains, load_digits, load_folder,
+    render_glyphs, usable_fonts,
 )
+from hyperflow_ext.data.benchmark import META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS
+from hyperflow_ext.data.glyphs import glyph_cache_path
 from hyperflow_ext.data import glyphs as glyphs_module
 
 GLYPH_SIZE = 16  # small images keep the session render short; script and font coverage are the same
@@ -418,7 +420,7 @@ def test_meta_scans_are_cached_beside_the_glyphs_and_rebuilt_when_stale(tmp_path
     glyphs = {name: ImageDataset(torch.rand(4, 1, 16, 16, generator=g), torch.tensor([0, 0, 1, 1]), ["a", "b"], name)
               for name in META_SCRIPTS}
     glyph_file = tmp_path / "glyphs-abc.safetensors"
-    scans = bench._meta_scans(glyphs, glyph_file)
+    scans = bench.meta_scans(glyphs, glyph_file)
     for name in META_SCRIPTS:
         torch.testing.assert_close(scans[name], coarse_scan(glyphs[name].images, bench.META_SCAN_SIDE))
     cached = list(tmp_path.glob("glyphs-abc-scans*.safetensors"))
@@ -428,16 +430,16 @@ def test_meta_scans_are_cached_beside_the_glyphs_and_rebuilt_when_stale(tmp_path
         raise AssertionError("rescanned although the cache matches")
 
     monkeypatch.setattr(bench, "coarse_scan", no_scan)
-    again = bench._meta_scans(glyphs, glyph_file)
+    again = bench.meta_scans(glyphs, glyph_file)
     assert all(torch.equal(again[n], scans[n]) for n in META_SCRIPTS)
 
     monkeypatch.setattr(bench, "coarse_scan", coarse_scan)
     more = {name: ImageDataset(torch.cat([ds.images, ds.images[:2]]), torch.tensor([0, 0, 1, 1, 0, 0]), ["a", "b"],
                                name) for name, ds in glyphs.items()}
-    rebuilt = bench._meta_scans(more, glyph_file)  # the cached scans are of 4 images, not 6: rescanned
+    rebuilt = bench.meta_scans(more, glyph_file)  # the cached scans are of 4 images, not 6: rescanned
     assert all(rebuilt[n].shape[0] == 6 for n in META_SCRIPTS)
     cached[0].write_bytes(b"not a safetensors file")
-    assert all(torch.equal(bench._meta_scans(more, glyph_file)[n], rebuilt[n]) for n in META_SCRIPTS)
+    assert all(torch.equal(bench.meta_scans(more, glyph_file)[n], rebuilt[n]) for n in META_SCRIPTS)
 
 
 def test_low_resolution_rejects_bad_arguments():

@@ -54,7 +54,7 @@ def test_gradual_pruning_rejects_bad_arguments():
 
 
 def test_pruning_experiment_reports_gradual_magnitude_beside_the_other_methods():
-    from hyperflow_ext.prune import run_pruning_experiment
+    from hyperflow_ext.prune.experiment import run_pruning_experiment
 
     out = run_pruning_experiment(sparsities=(0.9,), quick=True, progress=False, speed_at=None)
     (row,) = out["rows"]

@@ -4,7 +4,7 @@ import torch
 
 from hyperflow_ext import native
 from hyperflow_ext.prune.pays import end_to_end_speed, run_sparsity_pays
-from hyperflow_ext.report import _pays_section
+from hyperflow_ext.report import sparsity_pays_section
 
 TINY = {"channels": (4, 8, 8), "hidden": 8, "pretrain_epochs": 1, "epochs": 1, "regrowth_epochs": 1}
 
@@ -21,7 +21,7 @@ def test_sparsity_pays_prunes_exports_and_times_each_batch():
         assert r["speedup"] == pytest.approx(min(r["dense_ms"], r["dense_cl_ms"]) / r["sparse_ms"])
         assert isinstance(r["dense_layers"], list)
     assert out["config"]["channels"] == (4, 8, 8) and out["config"]["target"] == 0.9
-    text = _pays_section(out)
+    text = sparsity_pays_section(out)
     assert "Where sparsity pays" in text and "4/8/8 channels" in text and text.count("\n| ") >= 3
 
 
@@ -39,4 +39,4 @@ def test_sparsity_pays_rejects_bad_arguments():
         run_sparsity_pays(0.9, overrides={"width": 3})
     with pytest.raises(ValueError, match="batch sizes must lie in"):
         run_sparsity_pays(0.9, quick=True, progress=False, batches=(0,), overrides=TINY)
-    assert _pays_section(None).startswith("(the sparsity-pays stage")
+    assert sparsity_pays_section(None).startswith("(the sparsity-pays stage")

@@ -25,7 +25,8 @@ import torch
 
 import hyperflow_ext as hf
 from hyperflow_ext.cli import build_parser, main
-from hyperflow_ext.data import META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS, BenchmarkSplit, ImageDataset
+from hyperflow_ext.data import BenchmarkSplit, ImageDataset
+from hyperflow_ext.data.benchmark import META_SCRIPTS, SOURCE_SCRIPTS, TARGET_SCRIPTS
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, TrajectoryConfig
 from hyperflow_ext.prune._loop import TensorLoader
 from hyperflow_ext.prune.experiment import DigitsCNN

@@ -76,12 +76,12 @@ def benchmark_domains(cache_dir: Optional[os.PathLike] = None, progress: bool = 
     target = {name: glyphs[name] for name in TARGET_SCRIPTS}
     target["digits"] = load_digits(image_size)
     meta = {name: glyphs[name] for name in META_SCRIPTS}
-    scans = _meta_scans(glyphs, glyph_cache_path(**render))  # the scans live beside these very renders
+    scans = meta_scans(glyphs, glyph_cache_path(**render))  # the scans live beside these very renders
     meta.update({f"{name}@{META_SCAN_SIDE}px": from_scans(glyphs[name], scans[name]) for name in META_SCRIPTS})
     return BenchmarkSplit(source={name: glyphs[name] for name in SOURCE_SCRIPTS}, meta=meta, target=target)
 
 
-def _meta_scans(glyphs: Dict[str, ImageDataset], glyph_file: Path) -> Dict[str, torch.Tensor]:
+def meta_scans(glyphs: Dict[str, ImageDataset], glyph_file: Path) -> Dict[str, torch.Tensor]:
     """Coarse scans of the meta-training scripts, cached beside the glyph renders they come from.
 
     Scanning fits every glyph into its own bitmap (about 2 s for the benchmark); the cached 8x8

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_int
+from .._checks import check_int
 from .dataset import ImageDataset
 
 __all__ = ["load_digits"]

@@ -6,7 +6,7 @@ from typing import Dict, Iterator, Mapping, NamedTuple, Optional, Sequence, Tupl
 
 import torch
 
-from ._checks import check_int
+from .._checks import check_int
 from .dataset import ImageDataset
 
 __all__ = ["Episode", "EpisodeSampler", "episodes"]

@@ -26,7 +26,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 from .benchmark import (BENCHMARK_AUGMENTATIONS, META_SCAN_SIDE, META_SCRIPTS, SOURCE_SCRIPTS, BenchmarkSplit,
-                        _meta_scans)
+                        meta_scans)
 from .dataset import ImageDataset
 from .digits import load_digits
 from .glyphs import glyph_cache_path, glyph_domains
@@ -92,7 +92,7 @@ def fewshot_benchmark(cache_dir: Optional[os.PathLike] = None, progress: bool = 
     strokes = stroke_domains(None, image_size=image_size, instances=STROKE_INSTANCES, seed=0,
                              cache_dir=cache_dir, progress=progress)
     base: Dict[str, ImageDataset] = {**glyphs, **strokes}
-    scans = _meta_scans(glyphs, glyph_cache_path(**render))
+    scans = meta_scans(glyphs, glyph_cache_path(**render))
     meta = {name: glyphs[name] for name in META_SCRIPTS}
     meta.update({f"{s}@{META_SCAN_SIDE}px": from_scans(glyphs[s], scans[s]) for s in META_SCRIPTS})
     meta.update({STROKE_PREFIX + f: strokes[STROKE_PREFIX + f] for f in META_STROKES})

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._checks import check_int
+from .._checks import check_int
 from .dataset import ImageDataset
 
 __all__ = ["IMAGE_SUFFIXES", "load_folder", "load_images"]

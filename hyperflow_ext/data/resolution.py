@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_int
+from .._checks import check_int
 from .dataset import ImageDataset
 
 __all__ = ["low_resolution", "coarse_scan", "from_scans"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_int
+from .._checks import check_int
 from ._store import domain_cache_file, load_domains, save_domains, to_float
 from .dataset import ImageDataset
 

@@ -1,20 +1,14 @@
-"""Small input checks shared by the model modules (messages name the function and argument)."""
+"""Small input checks shared by the model modules (messages name the function and argument).
+
+Integers are checked by :func:`hyperflow_ext._checks.check_int`, shared with the data loaders.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
 
-__all__ = ["check_int", "check_tensor", "check_image_batch"]
-
-
-def check_int(fn: str, arg: str, value: Any, minimum: int = 1) -> int:
-    """Return ``value`` if it is an ``int`` (not ``bool``) ``>= minimum``; raise otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{fn}: {arg} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{fn}: {arg} must be >= {minimum}, got {value}")
-    return value
+__all__ = ["check_tensor", "check_image_batch"]
 
 
 def check_tensor(fn: str, arg: str, value: Any) -> torch.Tensor:

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_image_batch, check_int
 from .. import native
-from .._checks import FLOAT_CODES
+from .._checks import FLOAT_CODES, check_int
+from ._checks import check_image_batch
 from .norm import launch_group_norm_
 
 __all__ = ["Conv4", "ResNet8", "NORMS"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._io import cache_dir as _cache_dir
 from .._io import load_tensors, save_tensors
-from ._checks import check_int
+from .._checks import check_int
 from .pretraining import merge_datasets, pretrain
 from .registry import BACKBONES, available_backbones, build_backbone
 

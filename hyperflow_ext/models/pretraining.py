@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_int, check_tensor
+from .._checks import check_int
+from ._checks import check_tensor
 
 __all__ = ["pretrain", "random_shift", "merge_datasets", "CosineHead", "HEADS"]
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_int, check_tensor
+from .._checks import check_int
+from ._checks import check_tensor
 
 __all__ = ["METRICS", "prototypes", "proto_logits", "ProtoNet"]
 

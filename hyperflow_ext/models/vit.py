@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_image_batch, check_int
+from .._checks import check_int
+from ._checks import check_image_batch
 
 __all__ = ["TinyViT", "Attention", "TransformerBlock"]
 

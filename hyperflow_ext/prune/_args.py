@@ -7,11 +7,14 @@ from typing import Any, Callable, Iterable, List, Optional, Type, Union
 
 from torch import nn
 
+__all__ = ["Rule", "finite_number", "as_rules", "matches", "unsupported_reason"]
+
 Rule = Union[str, Type[nn.Module], Callable[[str, nn.Module], bool]]
 
 
-def _finite_number(op: str, name: str, value: Any, *, minimum: Optional[float] = None,
-                   positive: bool = False) -> float:
+def finite_number(op: str, name: str, value: Any, *, minimum: Optional[float] = None,
+                  positive: bool = False) -> float:
+    """``value`` as a finite ``float`` (``> 0`` with ``positive``, ``>= minimum`` if given); raise otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -24,15 +27,8 @@ def _finite_number(op: str, name: str, value: Any, *, minimum: Optional[float] =
     return value
 
 
-def _count(op: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
-    return value
-
-
-def _as_rules(op: str, name: str, rules: Union[None, Rule, Iterable[Rule]]) -> Optional[List[Rule]]:
+def as_rules(op: str, name: str, rules: Union[None, Rule, Iterable[Rule]]) -> Optional[List[Rule]]:
+    """``include=`` / ``exclude=`` as a list of rules (``None`` stays ``None``); ``TypeError`` for a bad entry."""
     if rules is None:
         return None
     if isinstance(rules, (str, type)) or (callable(rules) and not isinstance(rules, (list, tuple, set))):
@@ -45,7 +41,8 @@ def _as_rules(op: str, name: str, rules: Union[None, Rule, Iterable[Rule]]) -> O
     return out
 
 
-def _matches(name: str, module: nn.Module, rules: List[Rule]) -> bool:
+def matches(name: str, module: nn.Module, rules: List[Rule]) -> bool:
+    """True when any rule selects the module: its name (or a parent's, or a glob), its type, or a callable."""
     for r in rules:
         if isinstance(r, str):
             if name == r or name.startswith(r + ".") or fnmatch.fnmatchcase(name, r):
@@ -58,7 +55,7 @@ def _matches(name: str, module: nn.Module, rules: List[Rule]) -> bool:
     return False
 
 
-def _supported(module: nn.Module) -> Optional[str]:
+def unsupported_reason(module: nn.Module) -> Optional[str]:
     """``None`` if ``module`` can be wrapped, else the reason it cannot."""
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
         return "an attention output projection (its weight is read directly, not through forward)"

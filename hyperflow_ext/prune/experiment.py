@@ -52,8 +52,8 @@ from .magnitude import magnitude_prune
 from .power_law import fit_power_law
 from .pruner import Pruner
 
-__all__ = ["DigitsCNN", "digits_split", "train_dense", "run_pruning_experiment", "run_power_law_study",
-           "DEFAULTS", "QUICK"]
+__all__ = ["DigitsCNN", "digits_split", "train_dense", "dense_digits_setup", "export_agreement",
+           "run_pruning_experiment", "run_power_law_study", "DEFAULTS", "QUICK"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,17 @@ def train_dense(model: nn.Module, loader: TensorLoader, epochs: int, lr: float =
     return model
 
 
-def _setup(seed: int, cfg: Dict[str, Any]):
+def dense_digits_setup(seed: int, cfg: Dict[str, Any]) -> Tuple[TensorLoader, TensorLoader, nn.Module]:
+    """The pruning experiments' starting point: seeded digits loaders and a dense model trained on them.
+
+    Args:
+        seed: seeds the split, the shuffling, the initialisation and the training.
+        cfg: :data:`DEFAULTS`, :data:`QUICK` or a copy with changes (``batch_size``, ``channels``,
+            ``hidden``, ``pretrain_epochs``, ``lr`` are read).
+
+    Returns:
+        ``(train_loader, test_loader, dense_model)``: the same dense :class:`DigitsCNN` for the same seed.
+    """
     torch.manual_seed(seed)
     train_x, train_y, test_x, test_y = digits_split(seed)
     train = TensorLoader(train_x, train_y, cfg["batch_size"], shuffle=True, seed=seed)
@@ -147,7 +157,8 @@ def _config(quick: bool, overrides: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def _agreement(masked: nn.Module, exported: nn.Module, loader: TensorLoader) -> Tuple[float, float]:
+def export_agreement(masked: nn.Module, exported: nn.Module, loader: TensorLoader) -> Tuple[float, float]:
+    """``(argmax agreement, largest absolute logit difference)`` of an export and its masked model on ``loader``."""
     with torch.inference_mode():
         a, b = predict(masked, loader), predict(exported, loader)
     return float((a.argmax(1) == b.argmax(1)).float().mean()), float((a - b).abs().max())
@@ -202,7 +213,7 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
     cfg = _config(quick, {"epochs": epochs, "regrowth_epochs": regrowth_epochs, "pretrain_epochs": pretrain_epochs,
                           "score_lr": score_lr, "lr": lr, "overrides": overrides})
     t0 = time.perf_counter()
-    train, test, dense = _setup(seed, cfg)
+    train, test, dense = dense_digits_setup(seed, cfg)
     out: Dict[str, Any] = {"config": dict(cfg, seed=seed, magnitude_rounds=magnitude_rounds, gradual=bool(gradual), task="digits 8x8",
                                           prunable_weights=sum(m.weight.numel() for m in dense.modules()
                                                                if isinstance(m, (nn.Linear, nn.Conv2d)))),
@@ -217,7 +228,7 @@ def run_pruning_experiment(sparsities: Sequence[float] = (0.9, 0.95, 0.98, 0.99)
                              progress=progress)
         hf_sparsity = pruner.sparsity()
         exported = pruner.export()
-        agreement, max_diff = _agreement(model, exported, test)
+        agreement, max_diff = export_agreement(model, exported, test)
         hf = {"acc": evaluate(model, test), "sparsity": hf_sparsity.pop("overall"), "agreement": agreement,
               "max_abs_diff": max_diff, "layer_sparsity": hf_sparsity,
               "sparsity_before_landing": pruner.landings[-1]["density_before"] if pruner.landings else None,
@@ -270,7 +281,7 @@ def run_power_law_study(gammas: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.
     cfg = _config(quick, {"power_law_epochs": epochs, "score_lr": score_lr, "lr": lr,
                           "pretrain_epochs": pretrain_epochs, "overrides": overrides})
     t0 = time.perf_counter()
-    train, _, dense = _setup(seed, cfg)
+    train, _, dense = dense_digits_setup(seed, cfg)
 
     def density_at(gamma: float) -> float:
         torch.manual_seed(seed + 1)

@@ -25,7 +25,7 @@ import torch
 
 from ..measure import interleaved_times
 from ._loop import evaluate
-from .experiment import DEFAULTS, QUICK, _agreement, _setup
+from .experiment import DEFAULTS, QUICK, dense_digits_setup, export_agreement
 from .pruner import Pruner
 
 __all__ = ["run_sparsity_pays", "end_to_end_speed", "PAYS_DEFAULTS", "PAYS_QUICK"]
@@ -92,7 +92,7 @@ def run_sparsity_pays(sparsity: float = 0.98, seed: int = 0, quick: bool = False
         if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= test_size:
             raise ValueError(f"run_sparsity_pays: batch sizes must lie in [1, {test_size}], got {b!r}")
     t0 = time.perf_counter()
-    train, test, dense = _setup(seed, cfg)
+    train, test, dense = dense_digits_setup(seed, cfg)
     dense.eval()
     torch.manual_seed(seed + 1)
     model = copy.deepcopy(dense)
@@ -106,7 +106,7 @@ def run_sparsity_pays(sparsity: float = 0.98, seed: int = 0, quick: bool = False
         x = test.x[:b].contiguous()
         exported = pruner.export(example_input=x)
         if i == 0:
-            out["agreement"], out["max_abs_diff"] = _agreement(model, exported, test)
+            out["agreement"], out["max_abs_diff"] = export_agreement(model, exported, test)
         row = end_to_end_speed(dense, exported, x, budget_s)
         row["dense_layers"] = [r["name"] for r in pruner.export_report if r["kind"] == "dense"]
         out["speed"].append(row)

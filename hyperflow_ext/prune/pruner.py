@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..sparse import sparsify
-from ._args import Rule, _as_rules, _count, _finite_number, _matches, _supported
+from .._checks import check_int
+from ._args import Rule, as_rules, finite_number, matches, unsupported_reason
 from ._loop import cosine_lr, evaluate, train_epoch
 from .flow_ops import flow_step
 from .functional import STE_SCALE
@@ -134,25 +135,25 @@ class Pruner:
             raise ValueError(f"{op}: give exactly one of target_sparsity (scheduled pressure) or pressure "
                              f"(constant γ), got target_sparsity={target_sparsity!r}, pressure={pressure!r}")
         if target_sparsity is not None:
-            target_sparsity = _finite_number(op, "target_sparsity", target_sparsity)
+            target_sparsity = finite_number(op, "target_sparsity", target_sparsity)
             if not 0.0 <= target_sparsity < 1.0:
                 raise ValueError(f"{op}: target_sparsity must lie in [0, 1), got {target_sparsity}")
         if pressure is not None:
-            pressure = _finite_number(op, "pressure", pressure, minimum=0.0)
+            pressure = finite_number(op, "pressure", pressure, minimum=0.0)
         self.target_sparsity, self.pressure = target_sparsity, pressure
-        self.lr = _finite_number(op, "lr", lr, positive=True)
-        self.regrowth_lr = self.lr if regrowth_lr is None else _finite_number(op, "regrowth_lr", regrowth_lr,
+        self.lr = finite_number(op, "lr", lr, positive=True)
+        self.regrowth_lr = self.lr if regrowth_lr is None else finite_number(op, "regrowth_lr", regrowth_lr,
                                                                               positive=True)
-        self.momentum = _finite_number(op, "momentum", momentum, minimum=0.0)
-        self.weight_decay = _finite_number(op, "weight_decay", weight_decay, minimum=0.0)
-        self.score_lr = None if score_lr is None else _finite_number(op, "score_lr", score_lr, positive=True)
+        self.momentum = finite_number(op, "momentum", momentum, minimum=0.0)
+        self.weight_decay = finite_number(op, "weight_decay", weight_decay, minimum=0.0)
+        self.score_lr = None if score_lr is None else finite_number(op, "score_lr", score_lr, positive=True)
         self._score_lr = self.score_lr or PAPER_SCORE_LR  # the rate in use (resolved per fit)
         self.score_betas = tuple(float(b) for b in score_betas)
-        self.regrowth_score_decay = _finite_number(op, "regrowth_score_decay", regrowth_score_decay, positive=True)
+        self.regrowth_score_decay = finite_number(op, "regrowth_score_decay", regrowth_score_decay, positive=True)
         if self.regrowth_score_decay > 1.0:
             raise ValueError(f"{op}: regrowth_score_decay must lie in (0, 1], got {regrowth_score_decay}")
-        self.label_smoothing = _finite_number(op, "label_smoothing", label_smoothing, minimum=0.0)
-        self.flow_decay = _finite_number(op, "flow_decay", flow_decay, minimum=0.0)
+        self.label_smoothing = finite_number(op, "label_smoothing", label_smoothing, minimum=0.0)
+        self.flow_decay = finite_number(op, "flow_decay", flow_decay, minimum=0.0)
         self.scheduler_kw = {"step": scheduler_step, "exponent": scheduler_exponent, "aggressivity": aggressivity,
                              "damping": scheduler_damping}
         self.backend = backend
@@ -165,7 +166,7 @@ class Pruner:
         self.gamma = 0.0 if pressure is None else pressure
         self.history: List[Dict[str, Any]] = []
 
-        candidates = self._select(model, _as_rules(op, "include", include), _as_rules(op, "exclude", exclude),
+        candidates = self._select(model, as_rules(op, "include", include), as_rules(op, "exclude", exclude),
                                   tuple(layer_types))
         if not candidates:
             raise ValueError(f"{op}: nothing to prune: the model has no {' / '.join(t.__name__ for t in layer_types)} "
@@ -208,14 +209,14 @@ class Pruner:
         for name, module in model.named_modules():
             if not name or not isinstance(module, layer_types) or isinstance(module, (MaskedLinear, MaskedConv2d)):
                 continue
-            if include is not None and not _matches(name, module, include):
+            if include is not None and not matches(name, module, include):
                 continue
-            if exclude is not None and _matches(name, module, exclude):
+            if exclude is not None and matches(name, module, exclude):
                 continue
             if not isinstance(module, (nn.Linear, nn.Conv2d)):
                 raise ValueError(f"Pruner: layer_types may only hold nn.Linear / nn.Conv2d (subclasses), "
                                  f"got {type(module).__name__} at {name!r}")
-            reason = _supported(module)
+            reason = unsupported_reason(module)
             if reason is not None:
                 logger.info("Pruner: not wrapping %s: %s", name, reason)
                 continue
@@ -360,8 +361,8 @@ class Pruner:
             FloatingPointError: the loss became NaN/Inf.
         """
         self._check_active("fit")
-        epochs, regrowth_epochs = _count("Pruner.fit", "epochs", epochs), _count("Pruner.fit", "regrowth_epochs",
-                                                                                   regrowth_epochs)
+        epochs = check_int("Pruner.fit", "epochs", epochs, minimum=0)
+        regrowth_epochs = check_int("Pruner.fit", "regrowth_epochs", regrowth_epochs, minimum=0)
         if epochs + regrowth_epochs == 0:
             raise ValueError("Pruner.fit: epochs + regrowth_epochs must be >= 1")
         try:

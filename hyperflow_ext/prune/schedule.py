@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
+from .._checks import check_int
+
 __all__ = ["keep_trajectory", "PressureScheduler"]
 
 _END_KEEP = 0.999
@@ -34,14 +36,6 @@ def _check_fraction(op: str, name: str, value, *, closed_low: bool) -> float:
     if not ok:
         span = "[0, 1)" if closed_low else "(0, 1]"
         raise ValueError(f"{op}: {name} must lie in {span}, got {value}")
-    return value
-
-
-def _positive_int(op: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{op}: {name} must be >= 1, got {value}")
     return value
 
 
@@ -70,7 +64,7 @@ def keep_trajectory(target_density: float, epochs: int, aggressivity: float = 6.
     """
     op = "keep_trajectory"
     target = _check_fraction(op, "target_density", target_density, closed_low=False)
-    epochs = _positive_int(op, "epochs", epochs)
+    epochs = check_int(op, "epochs", epochs)
     if not (isinstance(aggressivity, (int, float)) and math.isfinite(aggressivity) and aggressivity > 0):
         raise ValueError(f"{op}: aggressivity must be a positive finite number, got {aggressivity!r}")
     log_target = math.log(target)
@@ -120,7 +114,7 @@ class PressureScheduler:
                  aggressivity: float = 6.0, damping: float = 1.0) -> None:
         op = "PressureScheduler"
         self.target_sparsity = _check_fraction(op, "target_sparsity", target_sparsity, closed_low=True)
-        self.epochs = _positive_int(op, "epochs", epochs)
+        self.epochs = check_int(op, "epochs", epochs)
         for name, v in (("step", step), ("exponent", exponent)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{op}: {name} must be a positive finite number, got {v!r}")
