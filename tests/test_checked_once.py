@@ -6,14 +6,12 @@ import torch.nn.functional as F
 from hyperflow_ext.flow.update import euler_update
 from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, SparseLinear, csr_conv2d, csr_linear, csr_spmm
 
-def _sparse(*shape, density=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g) * (torch.rand(*shape, generator=g) < density)
+from _helpers import random_sparse
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_col_indices_edited_out_of_range_raises(index_dtype):
-    W = CSRMatrix.from_dense(_sparse(16, 8), index_dtype=index_dtype)
+    W = CSRMatrix.from_dense(random_sparse(16, 8), index_dtype=index_dtype)
     W.col_indices[:] = 10**6
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match=r"csr_linear: col_indices must lie in \[0, 8\).*modified after"):
@@ -25,18 +23,18 @@ def test_col_indices_edited_out_of_range_raises(index_dtype):
 
 
 def test_crow_indices_edited_raises():
-    W = CSRMatrix.from_dense(_sparse(16, 8))
+    W = CSRMatrix.from_dense(random_sparse(16, 8))
     W.crow_indices[3] = W.crow_indices[-1] + 5
     with pytest.raises(ValueError, match="csr_linear: crow_indices"):
         csr_linear(torch.randn(2, 8), W)
 
 
 def test_replaced_or_resized_arrays_raise():
-    W = CSRMatrix.from_dense(_sparse(16, 8))
+    W = CSRMatrix.from_dense(random_sparse(16, 8))
     W.col_indices = torch.full_like(W.col_indices, -1)
     with pytest.raises(ValueError, match="col_indices must lie"):
         csr_spmm(W, torch.randn(8, 2))
-    W = CSRMatrix.from_dense(_sparse(16, 8))
+    W = CSRMatrix.from_dense(random_sparse(16, 8))
     W.values.resize_(1)
     with pytest.raises(ValueError, match="csr_linear: values must have shape"):
         csr_linear(torch.randn(2, 8), W)
@@ -44,7 +42,7 @@ def test_replaced_or_resized_arrays_raise():
 
 def test_inference_mode_indices_are_tracked():
     with torch.inference_mode():
-        W = CSRMatrix.from_dense(_sparse(16, 8))
+        W = CSRMatrix.from_dense(random_sparse(16, 8))
     with torch.inference_mode():
         W.col_indices[:] = 10**6
         with pytest.raises(ValueError, match="col_indices"):
@@ -52,7 +50,7 @@ def test_inference_mode_indices_are_tracked():
 
 
 def test_legal_value_edit_gives_new_product():
-    w = _sparse(32, 24)
+    w = random_sparse(32, 24)
     W = CSRMatrix.from_dense(w)
     x, b = torch.randn(5, 24), torch.randn(24, 7)
     torch.testing.assert_close(csr_linear(x, W), x @ w.T)
@@ -68,7 +66,7 @@ def test_legal_value_edit_gives_new_product():
 
 
 def test_csr_conv2d_after_edit():
-    w = _sparse(6, 4, 3, 3)
+    w = random_sparse(6, 4, 3, 3)
     W = CSRMatrix.from_dense(w.reshape(6, -1))
     x = torch.randn(2, 4, 7, 7)
     plans = {}
@@ -101,7 +99,7 @@ def test_sparse_conv2d_module_notices_edits(inference):
 
 def test_sparse_linear_module_notices_edits():
     with torch.inference_mode():
-        sp = SparseLinear.from_dense(_sparse(12, 10), torch.randn(12))
+        sp = SparseLinear.from_dense(random_sparse(12, 10), torch.randn(12))
         x = torch.randn(3, 10)
         sp(x)
         sp.col_indices[:] = 10**6
@@ -111,14 +109,14 @@ def test_sparse_linear_module_notices_edits():
 
 # ----------------------------------------------------------------------------------------- out= aliasing
 def test_csr_spmm_out_is_b_raises():
-    W = CSRMatrix.from_dense(_sparse(16, 16))
+    W = CSRMatrix.from_dense(random_sparse(16, 16))
     b = torch.randn(16, 16)
     with pytest.raises(ValueError, match="csr_spmm: out overlaps the memory of b"):
         csr_spmm(W, b, out=b)
 
 
 def test_csr_spmm_out_partial_overlap_raises():
-    W = CSRMatrix.from_dense(_sparse(8, 8))
+    W = CSRMatrix.from_dense(random_sparse(8, 8))
     buf = torch.randn(12, 8)
     with pytest.raises(ValueError, match="out overlaps the memory of b"):
         csr_spmm(W, buf[:8], out=buf[4:])
@@ -130,7 +128,7 @@ def test_csr_spmm_out_partial_overlap_raises():
 
 
 def test_csr_spmm_separate_out_works():
-    w = _sparse(16, 12)
+    w = random_sparse(16, 12)
     W = CSRMatrix.from_dense(w)
     buf = torch.full((30, 5), float("nan"))
     b = torch.randn(12, 5)

@@ -73,11 +73,16 @@ def served():
     return backbone, flow, tasks
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """The integrator back-ends served from threads (native skipped where the extension is missing)."""
+    if request.param == "native" and not hf.native.available():
+        pytest.skip("native extension not built")
+    return request.param
+
+
 def test_fused_adapt_from_16_threads_matches_serial_and_leaves_the_backbone(served, backend):
     backbone, flow, tasks = served
-    if backend == "native" and not hf.native.available():
-        pytest.skip("native extension not built")
     snap = _snapshot(backbone)
 
     def adapt_and_classify(sx, sy, qx, _qy):
@@ -93,11 +98,8 @@ def test_fused_adapt_from_16_threads_matches_serial_and_leaves_the_backbone(serv
     _assert_untouched(backbone, snap)
 
 
-@pytest.mark.parametrize("backend", ["native", "torch"])
 def test_batched_fused_adapt_from_16_threads(served, backend):
     backbone, flow, tasks = served
-    if backend == "native" and not hf.native.available():
-        pytest.skip("native extension not built")
     snap = _snapshot(backbone)
     batches = [tuple(torch.stack([tasks[(b + k) % len(tasks)][i] for k in range(4)]) for i in range(4))
                for b in range(4)]

@@ -141,15 +141,15 @@ def test_trajectory_chunk(backbone, tmp_path):
 
 
 def test_pretrained_backbone(tmp_path):
-    from test_models import _FAST, _two_domains  # the tiny pretraining set-up of the model tests
+    from _helpers import FAST_PRETRAIN, two_domains  # the tiny pretraining set-up of the model tests
 
-    data = _two_domains(4)
+    data = two_domains(4)
 
     def load():
-        return load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data, **_FAST)
+        return load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data, **FAST_PRETRAIN)
 
     load()
-    path = pretrained_path("conv4-glyphs", tmp_path, datasets=data, **_FAST)
+    path = pretrained_path("conv4-glyphs", tmp_path, datasets=data, **FAST_PRETRAIN)
     assert assert_every_damage_is_refused(path, load) > 50
 
 

@@ -1,9 +1,9 @@
 """Property tests (hypothesis): every native and Triton kernel against its pure-torch reference.
 
 Random shapes including 0 and 1, sparsities from 0 to 1 with empty rows, duplicate-free random CSR
-with int32 and int64 indices, strided operands, float32 and float64. Kernels with properties of
-their own elsewhere: csr_conv2d (test_sparse_conv.py), flow_step (test_flow_ops.py), masked_matmul
-and csr_linear on contiguous inputs (test_sparse_kernels.py).
+with int32 and int64 indices, strided operands, float32 and float64. Kernels whose properties live
+elsewhere (each property is tested once): csr_conv2d (test_sparse_conv.py), flow_step's arithmetic
+(test_flow_ops.py), masked_matmul, its input gradient and csr_linear (test_sparse_kernels.py).
 
 Budget: the hypothesis profile of tests/conftest.py (``ci``: a fixed small number of examples per
 property); ``HYPERFLOW_HYPOTHESIS_PROFILE=slow`` or ``pytest -m slow`` (which reruns this file with
@@ -26,8 +26,9 @@ from hyperflow_ext.flow.solvers import TABLEAUS
 from hyperflow_ext.flow.update import euler_update, euler_update_reference
 from hyperflow_ext.models.norm import group_norm_, group_norm_reference
 from hyperflow_ext.prune.flow_ops import flow_step, flow_step_reference
-from hyperflow_ext.sparse import (CSRMatrix, csr_linear, csr_spmm, masked_matmul, masked_matmul_grad_input,
-                                  masked_matmul_grad_input_reference, masked_matmul_reference, score_mask)
+from hyperflow_ext.sparse import csr_spmm, score_mask
+
+from _helpers import random_csr, tol
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 
@@ -39,23 +40,10 @@ SEEDS = st.integers(0, 2**31 - 1)
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
 
 
-def tol(dtype):
-    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-
-
 def close(got, want, dtype):
     """``got`` against a float64 reference, at ``dtype``'s tolerance."""
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want.double(), **tol(dtype))
-
-
-def dense_with(shape, density, dtype, gen, empty_rows=False):
-    """Random dense matrix with about ``density`` nonzeros; every third row zero with ``empty_rows``."""
-    w = torch.randn(*shape, dtype=torch.float64, generator=gen)
-    w = w * (torch.rand(*shape, dtype=torch.float64, generator=gen) < density)
-    if empty_rows and shape[0]:
-        w[::3] = 0
-    return w.to(dtype)
 
 
 def laid_out(t, layout):
@@ -74,8 +62,8 @@ def csr_cases(draw, max_rows=None):
     rows, cols = draw(SIZES), draw(SIZES)
     dtype, index_dtype = draw(DTYPES), draw(INDEX_DTYPES)
     gen = torch.Generator().manual_seed(draw(SEEDS))
-    dense = dense_with((rows, cols), draw(DENSITY), dtype, gen, empty_rows=draw(st.booleans()))
-    return dense, CSRMatrix.from_dense(dense, index_dtype=index_dtype), gen
+    dense, a = random_csr(rows, cols, draw(DENSITY), dtype, index_dtype, generator=gen, empty_rows=draw(st.booleans()))
+    return dense, a, gen
 
 
 # ---- CSR (exported models) --------------------------------------------------------------------
@@ -94,52 +82,7 @@ def test_csr_spmm_property(case, n, layout, strided_out, backend):
     torch.testing.assert_close(a.to_dense(), dense, rtol=0, atol=0)  # inputs untouched
 
 
-@given(case=csr_cases(), batch=st.sampled_from([(0,), (1,), (5,), (2, 3), (40,)]), layout=LAYOUTS,
-       use_bias=st.booleans(), backend=st.sampled_from(["native", "torch"]))
-def test_csr_linear_property(case, batch, layout, use_bias, backend):
-    dense, w, gen = case
-    out_f, in_f = dense.shape
-    x2 = laid_out(torch.randn(math.prod(batch), in_f, dtype=torch.float64, generator=gen).to(dense.dtype), layout)
-    x = x2 if len(batch) == 1 else x2.reshape(*batch, in_f)
-    bias = torch.randn(out_f, dtype=torch.float64, generator=gen).to(dense.dtype) if use_bias else None
-    want = x.double() @ dense.double().T + (0 if bias is None else bias.double())
-    close(csr_linear(x, w, bias, backend=backend), want, dense.dtype)
-
-
-# ---- masked matmuls, score mask (training) ----------------------------------------------------
-
-@st.composite
-def masked_cases(draw):
-    batch, in_f, out_f = draw(SIZES), draw(SIZES), draw(SIZES)
-    dtype = draw(DTYPES)
-    gen = torch.Generator().manual_seed(draw(SEEDS))
-    weight = torch.randn(out_f, in_f, dtype=torch.float64, generator=gen).to(dtype)
-    mask = dense_with((out_f, in_f), draw(DENSITY), torch.float64, gen, empty_rows=draw(st.booleans())) != 0
-    if draw(st.booleans()):
-        weight = torch.where(mask, weight, torch.full((), float("nan"), dtype=dtype))  # masked NaN adds nothing
-    if draw(st.booleans()):
-        mask = mask.to(torch.uint8) * 7  # any nonzero byte is active
-    return batch, weight, mask, gen, draw(LAYOUTS)
-
-
-@given(case=masked_cases(), use_bias=st.booleans())
-def test_masked_matmul_property(case, use_bias):
-    batch, weight, mask, gen, layout = case
-    dtype = weight.dtype
-    x = laid_out(torch.randn(batch, weight.shape[1], dtype=torch.float64, generator=gen).to(dtype), layout)
-    bias = torch.randn(weight.shape[0], dtype=torch.float64, generator=gen).to(dtype) if use_bias else None
-    want = masked_matmul_reference(x.double(), weight.double(), mask, None if bias is None else bias.double())
-    close(masked_matmul(x, weight, mask, bias, backend="native"), want, dtype)
-
-
-@given(case=masked_cases())
-def test_masked_matmul_grad_input_property(case):
-    batch, weight, mask, gen, layout = case
-    dtype = weight.dtype
-    g = laid_out(torch.randn(batch, weight.shape[0], dtype=torch.float64, generator=gen).to(dtype), layout)
-    want = masked_matmul_grad_input_reference(g.double(), weight.double(), mask)
-    close(masked_matmul_grad_input(g, weight, mask, backend="native"), want, dtype)
-
+# ---- score mask (training) --------------------------------------------------------------------
 
 @given(shape=st.sampled_from([(0,), (1,), (5,), (3, 0), (17, 33), (70000,)]), dtype=DTYPES, seed=SEEDS,
        specials=st.booleans(), transposed=st.booleans())

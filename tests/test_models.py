@@ -16,34 +16,10 @@ from hyperflow_ext.models import (BACKBONES, Conv4, ProtoNet, ResNet8, TinyViT,
                                   proto_logits, prototypes, random_shift)
 from hyperflow_ext.models import pretrained as pretrained_mod
 
+from _helpers import FAST_PRETRAIN, DuckDataset, quadrant_dataset, two_domains
+
 ARCHS = ["conv4", "resnet8", "vit_tiny"]
 FEATURE_DIMS = {"conv4": 32, "resnet8": 64, "vit_tiny": 64}
-
-
-class _Dataset:
-    """Stand-in for hyperflow_ext.data.ImageDataset (duck-typed)."""
-
-    def __init__(self, images, labels, num_classes, domain="synthetic"):
-        self.images, self.labels, self.num_classes = images, labels, num_classes
-        self.class_names = [str(i) for i in range(num_classes)]
-        self.domain = domain
-
-
-def _quadrant_dataset(quadrants, per_class, seed, noise=0.25):
-    """Class i = a bright 10x10 square in quadrant ``quadrants[i]`` of a 28x28 image, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    k = len(quadrants)
-    labels = torch.arange(k).repeat_interleave(per_class)
-    images = noise * torch.rand(k * per_class, 1, 28, 28, generator=g)
-    for i, q in enumerate(quadrants):
-        r, c = 2 + 14 * (q // 2), 2 + 14 * (q % 2)
-        images[labels == i, :, r:r + 10, c:c + 10] += 0.75
-    return _Dataset(images.clamp(0, 1), labels, k)
-
-
-def _two_domains(per_class=24):
-    return [_quadrant_dataset([0, 1], per_class, seed=1),
-            _quadrant_dataset([2, 3], per_class, seed=2)]
 
 
 @pytest.fixture(autouse=True)
@@ -332,10 +308,10 @@ def test_random_shift_is_a_translation():
 
 
 def test_merge_offsets_labels():
-    images, labels, k = merge_datasets(_two_domains(per_class=3))
+    images, labels, k = merge_datasets(two_domains(per_class=3))
     assert k == 4 and images.shape == (12, 1, 28, 28)
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
-    mapping = {"a": _two_domains(3)[0], "b": _two_domains(3)[1]}
+    mapping = {"a": two_domains(3)[0], "b": two_domains(3)[1]}
     assert torch.equal(merge_datasets(mapping)[1], labels)
 
 
@@ -344,8 +320,8 @@ def test_pretrain_learns_and_is_deterministic():
     init = Conv4(hidden=8)
     kw = dict(epochs=8, batch_size=16, lr=5e-3, seed=3, progress=False)
     hist_a, hist_b = [], []
-    a = pretrain(copy.deepcopy(init), _two_domains(), history=hist_a, **kw)
-    b = pretrain(copy.deepcopy(init), _two_domains(), history=hist_b, **kw)
+    a = pretrain(copy.deepcopy(init), two_domains(), history=hist_a, **kw)
+    b = pretrain(copy.deepcopy(init), two_domains(), history=hist_b, **kw)
     assert len(hist_a) == 8
     assert hist_a[-1]["acc"] >= 0.9  # chance is 0.25 (4 classes over two domains)
     assert hist_a[-1]["acc"] > hist_a[0]["acc"] + 0.2
@@ -353,18 +329,18 @@ def test_pretrain_learns_and_is_deterministic():
     assert _state_equal(a, b) and hist_a == hist_b
     assert not _state_equal(a, init)
     assert not a.training
-    c = pretrain(copy.deepcopy(init), _two_domains(), **{**kw, "seed": 4})
+    c = pretrain(copy.deepcopy(init), two_domains(), **{**kw, "seed": 4})
     assert not _state_equal(a, c)
 
 
 def test_pretrain_features_help_one_shot_protonet():
     torch.manual_seed(0)
     init = Conv4(hidden=8)
-    trained = pretrain(copy.deepcopy(init), _two_domains(), epochs=8, batch_size=16, lr=5e-3,
+    trained = pretrain(copy.deepcopy(init), two_domains(), epochs=8, batch_size=16, lr=5e-3,
                        progress=False)
     # fresh, noisier samples of the same four classes; 1 support image per class
-    fresh = [_quadrant_dataset([0, 1], 25, 11, noise=0.6),
-             _quadrant_dataset([2, 3], 25, 12, noise=0.6)]
+    fresh = [quadrant_dataset([0, 1], 25, 11, noise=0.6),
+             quadrant_dataset([2, 3], 25, 12, noise=0.6)]
     x = torch.cat([d.images for d in fresh])
     y = torch.cat([fresh[0].labels, fresh[1].labels + 2])
     sx, sy = x[::25], y[::25]
@@ -378,20 +354,20 @@ def test_pretrain_features_help_one_shot_protonet():
 def test_pretrain_cosine_head_runs():
     torch.manual_seed(0)
     hist = []
-    pretrain(Conv4(hidden=8), _two_domains(8), epochs=2, batch_size=16, head="cosine",
+    pretrain(Conv4(hidden=8), two_domains(8), epochs=2, batch_size=16, head="cosine",
              progress=False, history=hist)
     assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
 
 
 def test_pretrain_errors():
-    ds = _two_domains(4)
+    ds = two_domains(4)
     net = Conv4(hidden=8)
     with pytest.raises(ValueError, match="pretrain: datasets is empty"):
         pretrain(net, [], progress=False)
-    bad = _Dataset(ds[0].images, ds[0].labels + 5, 2)
+    bad = DuckDataset(ds[0].images, ds[0].labels + 5, 2)
     with pytest.raises(ValueError, match=r"datasets\[0\].labels must lie in \[0, 2\)"):
         pretrain(net, [bad], progress=False)
-    small = _Dataset(torch.rand(4, 1, 14, 14), torch.zeros(4, dtype=torch.long), 1)
+    small = DuckDataset(torch.rand(4, 1, 14, 14), torch.zeros(4, dtype=torch.long), 1)
     with pytest.raises(ValueError, match=r"datasets\[1\].images must have shape"):
         pretrain(net, [ds[0], small], progress=False)
     with pytest.raises(TypeError, match="num_classes"):
@@ -408,16 +384,13 @@ def test_pretrain_errors():
 # --------------------------------------------------------------------------- load_pretrained
 
 
-_FAST = dict(backbone_kw={"hidden": 8}, epochs=2, batch_size=32)
-
-
 def test_load_pretrained_writes_then_loads(tmp_path, monkeypatch):
-    data = _two_domains(8)
+    data = two_domains(8)
     net = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                          **_FAST)
+                          **FAST_PRETRAIN)
     files = list((tmp_path / "backbones").glob("*.safetensors"))
     assert len(files) == 1 and files[0].name.startswith("conv4-glyphs-")
-    assert files[0] == pretrained_path("conv4-glyphs", tmp_path, datasets=data, **_FAST)
+    assert files[0] == pretrained_path("conv4-glyphs", tmp_path, datasets=data, **FAST_PRETRAIN)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     assert isinstance(net, Conv4) and net.feature_dim == 8
 
@@ -432,32 +405,32 @@ def test_load_pretrained_writes_then_loads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrained_mod, "pretrain", boom)
     again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                            **_FAST)
+                            **FAST_PRETRAIN)
     assert _state_equal(net, again)
     assert not any(p.requires_grad for p in again.parameters())
     # a different configuration is a different checkpoint, so it would train
     with pytest.raises(AssertionError, match="must not run"):
         load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                        **{**_FAST, "epochs": 3})
+                        **{**FAST_PRETRAIN, "epochs": 3})
 
 
 def test_load_pretrained_corrupt_checkpoint(tmp_path):
-    data = _two_domains(4)
-    path = pretrained_path("conv4-glyphs", tmp_path, datasets=data, **_FAST)
+    data = two_domains(4)
+    path = pretrained_path("conv4-glyphs", tmp_path, datasets=data, **FAST_PRETRAIN)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"definitely not a safetensors file")
     with pytest.raises(ValueError, match="corrupt checkpoint"):
         load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                        **_FAST)
+                        **FAST_PRETRAIN)
     save_tensors(path, {"foo.weight": torch.zeros(3)}, {"arch": "conv4"})
     with pytest.raises(ValueError, match="does not match architecture 'conv4'"):
         load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                        **_FAST)
+                        **FAST_PRETRAIN)
     wrong = {k: torch.zeros(1) for k in Conv4(hidden=8).state_dict()}
     save_tensors(path, wrong, {"arch": "conv4"})
     with pytest.raises(ValueError, match="has shape"):
         load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, datasets=data,
-                        **_FAST)
+                        **FAST_PRETRAIN)
 
 
 def test_load_pretrained_bad_arguments(tmp_path):
@@ -467,7 +440,7 @@ def test_load_pretrained_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown pretrained backbone"):
         load_pretrained("conv4", cache_dir=tmp_path)
     with pytest.raises(TypeError, match="unexpected training keyword"):
-        load_pretrained("conv4-glyphs", cache_dir=tmp_path, datasets=_two_domains(2), epoch=3)
+        load_pretrained("conv4-glyphs", cache_dir=tmp_path, datasets=two_domains(2), epoch=3)
     assert available_pretrained() == ["conv4-glyphs", "resnet8-glyphs", "vit_tiny-glyphs"]
 
 
@@ -479,20 +452,20 @@ def test_load_pretrained_builds_source_domains_lazily(tmp_path, monkeypatch):
 
     def benchmark_domains(cache_dir=None, progress=True):
         calls.append((cache_dir, progress))
-        source = dict(zip(["A", "B"], _two_domains(6)))
-        return types.SimpleNamespace(source=source, meta={}, target={"T": _two_domains(2)[0]})
+        source = dict(zip(["A", "B"], two_domains(6)))
+        return types.SimpleNamespace(source=source, meta={}, target={"T": two_domains(2)[0]})
 
     fake = types.ModuleType("hyperflow_ext.data")
     fake.benchmark_domains = benchmark_domains
     monkeypatch.setitem(sys.modules, "hyperflow_ext.data", fake)
-    net = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
+    net = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **FAST_PRETRAIN)
     assert calls == [(tmp_path, False)]
-    _, meta = load_tensors(pretrained_path("conv4-glyphs", tmp_path, **_FAST))
+    _, meta = load_tensors(pretrained_path("conv4-glyphs", tmp_path, **FAST_PRETRAIN))
     assert meta["num_classes"] == 4 and meta["num_images"] == 24
     from hyperflow_ext.data.benchmark import SOURCE_SCRIPTS
 
     assert meta["config"]["data"] == "benchmark_domains:" + ",".join(SOURCE_SCRIPTS)
-    again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **_FAST)
+    again = load_pretrained("conv4-glyphs", cache_dir=tmp_path, progress=False, **FAST_PRETRAIN)
     assert calls == [(tmp_path, False)]  # the cached file is used; no data is built
     assert _state_equal(net, again)
 
