@@ -124,9 +124,11 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
              interpolation=args.interpolation, store=Path(cache_dir(args.cache_dir)) / "trajectories",
              train_config=DriftTrainConfig(iters=args.iters), progress=_progress(args),
              perturbations=args.perturbations, objective=args.objective, checkpoint=checkpoint,
-             recipe_episodes=held_out_episodes(meta, args.seed), **({} if args.lr is None else {"lr": args.lr}))
+             recipe_episodes=held_out_episodes(meta, args.seed), augment=not args.no_augment,
+             **({} if args.lr is None else {"lr": args.lr}), **({} if args.reach is None else {"reach": args.reach}))
     if args.horizon_tasks > 0:
-        flow.tune_horizon(held_out_episodes(meta, args.seed), args.horizon_tasks, progress=_progress(args))
+        flow.tune_horizon(held_out_episodes(meta, args.seed + 1), args.horizon_tasks, progress=_progress(args),
+                          augment=not args.no_augment)
     if not distributed.is_main():  # every rank holds the same flow; rank 0 writes it
         return 0
     flow.save(out)
@@ -162,7 +164,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     flow = HyperFlow.load(flow_path, backbone)
     dev = _device(args)
     model = fused_adapt(backbone, support.images.to(dev), support.labels.to(dev), flow=flow, steps=args.steps,
-                        solver=args.solver, backend=args.backend)
+                        solver=args.solver, backend=args.backend, select=not args.no_select)
     with torch.no_grad():
         probs = model(qx.to(dev)).softmax(-1).cpu()
     out = Path(args.out or "predictions.csv")
@@ -173,6 +175,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             k = int(probs[i].argmax())
             w.writerow([f, support.class_names[k], f"{float(probs[i, k]):.4f}"] + ([truth[i]] if truth else []))
     msg = f"{len(files)} predictions -> {out}"
+    if model.selection is not None:
+        msg += f"; adapted with {model.selection['chosen']}"
     if truth:
         acc = sum(support.class_names[int(probs[i].argmax())] == truth[i] for i in range(len(files))) / len(files)
         msg += f" (accuracy {100 * acc:.1f}% against the query folders' class names)"
@@ -340,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="loss the recorded fine-tuning follows")
             p.add_argument("--horizon-tasks", type=int, default=60,
                            help="held-out episodes that choose the integration horizon (0: keep 1.0)")
+            p.add_argument("--no-augment", action="store_true",
+                           help="meta-train on the episodes as drawn (default: random capture shifts on 3 in 4)")
+            p.add_argument("--reach", type=float, default=None,
+                           help="record fine-tuning at this multiple of the chosen lr (default: fit's)")
             p.add_argument("--checkpoint", default=None,
                            help="drift-training checkpoint: an interrupted run resumes from it (default "
                                 "OUT with .ckpt before the suffix; removed once OUT is written)")
@@ -351,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--solver", default="euler", choices=["euler", "heun", "rk4"])
             p.add_argument("--backend", default="auto", choices=["auto", "native", "triton", "torch"])
             p.add_argument("--image-size", type=int, default=28)
+            p.add_argument("--no-select", action="store_true",
+                           help="the paper's plain integration (default: the per-task choice of fused_adapt)")
 
     p = add("prune", cmd_prune, "prune the embedded digits CNN with Hyperflows to a target sparsity")
     p.add_argument("--target", type=float, default=0.98, help="target sparsity in [0, 1)")

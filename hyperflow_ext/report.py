@@ -183,6 +183,7 @@ def write_report(out: Path, data: Dict[str, Any]) -> Path:
                 ", ".join(f"{g}: {100 * a:.1f}" for g, a in v.get("accuracy", {}).items()) or "-"]
                for k, v in data.get("learning_rates", {}).items()]
     lrs = _md_table(["fine-tuning", "lr", "chosen by", "query accuracy (%) per lr"], lr_rows) if lr_rows else ""
+    fidelity = ", ".join(f"{k} {v:.2f}" for k, v in data.get("fidelity", {}).items()) or "(not recorded)"
     stages = _md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in meta["stage_seconds"].items()])
     text = f"""# hyperflow demo report
 
@@ -213,6 +214,9 @@ Per target domain:
 {per_domain}
 
 ## Support loss along the flow
+
+Emulation fidelity (each flow's drop in support loss along its path divided by bias tuning's, on target episodes;
+1.0 is perfect emulation): {fidelity}
 
 ![loss vs step](loss_vs_step.png)
 

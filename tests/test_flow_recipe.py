@@ -45,8 +45,9 @@ def fitted():
     assert flow.net is None  # no feature_dim yet: the drift network waits for the first support set
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        # unshifted, so that the guard tests below have training tasks to be in range of
         flow.fit(eps, tasks=len(eps), trajectory_steps=6, interpolation="linear",
-                 train_config=DriftTrainConfig(iters=20), progress=False)
+                 train_config=DriftTrainConfig(iters=20), progress=False, augment=False)
     return backbone, eps, flow
 
 
@@ -56,7 +57,7 @@ def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     assert flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
     # recorded at DEFAULT_REACH times the chosen rate; the per-task choice decides how far each task goes
     assert flow.trajectory_config.lr == pytest.approx(DEFAULT_REACH * flow.recipe["lr"]) == flow.recipe["recorded_lr"]
-    assert flow.recipe["augment"]["probability"] == 0.75
+    assert "augment" not in flow.recipe
     sx, sy, qx, qy = eps[0]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
     model = fused_adapt(backbone, sx, sy, flow=flow, steps=5)
@@ -135,6 +136,7 @@ def test_fit_warns_when_fine_tuning_barely_moves_the_loss(fitted):
         flow.fit(eps, tasks=len(eps), trajectory_steps=3, interpolation="linear",
                  train_config=DriftTrainConfig(iters=2), progress=False, lr=1e-7)
     assert flow.recipe["chosen_by"] == "user" and flow.recipe["loss_drop"] < 0.05
+    assert flow.recipe["augment"]["probability"] == 0.75  # capture shifts by default
 
 
 def test_ood_guard_keeps_an_uninformed_task_at_theta0(fitted):
@@ -173,10 +175,10 @@ def test_a_far_task_is_adapted_by_default_and_the_criterion_decides(fitted):
     chosen = fused_adapt(backbone, far, sy, flow=flow, steps=5)
     sel = chosen.selection
     assert sel["chosen"] == min(sel["scores"], key=lambda k: sel["scores"][k][2])
-    f = features_with(backbone, flow.subset, plain, far)  # the unshrunk state is what the criterion scored
-    want = loo_scores(f, sy, metric=flow.metric, scale=flow.scale)
+    with torch.no_grad():  # the unshrunk state is what the criterion scored
+        want = loo_scores(features_with(backbone, flow.subset, plain, far), sy, metric=flow.metric, scale=flow.scale)
     assert max(abs(a - b) for a, b in zip(sel["scores"][f"flow@{flow.horizon:g}"], want)) < 1e-5
-    if sel["chosen"] != "none":
+    if sel["chosen"].startswith(("flow@", "mean@")):
         assert not torch.equal(chosen.theta, theta0)
 
 
