@@ -2,10 +2,16 @@
 (CUDA, when nvcc is found) with ninja. Neither module links libtorch, so the build needs only
 setuptools, pybind11 and ninja, and the result works with any installed torch.
 
+The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA path listed in csrc/isa_flags.txt
+(avx512, avx2, baseline), each with only that path's flags, and csrc/dispatch.cpp picks one at run
+time by CPU features (or $HYPERFLOW_ISA): the default build runs on any x86-64 CPU.
+
 Environment:
     HYPERFLOW_CUDA       auto (default) | 0 | 1   — 1 fails when nvcc is missing
     HYPERFLOW_CUDA_ARCH  e.g. "80;90" (default "75;80;86;89;90", plus PTX for the newest)
-    HYPERFLOW_MARCH      -march value for the CPU code (default "native"; "" to omit)
+    HYPERFLOW_MARCH      -march value for the generic CPU code and the baseline path (default: none,
+                         i.e. portable x86-64). "native" tunes them for the build machine, whose
+                         instructions the module then needs: a non-portable build.
     CUDA_HOME            CUDA toolkit root (else found from nvcc on PATH or /usr/local/cuda)
 """
 from __future__ import annotations
@@ -24,6 +30,16 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "75;80;86;89;90"
+
+
+def isa_flags() -> dict[str, str]:
+    """csrc/isa_flags.txt: ISA path name -> its compiler flags, best first."""
+    table = {}
+    for line in (CSRC / "isa_flags.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].split()
+        if line:
+            table[line[0]] = " ".join(line[1:])
+    return table
 
 
 def find_cuda_home() -> Path | None:
@@ -82,16 +98,15 @@ class NinjaBuildExt(build_ext):
 
         includes = [CSRC / "include", CSRC, pybind11.get_include(), sysconfig.get_paths()["include"]]
         inc = " ".join(f"-I{shlex.quote(str(p))}" for p in includes)
-        march = os.environ.get("HYPERFLOW_MARCH", "native")
+        march = os.environ.get("HYPERFLOW_MARCH", "")
         cxxflags = f"-std=c++17 -O3 -fPIC -fvisibility=hidden -fopenmp -Wall -Wno-unknown-pragmas {inc}"
-        if march:
-            cxxflags += f" -march={march}"
+        marchflags = f"-march={shlex.quote(march)} -DHF_MARCH='\"{march}\"'" if march else ""
         ldflags = "-shared -fopenmp"
         rules = [
             f"cxx = {os.environ.get('CXX', 'c++')}",
             f"cxxflags = {cxxflags}",
             "rule cxx",
-            "  command = $cxx -MMD -MF $out.d $cxxflags -c $in -o $out",
+            "  command = $cxx -MMD -MF $out.d $cxxflags $isaflags -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             "  description = CXX $out",
@@ -101,7 +116,17 @@ class NinjaBuildExt(build_ext):
             obj = build_dir / (Path(src).name + ".o")
             rule = "nvcc" if src.endswith(".cu") else "cxx"
             builds.append(f"build {q(obj)}: {rule} {q(ROOT / src)}")
+            if rule == "cxx":
+                builds.append(f"  isaflags = {marchflags}")
             objects.append(obj)
+        # The per-ISA kernel sources: each compiled once per ISA path, with only that path's flags
+        # (HYPERFLOW_MARCH reaches the baseline path alone).
+        for isa, flags in (isa_flags().items() if getattr(ext, "isa_sources", None) else ()):
+            for src in ext.isa_sources:
+                obj = build_dir / isa / (Path(src).name + ".o")
+                builds.append(f"build {q(obj)}: cxx {q(ROOT / src)}")
+                builds.append(f"  isaflags = -DHF_ISA={isa} {flags or marchflags}")
+                objects.append(obj)
 
         if ext.name.endswith("_C_cuda"):
             cuda_home = find_cuda_home()
@@ -144,7 +169,9 @@ def sources(*patterns: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in ROOT.glob(pat))
 
 
-ext_modules = [Extension("hyperflow_ext._C", sources("csrc/module_cpu.cpp", "csrc/cpu/*.cpp"))]
+cpu_ext = Extension("hyperflow_ext._C", sources("csrc/module_cpu.cpp", "csrc/dispatch.cpp"))
+cpu_ext.isa_sources = sources("csrc/cpu/*.cpp")  # compiled once per ISA path (NinjaBuildExt)
+ext_modules = [cpu_ext]
 if cuda_requested():
     ext_modules.append(Extension("hyperflow_ext._C_cuda", sources("csrc/module_cuda.cpp", "csrc/cuda/*.cu")))
 else:

@@ -29,6 +29,7 @@
 #include "hf_sparse_cpu.h"
 
 namespace hf {
+HF_ISA_BEGIN
 namespace {
 
 using cpu::gather_row;
@@ -43,7 +44,7 @@ constexpr std::int64_t kParallelWork = 1 << 15;
 // memset / memmove calls per row.
 template <typename T>
 inline void copy_row(T* __restrict d, const T* __restrict s, std::int64_t n) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   using S = cpu::Simd<T>;
   std::int64_t i = 0;
   for (; i + S::W <= n; i += S::W) S::store(d + i, S::load(s + i));
@@ -60,7 +61,7 @@ inline void copy_row(T* __restrict d, const T* __restrict s, std::int64_t n) {
 // s[0 .. 2n - 2].
 template <typename T>
 inline void copy_row_stride2(T* __restrict d, const T* __restrict s, std::int64_t n) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   using S = cpu::Simd<T>;
   constexpr std::int64_t W = S::W;
   for (std::int64_t i = 0; i < n; i += W) {
@@ -76,7 +77,7 @@ inline void copy_row_stride2(T* __restrict d, const T* __restrict s, std::int64_
 
 template <typename T>
 inline void zero_row(T* __restrict d, std::int64_t n) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   using S = cpu::Simd<T>;
   std::int64_t i = 0;
   for (; i + S::W <= n; i += S::W) S::store(d + i, S::zero());
@@ -162,7 +163,7 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
           const std::int64_t nvalid = std::min(k.nb, p.n - gi * k.nb);
           const T* __restrict s = x + gi * k.nb * p.xs_n + c * p.xs_c + yy * p.xs_h + x0 * p.xs_w;
           const std::int64_t step = p.sw * p.xs_w;
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
           constexpr std::int64_t W = cpu::Simd<T>::W;
           if (step == 1 && k.nb <= W) {  // (sample, column) blocks transposed in registers
             for (std::int64_t q0 = q_lo; q0 < q_hi; q0 += W)
@@ -188,7 +189,7 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
   }
 }
 
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
 // Lanes [begin, begin + W) of a row of w elements, zero outside [0, w): reads only s[0, w).
 template <typename T>
 inline typename cpu::Simd<T>::R padded_lanes(const T* s, std::int64_t begin, std::int64_t w) {
@@ -330,7 +331,7 @@ void add_residual(const SparseConvParams& p, const Packing& k, std::int64_t gi, 
     }
 }
 
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
 // Fused epilogue (nb = 1, unit column stride of y and of the residual): register r of a lane tile
 // (lanes of whole output rows [i0, i1), row i at lane (i - i0) * wq) splits into runs of one output
 // row each; segs[r * nseg .. r * nseg + nseg) holds each run's lanes and where its lane 0 would sit in
@@ -419,7 +420,7 @@ void store_rows(const SparseConvParams& p, const Packing& k, const T* __restrict
       }
       continue;
     }
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
     constexpr std::int64_t W = cpu::Simd<T>::W;
     if (p.ys_w == 1 && k.nb <= W) {
       for (std::int64_t j0 = 0; j0 < p.wo; j0 += W)
@@ -480,7 +481,7 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
   const std::int64_t base = k.groups * tiles, want = 8 * static_cast<std::int64_t>(threads);
   std::int64_t oblocks = base >= want ? 1 : std::min(p.out_c, (want + base - 1) / base);
   std::int64_t ob = (p.out_c + oblocks - 1) / oblocks;
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   constexpr std::int64_t W = cpu::Simd<T>::W;
   const bool nhwc_in = p.xs_c == 1 && p.in_c > 1 && k.phases == 1 && nb <= W;
   const bool nhwc_out = p.ys_c == 1 && p.out_c > 1 && nb <= W;
@@ -499,7 +500,7 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
   const bool par = threads > 1 && (p.nnz + p.out_c) * k.grid * k.groups > kParallelWork;
   // One group's packed input (into dst), serially: the caller's thread owns dst.
   auto pack = [&](std::int64_t gi, T* dst) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
     if (nhwc_in) return pack_group_nhwc(p, k, x, gi, dst);
     if (nb == 1 && p.sh == 2 && p.sw == 2 && p.xs_w == 1) {
       for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel_stride2(p, k, x, gi, c, dst);
@@ -514,7 +515,7 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
     const std::int64_t i0 = t * tile_rows, i1 = std::min(p.ho, i0 + tile_rows);
     const std::int64_t g0 = i0 * k.wq * nb, len = ((i1 - i0 - 1) * k.wq + p.wo) * nb;
     const T* src = packed_g + g0;
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
     if (fused) {
       const std::int64_t nseg = max_runs(k.wq, W);
       RowSeg<T>* segs = scratch<RowSeg<T>>(3, (len + W - 1) / W * nseg);
@@ -538,7 +539,7 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
         epilogue_tile(to, len, bias, o, p.relu && !p.res);
         if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
       }
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
       if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
 #endif
     }
@@ -654,4 +655,5 @@ bool sparse_conv2d_offsets(const SparseConvParams& p) {
   return true;
 }
 
+HF_ISA_END
 }  // namespace hf

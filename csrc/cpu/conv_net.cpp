@@ -11,6 +11,7 @@
 #include "hf_sparse_cpu.h"
 
 namespace hf {
+HF_ISA_BEGIN
 namespace {
 
 constexpr int kActivationSlot = 4;  // cpu::scratch slot of the activations (0-3: the convolution's own)
@@ -308,4 +309,5 @@ void sparse_conv_net(CpuTag, const ConvNetParams& p) {
   });
 }
 
+HF_ISA_END
 }  // namespace hf

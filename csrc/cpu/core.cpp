@@ -3,6 +3,7 @@
 #include "hf_sparse.h"
 
 namespace hf {
+HF_ISA_BEGIN
 
 void euler_axpy(CpuTag, const EulerParams& p) {
   check(p);
@@ -22,4 +23,5 @@ void csr_spmm(CpuTag, const CsrSpmmParams& p) {
   csr_spmm_batched(CpuTag{}, as_batched(p));
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -25,6 +25,7 @@
 #endif
 
 namespace hf {
+HF_ISA_BEGIN
 namespace {
 
 // ---- SIMD tiles --------------------------------------------------------------------------------
@@ -384,4 +385,5 @@ void drift_integrate(CpuTag, const DriftParams& p) {
   dispatch_float(p.dtype, "drift_integrate", [&](auto zero) { run<decltype(zero)>(p); });
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -18,6 +18,7 @@
 #endif
 
 namespace hf {
+HF_ISA_BEGIN
 
 #if HF_FLOW_AVX512
 // An AVX-512 register of T with the operators flow_step_elem uses.
@@ -146,4 +147,5 @@ void flow_step(CpuTag, const FlowStepParams& p) {
   });
 }
 
+HF_ISA_END
 }  // namespace hf

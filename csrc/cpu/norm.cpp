@@ -6,6 +6,7 @@
 #include <vector>
 
 namespace hf {
+HF_ISA_BEGIN
 
 void group_norm_(CpuTag, const GroupNormParams& p) {
   check(p);
@@ -45,4 +46,5 @@ void group_norm_(CpuTag, const GroupNormParams& p) {
   });
 }
 
+HF_ISA_END
 }  // namespace hf

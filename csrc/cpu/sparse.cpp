@@ -14,6 +14,7 @@
 #include "hf_sparse_cpu.h"
 
 namespace hf {
+HF_ISA_BEGIN
 namespace {
 
 using cpu::gather_row;
@@ -68,7 +69,7 @@ inline void pack_panels(const T* src, std::int64_t batch, std::int64_t s_b, std:
 template <typename T>
 inline void store_tile(const T* tile, std::int64_t ld, std::int64_t nr, std::int64_t batch, const T* bias,
                        std::int64_t o0, T* y, std::int64_t ldy) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   constexpr std::int64_t W = cpu::Simd<T>::W;
   for (std::int64_t r0 = 0; r0 < nr; r0 += W) {
     const std::int64_t rn = nr - r0 < W ? nr - r0 : W;
@@ -215,7 +216,7 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
       const std::int64_t batch = p.batch, in = p.in, out = p.out;
       const bool par = (p.nnz + out) * batch > kParallelWork;
       if (batch == 1) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
         if constexpr (std::is_same_v<I, std::int32_t>) {
           if (p.x_si == 1) {  // vectorised mat-vec, a register of rows at a time
             constexpr std::int64_t W = cpu::Simd<T>::W;
@@ -309,4 +310,5 @@ void score_mask(CpuTag, const ScoreMaskParams& p) {
   });
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -14,11 +14,27 @@
 #define HF_HD inline
 #endif
 
+// Runtime ISA dispatch (csrc/dispatch.cpp): every csrc/cpu/*.cpp is compiled once per ISA with that
+// ISA's flags and -DHF_ISA=<avx512|avx2|baseline>. Everything with code that such a file defines or
+// includes (inline functions, templates, the CpuTag entry points) sits between HF_ISA_BEGIN and
+// HF_ISA_END: an inline namespace hf::<isa> there, so each ISA's copies have their own symbols and
+// the linker can never merge an AVX-512 copy of an inline function into the baseline path. Parameter
+// structs stay in hf:: (no code; the dispatcher passes them through). Elsewhere both macros are empty.
+#if defined(HF_ISA) && !defined(__CUDACC__)
+#define HF_ISA_BEGIN inline namespace HF_ISA {
+#define HF_ISA_END }
+#else
+#define HF_ISA_BEGIN
+#define HF_ISA_END
+#endif
+
 namespace hf {
 
 // Dtype codes shared with hyperflow_ext/_native_args.py.
 enum class DType : int { kFloat32 = 0, kFloat64 = 1 };
 enum class IType : int { kInt32 = 0, kInt64 = 1 };
+
+HF_ISA_BEGIN
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
@@ -46,4 +62,5 @@ inline void dispatch_index(int itype, const char* op, F&& f) {
   }
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -36,6 +36,7 @@ struct SparseConvParams {
   bool prepacked = false;
 };
 
+HF_ISA_BEGIN
 // Output size of one spatial dimension (as torch.nn.functional.conv2d).
 HF_HD std::int64_t conv_out_size(std::int64_t size, std::int64_t k, std::int64_t s, std::int64_t p,
                                  std::int64_t d) {
@@ -120,4 +121,5 @@ inline void check(const SparseConvParams& p) {
           "sparse_conv2d: a prepacked input must be one sample's packed buffer");
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -49,6 +49,8 @@ struct ConvNetParams {
   int threads;               // at most this many threads (0: the OpenMP default)
 };
 
+HF_ISA_BEGIN
 void sparse_conv_net(CpuTag, const ConvNetParams& p);
 
+HF_ISA_END
 }  // namespace hf

@@ -20,9 +20,11 @@ struct EulerParams {
   std::uintptr_t stream;  // cudaStream_t on CUDA, ignored on CPU
 };
 
+HF_ISA_BEGIN
 template <typename T>
 HF_HD T euler_axpy(T theta, T drift, T dt) { return theta + dt * drift; }
 
+HF_ISA_END
 // ---- CSR SpMM:  out = A @ B -------------------------------------------------------------
 struct CsrSpmmParams {
   std::uintptr_t rowptr;  // rows + 1, monotone, rowptr[0] == 0, rowptr[rows] == nnz
@@ -35,6 +37,7 @@ struct CsrSpmmParams {
   std::uintptr_t stream;
 };
 
+HF_ISA_BEGIN
 // out[r, c] for one CSR row: the per-thread body of the CUDA SpMM kernels.
 template <typename T, typename I>
 HF_HD T csr_dot(const I* rowptr, const I* col, const T* val, const T* b, std::int64_t ldb,
@@ -60,4 +63,5 @@ inline void check(const CsrSpmmParams& p) {
   require(p.ldb >= p.n && p.ldo >= p.n, "csr_spmm: leading dimension smaller than n");
 }
 
+HF_ISA_END
 }  // namespace hf

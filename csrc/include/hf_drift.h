@@ -45,6 +45,7 @@ struct DriftParams {
   std::uintptr_t stream;  // cudaStream_t on CUDA, ignored on CPU
 };
 
+HF_ISA_BEGIN
 // Tableau coefficients scaled by dt, in the compute type: what the element bodies read.
 template <typename T>
 struct DriftCoefs {
@@ -205,4 +206,5 @@ inline void check(const DriftParams& p) {
   require(p.max_increment > 0.0, std::string(op) + ": max_increment must be > 0");
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -28,6 +28,7 @@ struct FlowStepParams {
   std::uintptr_t stream;
 };
 
+HF_ISA_BEGIN
 // The per-element scalars in the compute type.
 template <typename T>
 struct FlowScalars {
@@ -78,4 +79,5 @@ inline void check(const FlowStepParams& p) {
   require(p.bc2_sqrt > 0.0 && p.eps >= 0.0, "flow_step: invalid Adam scalars (step must be >= 1, eps >= 0)");
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -20,6 +20,7 @@ struct GroupNormParams {
   std::uintptr_t stream;
 };
 
+HF_ISA_BEGIN
 // Per-channel scale and shift from its group's mean and (biased) variance, as GroupNorm folds them.
 template <typename T>
 HF_HD void group_norm_affine(double mean, double var, double eps, const T* weight, const T* bias, std::int64_t ch,
@@ -46,4 +47,5 @@ inline void check(const GroupNormParams& p) {
   require(p.eps >= 0, "group_norm_: eps must be >= 0");
 }
 
+HF_ISA_END
 }  // namespace hf

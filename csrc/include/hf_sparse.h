@@ -58,12 +58,14 @@ struct CsrSpmmBatchedParams {
   std::uintptr_t stream;
 };
 
+HF_ISA_BEGIN
 // CSR SpMM of one matrix pair is the batch-1 case of the batched op; both back-ends forward to it.
 inline CsrSpmmBatchedParams as_batched(const CsrSpmmParams& p) {
   return CsrSpmmBatchedParams{p.rowptr, p.col, p.val, p.b, p.out, 1, p.rows, p.k, p.n, p.nnz,
                               0, p.ldb, 0, p.ldo, p.dtype, p.itype, p.stream};
 }
 
+HF_ISA_END
 // ---- score mask:  mask = scores >= 0, and the number of active entries ------------------
 struct ScoreMaskParams {
   std::uintptr_t scores;  // n, contiguous
@@ -74,6 +76,7 @@ struct ScoreMaskParams {
   std::uintptr_t stream;
 };
 
+HF_ISA_BEGIN
 // A weight is active iff its score is >= 0 (NaN scores are inactive, as in torch).
 template <typename T>
 HF_HD bool score_active(T t) { return t >= T(0); }
@@ -143,4 +146,5 @@ inline void check(const ScoreMaskParams& p) {
   require(p.count && (p.n == 0 || (p.scores && p.mask)), "score_mask: null pointer");
 }
 
+HF_ISA_END
 }  // namespace hf

@@ -10,23 +10,39 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <new>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#if defined(__AVX512BW__)
-#include <immintrin.h>
+#include "hf_common.h"
+
+#if !defined(HF_ISA)
+#error "hf_sparse_cpu.h is for the per-ISA kernel files (csrc/cpu/*.cpp), compiled with -DHF_ISA=<isa>"
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define HF_SPARSE_SIMD 512
+#include "hf_simd_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HF_SPARSE_SIMD 256
+#include "hf_simd_avx2.h"
 #endif
 
 namespace hf {
+HF_ISA_BEGIN
 namespace cpu {
 
-// Bytes per SIMD register the chunk widths are built from (64: AVX-512; still correct and
-// reasonable with AVX2, where a chunk is two registers).
+// Bytes per SIMD register the chunk widths are built from: AVX2's 32; otherwise 64 (AVX-512's
+// register; the baseline's plain loops keep 64-byte chunks, four SSE registers of accumulators).
+#if defined(HF_SPARSE_SIMD) && HF_SPARSE_SIMD == 256
+constexpr int kVecBytes = 32;
+#else
 constexpr int kVecBytes = 64;
+#endif
 template <typename T>
 constexpr int vec_width() { return kVecBytes / static_cast<int>(sizeof(T)); }
 
@@ -51,155 +67,37 @@ inline int thread_num() {
 
 // A 64-byte aligned per-thread buffer of at least `count` T's; `slot` separates buffers that
 // must be live at the same time. Contents are unspecified.
+// (Plain malloc'd bytes, not a std::vector: no standard-library template is instantiated here with
+// this ISA's flags, where the linker could merge it into another ISA's code; see hf_common.h.)
+struct ScratchBuffer {
+  unsigned char* data = nullptr;
+  std::size_t size = 0;
+  ScratchBuffer() = default;
+  ScratchBuffer(const ScratchBuffer&) = delete;
+  ScratchBuffer& operator=(const ScratchBuffer&) = delete;
+  ~ScratchBuffer() { std::free(data); }
+  // At least `bytes`, zero-filled beyond what it held; the old contents are kept.
+  void reserve(std::size_t bytes) {
+    if (size >= bytes) return;
+    auto* grown = static_cast<unsigned char*>(std::calloc(bytes, 1));
+    if (!grown) throw std::bad_alloc();
+    if (data) std::memcpy(grown, data, size);
+    std::free(data);
+    data = grown;
+    size = bytes;
+  }
+};
+
 template <typename T>
 T* scratch(int slot, std::int64_t count) {
-  thread_local std::vector<unsigned char> bufs[6];
+  thread_local ScratchBuffer bufs[6];
   auto& b = bufs[slot];
-  const std::size_t bytes = static_cast<std::size_t>(count > 0 ? count : 1) * sizeof(T) + 64;
-  if (b.size() < bytes) b.resize(bytes);
-  const auto p = (reinterpret_cast<std::uintptr_t>(b.data()) + 63) & ~static_cast<std::uintptr_t>(63);
+  b.reserve(static_cast<std::size_t>(count > 0 ? count : 1) * sizeof(T) + 64);
+  const auto p = (reinterpret_cast<std::uintptr_t>(b.data) + 63) & ~static_cast<std::uintptr_t>(63);
   return reinterpret_cast<T*>(p);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define HF_SPARSE_AVX512 1
-
-// The few AVX-512 operations the kernels need, per scalar type.
-template <typename T>
-struct Simd;
-
-template <>
-struct Simd<float> {
-  using R = __m512;
-  using M = __mmask16;
-  static constexpr int W = 16;
-  static R zero() { return _mm512_setzero_ps(); }
-  static R set1(float v) { return _mm512_set1_ps(v); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static R loadz(M m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
-  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
-  // The even lanes of the 2W values a, b (a's lanes first): a stride-2 row de-interleaved.
-  static R even(R a, R b) {
-    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
-  }
-  static R odd(R a, R b) {
-    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
-  }
-  // The lanes in m filled, in order, from p[0, popcount(m)) (zero elsewhere): reads nothing else.
-  static R expandz(M m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
-  static float sum(R v) {
-    alignas(64) float t[W];
-    _mm512_store_ps(t, v);
-    float a = 0.0f;
-    for (int i = 0; i < W; ++i) a += t[i];
-    return a;
-  }
-  static M tail(std::int64_t n) { return static_cast<M>((1u << n) - 1u); }  // n < W
-  // Active lanes of W mask bytes (nonzero byte = active); `full` lanes valid, rest cleared.
-  static M active(const std::uint8_t* m, M valid) {
-    const __m128i v = _mm_maskz_loadu_epi8(valid, m);
-    return _mm_test_epi8_mask(v, v);
-  }
-  static M active(const std::uint8_t* m) {
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
-    return _mm_test_epi8_mask(v, v);
-  }
-  // base[idx[k]] for the lanes in m (zero elsewhere); idx lanes outside m are not read.
-  static R gather(M m, const std::int32_t* idx, const float* base) {
-    const __m512i i = _mm512_maskz_loadu_epi32(m, idx);
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, base, 4);
-  }
-};
-
-template <>
-struct Simd<double> {
-  using R = __m512d;
-  using M = __mmask8;
-  static constexpr int W = 8;
-  static R zero() { return _mm512_setzero_pd(); }
-  static R set1(double v) { return _mm512_set1_pd(v); }
-  static R load(const double* p) { return _mm512_loadu_pd(p); }
-  static R loadz(M m, const double* p) { return _mm512_maskz_loadu_pd(m, p); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
-  static R add(R a, R b) { return _mm512_add_pd(a, b); }
-  static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
-  static R even(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b); }
-  static R odd(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b); }
-  static R expandz(M m, const double* p) { return _mm512_maskz_expandloadu_pd(m, p); }
-  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static void store(M m, double* p, R v) { _mm512_mask_storeu_pd(p, m, v); }
-  static double sum(R v) {
-    alignas(64) double t[W];
-    _mm512_store_pd(t, v);
-    double a = 0.0;
-    for (int i = 0; i < W; ++i) a += t[i];
-    return a;
-  }
-  static M tail(std::int64_t n) { return static_cast<M>((1u << n) - 1u); }
-  static M active(const std::uint8_t* m, M valid) {
-    const __m128i v = _mm_maskz_loadu_epi8(static_cast<__mmask16>(valid), m);
-    return static_cast<M>(_mm_test_epi8_mask(v, v));
-  }
-  static M active(const std::uint8_t* m) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m));
-    return static_cast<M>(_mm_test_epi8_mask(v, v));
-  }
-  static R gather(M m, const std::int32_t* idx, const double* base) {
-    const __m256i i = _mm256_maskz_loadu_epi32(m, idx);
-    return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), m, i, base, 8);
-  }
-};
-
-// In-register transpose of a W x W block (W = 16 floats or 8 doubles): r[i] holds row i on
-// entry and column i on exit. Unpack / shuffle within 128-bit lanes, then two rounds of
-// 128-bit lane shuffles.
-inline void transpose_regs(__m512 r[16]) {
-  __m512 t[16], u[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // u[4i+k], lane L: rows 4i..4i+3 of column 4L+k
-    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-#pragma GCC unroll 4
-  for (int k = 0; k < 4; ++k) {
-    const __m512 a = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), b = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
-    const __m512 c = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), d = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
-    r[k] = _mm512_shuffle_f32x4(a, c, 0x88);
-    r[8 + k] = _mm512_shuffle_f32x4(a, c, 0xDD);
-    r[4 + k] = _mm512_shuffle_f32x4(b, d, 0x88);
-    r[12 + k] = _mm512_shuffle_f32x4(b, d, 0xDD);
-  }
-}
-
-inline void transpose_regs(__m512d r[8]) {
-  __m512d t[8];
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {  // t[2i+k], lane L: rows 2i, 2i+1 of column 2L+k
-    t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
-  }
-#pragma GCC unroll 2
-  for (int k = 0; k < 2; ++k) {
-    const __m512d a = _mm512_shuffle_f64x2(t[k], t[2 + k], 0x88), b = _mm512_shuffle_f64x2(t[k], t[2 + k], 0xDD);
-    const __m512d c = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0x88), d = _mm512_shuffle_f64x2(t[4 + k], t[6 + k], 0xDD);
-    r[k] = _mm512_shuffle_f64x2(a, c, 0x88);
-    r[4 + k] = _mm512_shuffle_f64x2(a, c, 0xDD);
-    r[2 + k] = _mm512_shuffle_f64x2(b, d, 0x88);
-    r[6 + k] = _mm512_shuffle_f64x2(b, d, 0xDD);
-  }
-}
-
+#if defined(HF_SPARSE_SIMD)
 // dst[c * ldd + r] = src[r * lds + c] (+ add[r] when add) for r < nr, c < nc (nr, nc <= W).
 template <typename T>
 inline void transpose_block(const T* __restrict src, std::int64_t lds, std::int64_t nr, std::int64_t nc,
@@ -396,7 +294,7 @@ inline void masked_axpy(const std::uint8_t* __restrict m, const T* __restrict w,
   }
 }
 
-#else  // portable fallback (no AVX-512): plain loops the compiler vectorises
+#else  // portable fallback (baseline x86-64): plain loops the compiler vectorises
 
 template <int W, typename T, typename I>
 inline void gather_chunk(const I* __restrict idx, const T* __restrict val, std::int64_t nnz,
@@ -497,7 +395,7 @@ template <typename T>
 inline void transpose_into(const T* __restrict src, std::int64_t rows, std::int64_t cols, std::int64_t s_row,
                            std::int64_t s_col, T* __restrict dst, std::int64_t ld, std::int64_t cw,
                            std::int64_t panel) {
-#if defined(HF_SPARSE_AVX512)
+#if defined(HF_SPARSE_SIMD)
   if (s_col == 1) {
     constexpr std::int64_t W = Simd<T>::W;
     const std::int64_t cblocks = (cols + W - 1) / W;
@@ -525,4 +423,5 @@ inline void transpose_into(const T* __restrict src, std::int64_t rows, std::int6
 }
 
 }  // namespace cpu
+HF_ISA_END
 }  // namespace hf
