@@ -3,7 +3,9 @@
 #
 # Compiles csrc/'s CPU sources a second time with AddressSanitizer and UndefinedBehaviorSanitizer
 # into build/sanitize/ (the installed hyperflow_ext._C stays as it is), then runs the native and
-# kernel tests against that build, with OpenMP at 1 and at 2 threads. The package loads the
+# kernel tests against that build, with OpenMP at 1 and at 2 threads. Like setup.py, it compiles the
+# per-ISA kernel sources (csrc/cpu/*.cpp) once per ISA path of csrc/isa_flags.txt, and the kernel test
+# modules run on every path this CPU supports (tests/conftest.py), so each path is sanitised. The package loads the
 # sanitised module through $HYPERFLOW_NATIVE_CPU (hyperflow_ext/native.py). Any ASan or UBSan
 # report aborts the run (halt_on_error) and fails this script; a report file left in the log
 # directory fails it too.
@@ -28,22 +30,34 @@ PYBIND="$(python -c 'import pybind11; print(pybind11.get_include())')"
 PYINC="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 # GCC does not instrument masked vector loads/stores and gathers (builtins of the AVX-512 paths), so
 # the default is the generic x86-64 build, whose scalar fallbacks ASan checks access by access;
-# HYPERFLOW_SANITIZE_MARCH=native checks the vector build's other accesses (tests/test_guard_pages.py
-# covers the rest in the main run).
+# the avx2 / avx512 paths are compiled with their own flags, so ASan checks their other accesses
+# (tests/test_guard_pages.py covers the masked ones in the main run, on every path).
+# HYPERFLOW_SANITIZE_MARCH applies to the generic code and the baseline path.
 MARCH="${HYPERFLOW_SANITIZE_MARCH-x86-64}"
 SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 CXXFLAGS="-std=c++17 -O1 -g -fPIC -fvisibility=hidden -fopenmp -Wall -Wno-unknown-pragmas -Wno-maybe-uninitialized $SAN"
 CXXFLAGS+=" -DHF_SANITIZE=\"address,undefined\" -Icsrc/include -Icsrc -I$PYBIND -I$PYINC"
-[ -n "$MARCH" ] && CXXFLAGS+=" -march=$MARCH"
+MARCHFLAG=""
+[ -n "$MARCH" ] && MARCHFLAG="-march=$MARCH"
 MODULE="$OUT/_C$SUFFIX"
 
 echo "[sanitize] compiling csrc/ CPU sources into $MODULE"
-SOURCES=(csrc/module_cpu.cpp csrc/cpu/*.cpp)
-export CXX CXXFLAGS OUT
-printf '%s\n' "${SOURCES[@]}" | xargs -P "${MAX_JOBS:-$(nproc)}" -I{} \
-  sh -c '$CXX $CXXFLAGS -c "$1" -o "$OUT/obj/$(basename "$1").o"' _ {}
+# One job per line: "<object> <isa flags>|<source>"; generic sources get no ISA, per-ISA ones each path.
+JOBS=()
+for src in csrc/module_cpu.cpp csrc/dispatch.cpp; do JOBS+=("$OUT/obj/$(basename "$src").o|$src|$MARCHFLAG"); done
+while read -r isa flags; do
+  case "$isa" in ''|'#'*) continue ;; esac
+  mkdir -p "$OUT/obj/$isa"
+  for src in csrc/cpu/*.cpp; do JOBS+=("$OUT/obj/$isa/$(basename "$src").o|$src|-DHF_ISA=$isa ${flags:-$MARCHFLAG}"); done
+done < csrc/isa_flags.txt
+export CXX CXXFLAGS
+printf '%s\n' "${JOBS[@]}" | xargs -P "${MAX_JOBS:-$(nproc)}" -I{} sh -c '
+  IFS="|" read -r obj src isa <<EOF_JOB
+$1
+EOF_JOB
+  $CXX $CXXFLAGS $isa -c "$src" -o "$obj"' _ {}
 OBJECTS=()
-for src in "${SOURCES[@]}"; do OBJECTS+=("$OUT/obj/$(basename "$src").o"); done
+for job in "${JOBS[@]}"; do OBJECTS+=("${job%%|*}"); done
 # shellcheck disable=SC2086
 "$CXX" -shared -fopenmp $SAN "${OBJECTS[@]}" -o "$MODULE"
 

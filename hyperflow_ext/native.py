@@ -7,6 +7,7 @@ falls back to the pure-torch reference with a single warning.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -15,13 +16,14 @@ import os
 import sys
 import warnings
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
 __all__ = [
     "available", "cuda_built", "cuda_available", "triton_available", "diagnostics",
     "cpu_module", "cuda_module", "triton", "resolve_backend", "BACKENDS",
+    "isa", "isa_paths", "set_isa", "use_isa", "cpu_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,71 @@ def cpu_module() -> ModuleType:
     if _cpu is None:
         raise RuntimeError(_MISSING_BUILD.format(name="hyperflow_ext._C", error=_cpu_error))
     return _cpu
+
+
+def isa() -> str:
+    """The ISA path the native CPU kernels run on: ``"avx512"``, ``"avx2"`` or ``"baseline"``.
+
+    The extension compiles every CPU kernel once per path and picks one at its first use: the one
+    ``$HYPERFLOW_ISA`` names, else the best this CPU supports.
+
+    Raises:
+        RuntimeError: the extension is missing.
+        ValueError: ``$HYPERFLOW_ISA`` names an unknown path or one this CPU lacks (every native CPU
+            call raises the same, rather than silently running another path).
+    """
+    return str(cpu_module().isa())
+
+
+def isa_paths() -> Dict[str, bool]:
+    """Every ISA path this build holds (best first) -> whether this CPU can run it."""
+    mod = cpu_module()
+    return {name: bool(mod.isa_supported(name)) for name in mod.isa_compiled()}
+
+
+def set_isa(name: str) -> None:
+    """Make ``name`` the active ISA path of the native CPU kernels for this process.
+
+    For tests and benchmarks; calls already running finish on the path they started with.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: unknown path, or one this CPU lacks.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"set_isa: name must be a str, got {type(name).__name__}")
+    cpu_module().isa_select(name)
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[str]:
+    """Run the block on ISA path ``name``, then restore the previous path.
+
+    Example:
+        >>> with hyperflow_ext.native.use_isa("avx2"):  # doctest: +SKIP
+        ...     y = hyperflow_ext.sparse.csr_linear(x, w)
+    """
+    previous = isa()
+    set_isa(name)
+    try:
+        yield name
+    finally:
+        set_isa(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else :func:`platform.processor`), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def cuda_module() -> ModuleType:
@@ -212,6 +279,13 @@ def diagnostics() -> Dict[str, object]:
         info["openmp_threads"] = int(_cpu.omp_max_threads())
         info["native_build"] = str(_cpu.build_info())
         info["native_cpu_path"] = getattr(_cpu, "__file__", None)
+        try:
+            info["isa"] = isa()
+        except ValueError as exc:  # a bad $HYPERFLOW_ISA: shown, not raised
+            info["isa"] = f"error: {exc}"
+        info["isa_paths"] = ", ".join(f"{k} ({'supported' if v else 'not supported by this CPU'})"
+                                      for k, v in isa_paths().items())
+        info["cpu_model"] = cpu_model()
     if cuda_mod is not None:
         info["cuda_build"] = str(cuda_mod.build_info())
     return info

@@ -41,3 +41,48 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# The kernel tests run once per ISA path of the native CPU kernels that this CPU supports (avx512,
+# avx2, baseline: hyperflow_ext.native.isa_paths), switched in-process with native.use_isa. With
+# $HYPERFLOW_ISA set (a forced run, e.g. .ci/sanitize.sh's loop), only that path runs;
+# $HYPERFLOW_TEST_ISAS (comma-separated) narrows the list otherwise.
+_ISA_MODULES = frozenset({
+    "test_native", "test_sparse_kernels", "test_sparse_conv", "test_guard_pages", "test_kernel_properties",
+    "test_drift_kernels", "test_flow_ops", "test_norm", "test_sparse_network",
+})
+
+
+def _isa_params():
+    from hyperflow_ext import native
+
+    if not native.available():
+        return []
+    forced = os.environ.get("HYPERFLOW_ISA", "")
+    if forced and forced != "auto":
+        return [forced]
+    paths = [name for name, ok in native.isa_paths().items() if ok]
+    wanted = [w.strip() for w in os.environ.get("HYPERFLOW_TEST_ISAS", "").split(",") if w.strip()]
+    return [p for p in paths if p in wanted] if wanted else paths
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.module.__name__.rpartition(".")[2] not in _ISA_MODULES or "isa_path" in metafunc.fixturenames:
+        return
+    params = _isa_params()
+    if params:
+        metafunc.fixturenames.append("isa_path")
+        metafunc.parametrize("isa_path", params, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def isa_path(request):
+    """The ISA path this module's tests run on (see pytest_generate_tests); None without the extension."""
+    param = getattr(request, "param", None)
+    if param is None:
+        yield None
+        return
+    from hyperflow_ext import native
+
+    with native.use_isa(param):
+        yield param
