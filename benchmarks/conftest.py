@@ -4,12 +4,19 @@ A benchmark that compares a kernel with a baseline stores ``benchmark.extra_info
 (baseline median / kernel median, both timed interleaved in the same run) and optionally
 ``min_speedup_vs_<name>`` (the same from the fastest rounds); this prints them per group with
 the median and minimum over the group.
+
+Every benchmark also records where it ran (``extra_info``): the native CPU kernels' ISA path
+(``hyperflow_ext.native.isa``; force one with ``HYPERFLOW_ISA``), the CPU model, ``ONEDNN_MAX_CPU_ISA``
+(the cap on dense torch's ISA, if set), so no ratio is quoted without its ISA. (Thread counts are the
+benchmarks' own ``threads`` entries where they set them.)
 """
+import os
 import statistics
 
 import pytest
 import torch
 
+from hyperflow_ext import native
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow
 from hyperflow_ext.models import Conv4
 
@@ -33,6 +40,26 @@ def trained():
     return backbone, flow
 
 
+def platform_info() -> dict:
+    """The ISA path, CPU model and dense torch's ISA cap of this run."""
+    info = {"cpu_model": native.cpu_model(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+    try:
+        info["isa"] = native.isa() if native.available() else "none (extension missing)"
+    except ValueError as exc:  # a bad HYPERFLOW_ISA
+        info["isa"] = f"error: {exc}"
+    return info
+
+
+@pytest.fixture(autouse=True)
+def _record_platform(request):
+    """Stores platform_info() in every benchmark's extra_info."""
+    bench = request.getfixturevalue("benchmark") if "benchmark" in request.fixturenames else None
+    yield
+    if bench is not None:
+        for k, v in platform_info().items():
+            bench.extra_info.setdefault(k, v)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "_benchmarksession", None)
     if session is None or not getattr(session, "benchmarks", None):
@@ -51,6 +78,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     tr = terminalreporter
     tr.write_sep("=", "speedups (baseline median / kernel median, timed interleaved)")
+    where = platform_info()
+    tr.write_line(f"ISA path {where['isa']} | CPU {where['cpu_model']} | "
+                  f"ONEDNN_MAX_CPU_ISA={where['onednn_max_cpu_isa'] or '(unset)'}")
     for group, rows in groups.items():
         tr.write_line(f"[{group}]")
         for name, info, ratios in rows:

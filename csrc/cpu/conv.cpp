@@ -114,15 +114,16 @@ Packing plan(const SparseConvParams& p, std::int64_t nb) {
 // Share of SIMD lanes that hold a real output when nb samples are interleaved.
 double lane_efficiency(const SparseConvParams& p, std::int64_t nb) {
   const Packing k = plan(p, nb);
-  constexpr std::int64_t W = 16;
+  constexpr std::int64_t W = cpu::vec_width<float>();  // this ISA's float register (16 AVX-512, 8 AVX2)
   return static_cast<double>(p.ho * p.wo * nb) / static_cast<double>(round_up(k.grid, W));
 }
 
-// Samples per group when the caller leaves it to us: interleave up to 16 samples (a register of
-// floats) only when one sample's planes would leave a quarter or more of the lanes idle.
+// Samples per group when the caller leaves it to us: interleave up to a register of samples (16 floats
+// on AVX-512 and the baseline, 8 on AVX2; half as many doubles) only when one sample's planes would leave a quarter or more of the lanes idle.
 std::int64_t auto_batch_block(const SparseConvParams& p) {
   if (p.n <= 1) return 1;
-  const std::int64_t nb = std::min<std::int64_t>(p.n, p.dtype == static_cast<int>(DType::kFloat64) ? 8 : 16);
+  const std::int64_t nb = std::min<std::int64_t>(
+      p.n, p.dtype == static_cast<int>(DType::kFloat64) ? cpu::vec_width<double>() : cpu::vec_width<float>());
   return lane_efficiency(p, 1) < 0.75 * lane_efficiency(p, nb) ? nb : 1;
 }
 

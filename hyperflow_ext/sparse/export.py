@@ -19,14 +19,20 @@
    is much faster) / :class:`~hyperflow_ext.sparse.SparseLinear`. With an
    ``example_input`` the layer is also timed both ways on its real input shape, interleaved, at the
    current thread count: **the layer stays dense when the dense median time is below the sparse
-   median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`).
+   median** (ties go to sparse). Dense convolutions keep the fused ReLU (:class:`DenseConv2d`). Without
+   an example input, a layer denser than its ISA path's measured threshold stays dense (``dense_above``).
 4. **Depth-first execution.** The chain of sparse convolutions, pools and the linear head at the start
    of the network runs as one native call that takes each sample through every layer while its maps are
    in cache (:mod:`~hyperflow_ext.sparse.network`). With an ``example_input`` it is timed against
    layer-by-layer execution (interleaved) and kept only when its median is not slower; without one it
    is always used. CPU only: CUDA inputs run the same layers one call each.
 
-Every decision is returned as a per-layer report (:func:`format_report` prints it).
+5. **Never slower than dense.** With an ``example_input`` the whole export is finally timed against the
+   dense model in both layouts and against the folded all-dense model; the fastest is returned
+   (:mod:`._dense_guard`).
+
+Every decision is returned as a per-layer report (:func:`format_report` prints it), each record with
+the ``reason`` for its kind.
 
 :func:`~hyperflow_ext.sparse.save` / :func:`~hyperflow_ext.sparse.load` (:mod:`.serialize`) write the result
 to one safetensors file and rebuild it with no pickle and no :class:`~hyperflow_ext.prune.Pruner`.
@@ -44,7 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import native
 from ..measure import interleaved_times
+from ._dense_guard import dense_above as _dense_above
+from ._dense_guard import keep_faster_than_dense
 from .conv import SparseConv2d
 from .linear import SparseLinear
 from .network import SparseConvNet, fuse_network
@@ -291,7 +300,8 @@ def _time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, budget_s: float, min
 def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
              layers: Optional[Iterable[str]] = None, fold_bn: bool = True, fuse_relu: bool = True,
              time_budget_s: float = 0.1, inplace: bool = False,
-             depth_first: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+             depth_first: bool = True, dense_above: Any = "auto",
+             never_slower: bool = True) -> Tuple[nn.Module, List[Dict[str, Any]]]:
     """Fold BatchNorm, fuse ReLU and replace layers by sparse kernels (or keep them dense if faster).
 
     Args:
@@ -311,11 +321,18 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
             with ``example_input``, only when that times faster than layer by layer. A convolution that
             timed faster dense on its own but ends the chain early is also tried sparse inside the
             program, and the faster whole model is kept.
+        dense_above: without ``example_input``, a selected layer whose density is above this stays dense:
+            ``"auto"`` (default) the active ISA path's measured threshold
+            (:data:`~hyperflow_ext.sparse._dense_guard.DENSITY_THRESHOLDS`), a number in [0, 1], or ``None``
+            to make every selected layer sparse. Ignored with ``example_input`` (then everything is timed,
+            and the whole model is kept dense when the dense model is faster).
+        never_slower: with ``example_input``, finally time the whole export against the dense model (NCHW
+            and channels-last) and the folded all-dense model, and return the fastest (step 5 above).
 
     Returns:
         ``(sparse_model, report)``: the model (a ``torch.fx.GraphModule`` when a residual was fused) in
         eval mode with gradients off, and one dict per converted layer (``name, layer, kind, density,
-        bn, relu, collapsed, residual, depth_first, sparse_ms, dense_ms, speedup`` and, when timed,
+        bn, relu, collapsed, residual, depth_first, sparse_ms, dense_ms, speedup, reason`` and, when timed,
         ``channels_last``).
 
     Warns:
@@ -334,20 +351,30 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
     retry = depth_first and example_input is not None
-    original = copy.deepcopy(model) if retry and inplace else model  # the retry converts its own copy
+    # the retry and the dense referees need the model as given
+    original = copy.deepcopy(model) if example_input is not None and inplace else model
     settings = dict(example_input=example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
-                    time_budget_s=time_budget_s, depth_first=depth_first)
+                    time_budget_s=time_budget_s, depth_first=depth_first,
+                    dense_above=None if example_input is not None else _dense_above(dense_above))
     out, report, collapsed = _convert(model if inplace else copy.deepcopy(model), **settings)
     dense_convs = {r["name"] for r in report if r["kind"] == "dense" and r["layer"] == "Conv2d"}
     if retry and dense_convs:
         # Timed alone, a small layer can be faster dense, but as the only dense layer it ends the
         # depth-first chain there: try it sparse, and keep whichever whole model is faster.
-        alt, alt_report, _ = _convert(original if inplace else copy.deepcopy(original), keep_sparse=dense_convs,
+        alt, alt_report, _ = _convert(copy.deepcopy(original), keep_sparse=dense_convs,
                                       **settings)
         fused = sum(r["depth_first"] for r in report)
         if sum(r["depth_first"] for r in alt_report) > fused and _faster(alt, out, example_input, time_budget_s):
             logger.info("sparsify: kept %s sparse inside the depth-first program", sorted(dense_convs))
             out, report = alt, alt_report
+            for r in report:
+                if r["name"] in dense_convs:
+                    r["reason"] = "faster dense alone, but kept sparse: the depth-first program then runs further"
+    if example_input is not None and never_slower:
+        out, _ = keep_faster_than_dense(
+            original, out, report, example_input, budget_s=time_budget_s,
+            all_dense=lambda: _convert(copy.deepcopy(original), **{**settings, "example_input": None, "layers": [],
+                                                                   "depth_first": False})[0])
     if collapsed:
         warnings.warn(f"{op}: layer(s) {', '.join(collapsed)} have no nonzero weight left (pruned to zero): their "
                       f"output no longer depends on their input, so the exported network ignores its input there; "
@@ -358,9 +385,11 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
 
 def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Optional[Iterable[str]],
              fold_bn: bool, fuse_relu: bool, time_budget_s: float, depth_first: bool,
+             dense_above: Optional[float] = None,
              keep_sparse: Set[str] = frozenset()) -> Tuple[nn.Module, List[Dict[str, Any]], List[str]]:
     """One conversion of ``model`` (rewritten in place) as :func:`sparsify` describes; the layers in
-    ``keep_sparse`` stay sparse whatever their timing. Returns ``(model, report, collapsed layer names)``."""
+    ``keep_sparse`` stay sparse whatever their timing; untimed layers denser than ``dense_above`` stay
+    dense. Returns ``(model, report, collapsed layer names)``."""
     model.eval()
     modules = dict(model.named_modules())
     selected = _select_layers("sparsify", modules, layers)
@@ -406,12 +435,20 @@ def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Op
             sparse_mod, dense_mod = SparseLinear.from_linear(dense), dense
         rec: Dict[str, Any] = {"name": name, "kind": "sparse", "layer": type(mod).__name__,
                                "density": sparse_mod.density(), "bn": bn, "relu": fused, "collapsed": name in collapsed,
-                               "sparse_ms": None, "dense_ms": None, "speedup": None}
+                               "sparse_ms": None, "dense_ms": None, "speedup": None,
+                               "reason": "untimed: every selected layer sparse (dense_above=None)"}
         chosen = sparse_mod
         if name in inputs:
             t_sparse, t_dense = _time_pair(sparse_mod, dense_mod, inputs[name], time_budget_s)
-            rec.update(sparse_ms=1e3 * t_sparse, dense_ms=1e3 * t_dense, speedup=t_dense / t_sparse)
+            rec.update(sparse_ms=1e3 * t_sparse, dense_ms=1e3 * t_dense, speedup=t_dense / t_sparse,
+                       reason=f"timed alone: sparse {t_dense / t_sparse:.2f}x dense")
             if t_dense < t_sparse and name not in keep_sparse:
+                chosen, rec["kind"] = dense_mod, "dense"
+        elif dense_above is not None:
+            over = rec["density"] > dense_above and name not in keep_sparse
+            rec["reason"] = (f"untimed: density {rec['density']:.3f} {'>' if over else '<='} {dense_above:.3f}, "
+                             f"the {_isa_name()} path's threshold")
+            if over:
                 chosen, rec["kind"] = dense_mod, "dense"
         _set_module(model, name, chosen)
         report.append(rec)
@@ -460,6 +497,13 @@ def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: flo
     logger.info("sparsify: depth-first %s ms (team %s) vs layer by layer %.3f ms",
                 "/".join(f"{1e3 * m:.3f}" for m in medians[:-1]), teams, 1e3 * medians[-1])
     return (fused, chain) if medians[best] <= medians[-1] else (model, [])
+
+
+def _isa_name() -> str:
+    try:
+        return native.isa() if native.available() else "torch"
+    except ValueError:
+        return "unknown"
 
 
 def _faster(a: nn.Module, b: nn.Module, x: torch.Tensor, budget_s: float) -> bool:
@@ -517,12 +561,12 @@ def _select_layers(op: str, modules: Dict[str, nn.Module], layers: Optional[Iter
 def format_report(report: List[Dict[str, Any]]) -> str:
     """A plain-text table of a :func:`sparsify` report."""
     head = (f"{'layer':<28} {'kind':<6} {'density':>8} {'bn':>3} {'relu':>4} {'res':>3} {'df':>2} {'sparse ms':>10} "
-            f"{'dense ms':>9} {'speedup':>8}")
+            f"{'dense ms':>9} {'speedup':>8}  reason")
     rows = [head]
     for r in report:
         t = (f"{r['sparse_ms']:10.3f} {r['dense_ms']:9.3f} {r['speedup']:7.2f}x" if r["sparse_ms"] is not None
              else f"{'-':>10} {'-':>9} {'-':>8}")
         rows.append(f"{r['name']:<28} {r['kind']:<6} {r['density']:8.4f} {'y' if r['bn'] else '-':>3} "
                     f"{'y' if r['relu'] else '-':>4} {'y' if r.get('residual') else '-':>3} "
-                    f"{'y' if r.get('depth_first') else '-':>2} {t}")
+                    f"{'y' if r.get('depth_first') else '-':>2} {t}  {r.get('reason', '')}")
     return "\n".join(rows)
