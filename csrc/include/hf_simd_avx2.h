@@ -3,7 +3,9 @@
 // no mask registers: a lane mask M is an integer bit set (bit k = lane k; bits >= W ignored), turned
 // into a vector mask for vmaskmov / masked gathers, which, like AVX-512's masked loads, never touch
 // the memory of inactive lanes. Included only by translation units compiled with the AVX2 flags
-// (HF_ISA=avx2), inside namespace hf::<isa>::cpu.
+// (HF_ISA=avx2), inside namespace hf::<isa>::cpu. vmaskmov is slow on AMD (the masked store is
+// microcoded on Zen 2-4), so a mask covering every lane takes the plain load / store: kernels written
+// for AVX-512's free masks pass full masks in their main loops.
 #pragma once
 
 #include <immintrin.h>
@@ -54,7 +56,7 @@ struct Simd<float> {
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(float v) { return _mm256_set1_ps(v); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static R loadz(M m, const float* p) { return _mm256_maskload_ps(p, vmask(m)); }
+  static R loadz(M m, const float* p) { return (m & 0xFFu) == 0xFFu ? load(p) : _mm256_maskload_ps(p, vmask(m)); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }  // b where either is NaN
@@ -76,7 +78,9 @@ struct Simd<float> {
     return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, idx), _mm256_castsi256_ps(vmask(m)));
   }
   static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static void store(M m, float* p, R v) { _mm256_maskstore_ps(p, vmask(m), v); }
+  static void store(M m, float* p, R v) {
+    if ((m & 0xFFu) == 0xFFu) store(p, v); else _mm256_maskstore_ps(p, vmask(m), v);
+  }
   static float sum(R v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -106,7 +110,7 @@ struct Simd<double> {
   static R zero() { return _mm256_setzero_pd(); }
   static R set1(double v) { return _mm256_set1_pd(v); }
   static R load(const double* p) { return _mm256_loadu_pd(p); }
-  static R loadz(M m, const double* p) { return _mm256_maskload_pd(p, vmask(m)); }
+  static R loadz(M m, const double* p) { return (m & 0xFu) == 0xFu ? load(p) : _mm256_maskload_pd(p, vmask(m)); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm256_add_pd(a, b); }
   static R max(R a, R b) { return _mm256_max_pd(a, b); }
@@ -123,7 +127,9 @@ struct Simd<double> {
     return _mm256_and_pd(_mm256_castps_pd(moved), _mm256_castsi256_pd(vmask(m)));
   }
   static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
-  static void store(M m, double* p, R v) { _mm256_maskstore_pd(p, vmask(m), v); }
+  static void store(M m, double* p, R v) {
+    if ((m & 0xFu) == 0xFu) store(p, v); else _mm256_maskstore_pd(p, vmask(m), v);
+  }
   static double sum(R v) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
