@@ -176,7 +176,7 @@ def test_pruned_model_state_dict(tmp_path):
 
 
 def test_exported_sparse_model(tmp_path):
-    sparse_model, _ = hf.sparse.sparsify(_pruned_cnn())
+    sparse_model, _ = hf.sparse.sparsify(_pruned_cnn(), dense_above=None)
     path = tmp_path / "exported.safetensors"
     hf.sparse.save(sparse_model, path)
     x = torch.randn(2, 1, 8, 8)

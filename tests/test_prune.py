@@ -357,7 +357,7 @@ def test_export_matches_masked_model_and_remove_restores():
     p = Pruner(model, target_sparsity=0.8, score_lr=2e-2)
     p.fit(TensorLoader(x, y, 16, shuffle=True), epochs=4, regrowth_epochs=1, progress=False)
     assert 0.7 < p.sparsity()["overall"] < 0.9
-    sparse = p.export()
+    sparse = p.export(dense_above=None)  # every layer sparse (the default keeps ~20 %-dense layers dense)
     assert isinstance(sparse.features[0], SparseConv2d) and isinstance(sparse.head, SparseLinear)
     assert isinstance(model.features[0], MaskedConv2d)  # the pruner's model is untouched
     loader = TensorLoader(x, y, 32)

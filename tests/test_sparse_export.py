@@ -89,7 +89,7 @@ def test_residual_fusion_takes_only_single_use_convolutions():
             return torch.relu(y + self.other(y))  # conv's output has two users: only `other` fuses (r = y)
 
     model = Block().eval()
-    sparse, report = sparsify(model)
+    sparse, report = sparsify(model, dense_above=None)
     assert {r["name"]: r["residual"] for r in report} == {"conv": False, "other": True}
     x = torch.randn(2, 4, 5, 5)
     with torch.inference_mode():
@@ -98,7 +98,7 @@ def test_residual_fusion_takes_only_single_use_convolutions():
 
 def test_fusion_without_folding_is_refused_when_the_relu_follows_the_norm():
     model = _pruned(VGGStyle)
-    sparse, report = sparsify(model, fold_bn=False)
+    sparse, report = sparsify(model, fold_bn=False, dense_above=None)
     assert not any(r["relu"] for r in report) and isinstance(sparse.features[1], nn.BatchNorm2d)
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
@@ -107,7 +107,7 @@ def test_fusion_without_folding_is_refused_when_the_relu_follows_the_norm():
 
 def test_dense_kept_layers_round_trip_with_relu():
     model = _pruned(VGGStyle)
-    sparse, _ = sparsify(model)
+    sparse, _ = sparsify(model, dense_above=None)
     sparse.features[4] = DenseConv2d.from_conv2d(nn.Conv2d(64, 128, 3, padding=1), relu=True)
     with torch.inference_mode():
         x = torch.randn(1, 3, 32, 32)
@@ -135,7 +135,7 @@ def test_a_layer_faster_dense_alone_is_retried_sparse_inside_the_program(monkeyp
     monkeypatch.setattr(export, "_faster", lambda a, b, x, budget_s: faster.append((a, b)) or whole_model_faster)
     model = _pruned(VGGStyle, 0.95)
     x = torch.randn(1, 3, 32, 32)
-    out, report = sparsify(model, x, time_budget_s=0.01)
+    out, report = sparsify(model, x, time_budget_s=0.01, never_slower=False)
     middle = next(r for r in report if r["name"] == "features.8")
     assert len(faster) == 1 and middle["speedup"] == 0.5  # the alternative was timed against the first choice
     if whole_model_faster:
@@ -163,7 +163,7 @@ with torch.inference_mode():
 @pytest.mark.parametrize("cls", [VGGStyle, ResNetStyle])
 def test_saved_export_reloads_in_a_fresh_process(tmp_path, cls):
     model = _pruned(cls, 0.95)
-    sparse, _ = sparsify(model)
+    sparse, _ = sparsify(model, dense_above=None)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         want = sparse(x)
@@ -182,7 +182,7 @@ def test_saved_export_reloads_in_a_fresh_process(tmp_path, cls):
 def test_load_rejects_foreign_and_corrupt_files(tmp_path):
     from hyperflow_ext._io import save_tensors
     model = _pruned(VGGStyle, 0.95)
-    sparse, _ = sparsify(model)
+    sparse, _ = sparsify(model, dense_above=None)
     path = tmp_path / "m.safetensors"
     save(sparse, path)
     with pytest.raises(ValueError, match="not match the factory's architecture|has no module"):

@@ -40,8 +40,8 @@ def native_threads():
 def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, native_threads):
     native_threads(threads)
     model = _pruned(cls, 0.9, dtype=dtype)
-    layered, _ = sparsify(model, depth_first=False)
-    fused, report = sparsify(model)
+    layered, _ = sparsify(model, depth_first=False, dense_above=None)
+    fused, report = sparsify(model, dense_above=None)
     assert isinstance(fused.sparse_net, SparseConvNet) and not hasattr(layered, "sparse_net")
     assert all(r["depth_first"] for r in report if r["layer"] == "Conv2d")
     for batch, channels_last in itertools.product([1, 5], [False, True]):
@@ -87,7 +87,7 @@ def test_odd_geometries_match_the_dense_model(hw):
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.mul_((torch.rand_like(m.weight) < 0.5).double())
-    fused, chain = fuse_network(sparsify(model, depth_first=False)[0])
+    fused, chain = fuse_network(sparsify(model, depth_first=False, dense_above=None)[0])
     assert chain == ["a", "b", "c", "d", "head"]  # the (sparse) head is a 1x1 convolution of the pooled map
     x = torch.randn(3, 2, *hw, dtype=torch.float64)
     with torch.inference_mode():
@@ -96,7 +96,7 @@ def test_odd_geometries_match_the_dense_model(hw):
 
 def test_max_pool_propagates_nan_like_torch():
     model = _pruned(VGGStyle, 0.5)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
     x[0, :, 5, 7] = float("nan")
     with torch.inference_mode():
@@ -107,9 +107,9 @@ def test_max_pool_propagates_nan_like_torch():
 
 def test_weight_edit_after_a_call_is_seen():
     model = _pruned(ResNetStyle, 0.9)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
-    layered, _ = sparsify(model, depth_first=False)
+    layered, _ = sparsify(model, depth_first=False, dense_above=None)
     with torch.inference_mode():
         before = fused(x)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_weight_edit_after_a_call_is_seen():
 
 def test_inputs_the_program_does_not_cover_take_the_module_path():
     model = _pruned(VGGStyle, 0.9)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(NotImplementedError, match="inference-only"):
         fused(x.requires_grad_())
@@ -138,7 +138,7 @@ def test_inputs_the_program_does_not_cover_take_the_module_path():
 
 def test_a_layer_swapped_after_export_runs_through_the_modules():
     model = _pruned(VGGStyle, 0.9)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     fused.features[4] = nn.Conv2d(64, 128, 3, padding=1)
     with torch.inference_mode():
         y = fused(torch.randn(2, 3, 32, 32))
@@ -147,7 +147,7 @@ def test_a_layer_swapped_after_export_runs_through_the_modules():
 
 def test_deepcopy_and_save_load_keep_the_chain(tmp_path):
     model = _pruned(ResNetStyle, 0.95)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         want = fused(x)
@@ -175,7 +175,7 @@ def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_thre
     if isinstance(getattr(fused, "sparse_net", None), SparseConvNet):
         assert fused.sparse_net.single_sample_team in (True, False)  # timed, not left to the rule
     else:  # timing kept layers dense or layer by layer (e.g. a sanitizer build): test the program itself
-        fused, _ = sparsify(model)
+        fused, _ = sparsify(model, dense_above=None)
     net = fused.sparse_net
     with torch.inference_mode():
         want = model(x)
@@ -197,7 +197,7 @@ def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_thre
 def test_concurrent_calls_are_bit_exact(native_threads):
     native_threads(2)
     model = _pruned(ResNetStyle, 0.9)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     inputs = [(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)),) for b in (1, 3, 4)]
     with torch.inference_mode():
         serial = {id(x): fused(x) for (x,) in inputs}
@@ -234,8 +234,8 @@ def test_native_program_checks():
 def test_dense_and_sparse_heads_run_inside_the_program():
     model = _pruned(VGGStyle, 0.9, dtype=torch.float64)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    dense_head, _ = sparsify(model, layers=convs)  # the head stays nn.Linear
-    sparse_head, _ = sparsify(model)
+    dense_head, _ = sparsify(model, layers=convs, dense_above=None)  # the head stays nn.Linear
+    sparse_head, _ = sparsify(model, dense_above=None)
     assert type(dense_head.head) is nn.Linear and dense_head.sparse_net.layer_names[-1] == "head"
     assert sparse_head.sparse_net.layer_names[-1] == "head"
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
@@ -270,7 +270,7 @@ class _FlattenHead(nn.Module):
 @pytest.mark.parametrize("how", ["module", "method", "function"])
 def test_every_flatten_spelling_before_the_head_is_folded(how):
     model = _pruned(_FlattenHead, 0.7, flatten=how)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     assert fused.sparse_net.layer_names[-1] == "head"
     x = torch.randn(2, 3, 12, 10)
     with torch.inference_mode():
@@ -283,7 +283,7 @@ def test_a_detached_program_or_an_empty_one_is_refused_clearly():
     with pytest.raises(ValueError, match="at least one step"):
         SparseConvNet([])
     model = _pruned(VGGStyle, 0.9)
-    fused, _ = sparsify(model)
+    fused, _ = sparsify(model, dense_above=None)
     detached = SparseConvNet(fused.sparse_net.steps, fused.sparse_net.layer_names)
     with pytest.raises(RuntimeError, match="attach"):
         detached(torch.randn(1, 3, 32, 32))

@@ -502,7 +502,8 @@ class Pruner:
 
     # ----------------------------------------------------------------------------- export / remove
     def export(self, example_input: Optional[torch.Tensor] = None, *, fold_bn: bool = True,
-               fuse_relu: bool = True, time_budget_s: float = 0.1) -> nn.Module:
+               fuse_relu: bool = True, time_budget_s: float = 0.1, dense_above: Any = "auto",
+               never_slower: bool = True) -> nn.Module:
         """A copy of the model with every masked layer replaced by a sparse inference layer.
 
         Linear layers become :class:`~hyperflow_ext.sparse.SparseLinear`, convolutions
@@ -517,7 +518,10 @@ class Pruner:
 
         Args:
             example_input: a representative input batch for the dense-or-sparse timing (optional).
-            fold_bn, fuse_relu, time_budget_s: as :func:`~hyperflow_ext.sparse.sparsify`.
+            fold_bn, fuse_relu, time_budget_s, dense_above, never_slower: as
+                :func:`~hyperflow_ext.sparse.sparsify` (with ``example_input`` the whole export is kept only
+                where it times faster than the dense model; without one, layers denser than the ISA path's
+                threshold stay dense).
         """
         self._check_active("export")
         plain: Dict[int, nn.Module] = {}
@@ -537,7 +541,8 @@ class Pruner:
         memo = {id(m): plain[id(m)] for m in self._layers.values()}
         dense_model = copy.deepcopy(self.model, memo)
         exported, self.export_report = sparsify(dense_model, example_input, layers=names, fold_bn=fold_bn,
-                                                fuse_relu=fuse_relu, time_budget_s=time_budget_s, inplace=True)
+                                                fuse_relu=fuse_relu, time_budget_s=time_budget_s, inplace=True,
+                                                dense_above=dense_above, never_slower=never_slower)
         return exported
 
     def remove(self) -> nn.Module:
