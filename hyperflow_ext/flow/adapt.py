@@ -189,38 +189,52 @@ def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, s
     return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
 
 
+def _segments(horizon: float, steps: int, times: Sequence[float]) -> List[Tuple[float, float, int]]:
+    """``[(start, end, steps)]`` covering ``0 .. max(times)``: ``steps`` equal steps up to ``horizon`` (so
+    the state there is exactly the plain integration's), cut at every earlier time, and ``steps`` more
+    up to a later time (the path's end is a candidate, not a place that needs fine steps)."""
+    dt = horizon / steps
+    cuts = sorted({max(1, int(round(t / dt))) for t in times if t <= horizon} | {steps})
+    out, n0 = [], 0
+    for n in cuts:
+        out.append((n0 * dt, n * dt, n - n0))
+        n0 = n
+    for t in sorted(t for t in times if t > horizon):
+        out.append((out[-1][1], t, steps))
+    return out
+
+
 def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
                times: Sequence[float], backend: Optional[str], guard: float,
                ood_radius: float) -> Dict[float, torch.Tensor]:
-    """``{t: (tasks, P)}`` adapted vectors at every time in ``times`` from one integration with step
-    ``horizon / steps`` (each time rounded to a whole number of steps), segment by segment."""
-    dt = horizon / steps
-    marks = {t: max(1, int(round(t / dt))) for t in times}
-    total = max(marks.values())
+    """``{t: (tasks, P)}`` adapted vectors at every time in ``times`` (see :func:`_segments`) from one
+    integration, segment by segment on the fused integrator."""
+    segments = _segments(horizon, steps, times)
     with torch.inference_mode():
-        theta_pre, w, task_bias, table, _ = _integration_inputs(backbone, flow, z, total, solver, total * dt)
-        dtype = task_bias.dtype
-        limit = guard * flow.max_rate * dt if math.isfinite(guard) else math.inf
-        delta = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=task_bias.device)
+        theta_pre, w, task_bias, _, _ = _integration_inputs(backbone, flow, z, steps, solver, horizon)
+        dtype, device = task_bias.dtype, task_bias.device
+        delta = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=device)
         trust = _trust(flow, z, ood_radius).to(delta)[:, None]
-        at: Dict[int, torch.Tensor] = {}
+        at: Dict[float, torch.Tensor] = {}
         done_all = torch.zeros(z.shape[0], dtype=torch.long)
         halted = torch.zeros(z.shape[0], dtype=torch.bool)
-        start = 0
-        for mark in sorted(set(marks.values())):
-            seg = table[start:mark].contiguous()
-            moved, done = drift_integrate(w, delta, task_bias, seg, dt, solver,
+        for start, end, n in segments:
+            dt = (end - start) / n
+            limit = guard * flow.max_rate * dt if math.isfinite(guard) else math.inf
+            table = flow.time_table(n, end - start, solver, dtype, device, start=start)
+            moved, done = drift_integrate(w, delta, task_bias, table, dt, solver,
                                           limit if limit > 0 else math.inf, backend)
             done = done.cpu().long()
             # a task the guard stopped keeps its last good state for the rest of the path
-            delta = torch.where(halted.to(delta.device)[:, None], delta, moved)
+            delta = torch.where(halted.to(device)[:, None], delta, moved)
             done_all += torch.where(halted, 0, done)
-            halted |= done < mark - start
-            at[mark] = (theta_pre.to(dtype) + trust * delta).to(theta_pre.dtype)
-            start = mark
+            halted |= done < n
+            at[end] = (theta_pre.to(dtype) + trust * delta).to(theta_pre.dtype)
+        total = sum(n for *_, n in segments)
         stopped = (done_all < total).nonzero().flatten()
         if stopped.numel():
             warnings.warn(f"fused_adapt: the divergence guard stopped {stopped.numel()} task(s) early "
                           f"(first: task {int(stopped[0])} after {int(done_all[stopped[0]])} of {total} steps); "
                           f"their last good state is returned", RuntimeWarning, stacklevel=3)
-        return {t: at[m] for t, m in marks.items()}
+        ends = sorted(at)
+        return {t: at[min(ends, key=lambda e: abs(e - t))] for t in times}

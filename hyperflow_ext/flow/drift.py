@@ -140,8 +140,9 @@ class DriftNetwork(nn.Module):
 
     @torch.no_grad()
     def time_table(self, steps: int, horizon: float, tableau: Tableau,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``W_t e(t)`` at every stage time: ``(steps, stages, H)``.
+                   dtype: torch.dtype = torch.float32, start: float = 0.0) -> torch.Tensor:
+        """``W_t e(t)`` at every stage time of ``steps`` steps of ``horizon / steps`` from ``start``:
+        ``(steps, stages, H)``.
 
         Raises:
             ValueError: ``steps`` is not a positive int, ``horizon`` not finite and > 0, or
@@ -157,7 +158,7 @@ class DriftNetwork(nn.Module):
         dt = horizon / steps
         n = torch.arange(steps, dtype=torch.float64)[:, None]
         c = torch.tensor(tableau.c, dtype=torch.float64)[None, :]
-        t = ((n + c) * dt).to(self.time.weight.dtype).to(self.time.weight.device)
+        t = (start + (n + c) * dt).to(self.time.weight.dtype).to(self.time.weight.device)
         return self.time_bias(t).to(dtype).contiguous()
 
     def extra_repr(self) -> str:

@@ -416,7 +416,7 @@ class HyperFlow:
         return copy_
 
     def time_table(self, steps: int, horizon: float, solver: str, dtype: torch.dtype,
-                   device: Optional[torch.device] = None) -> torch.Tensor:
+                   device: Optional[torch.device] = None, start: float = 0.0) -> torch.Tensor:
         """``W_t e(t)`` at every stage time of an integration, ``(steps, stages, H)`` (cached like
         :meth:`packed`: it depends only on the schedule, not on the task).
 
@@ -425,10 +425,10 @@ class HyperFlow:
                 :meth:`DriftNetwork.time_table`).
         """
         device = self.net.time.weight.device if device is None else torch.device(device)
-        key = (steps, horizon, solver, dtype, device)
+        key = (steps, horizon, solver, dtype, device, start)
         table = self._tables.get(key)
         if table is None:
-            table = self.net.time_table(steps, horizon, get_tableau(solver), dtype).to(device)
+            table = self.net.time_table(steps, horizon, get_tableau(solver), dtype, start).to(device)
             if len(self._tables) >= 32:  # many distinct schedules: keep the cache bounded
                 self._tables = {}        # replaced, not cleared: a concurrent reader keeps its entry
             self._tables[key] = table

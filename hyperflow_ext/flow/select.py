@@ -24,6 +24,7 @@ __all__ = ["loo_scores", "choose_candidate", "select_adapt", "selection_horizons
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
 PATH_END = 1.0  # the recorded trajectories' length in flow time
+SCORING_PARTS = 5  # each candidate's support forward runs in this many equal parts
 
 
 def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] = None, metric: str = "cosine",
@@ -107,7 +108,9 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
     scores: Dict[str, Tuple[float, float, float]] = {}
     with torch.no_grad():
         for name, m in models.items():
-            feats = features_with(backbone, subset, m.theta, support_x, buffers=m.buffers)
+            # in parts, like the task encoder: activation memory of a fifth of the support set
+            feats = torch.cat([features_with(backbone, subset, m.theta, part, buffers=m.buffers)
+                               for part in support_x.tensor_split(min(SCORING_PARTS, support_x.shape[0]))])
             if not bool(torch.isfinite(feats).all()):
                 continue  # a candidate that breaks the features is never chosen
             m._protos = prototypes(feats, support_y, way)  # the chosen model reuses this forward
