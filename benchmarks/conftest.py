@@ -45,7 +45,7 @@ def platform_info() -> dict:
     info = {"cpu_model": native.cpu_model(), "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
     try:
         info["isa"] = native.isa() if native.available() else "none (extension missing)"
-    except ValueError as exc:  # a bad HYPERFLOW_ISA
+    except (ValueError, RuntimeError) as exc:  # a bad HYPERFLOW_ISA, or a build from before ISA dispatch
         info["isa"] = f"error: {exc}"
     return info
 

@@ -124,16 +124,23 @@ def isa() -> str:
     ``$HYPERFLOW_ISA`` names, else the best this CPU supports.
 
     Raises:
-        RuntimeError: the extension is missing.
+        RuntimeError: the extension is missing, or was built before ISA dispatch (rebuild it).
         ValueError: ``$HYPERFLOW_ISA`` names an unknown path or one this CPU lacks (every native CPU
             call raises the same, rather than silently running another path).
     """
-    return str(cpu_module().isa())
+    mod = cpu_module()
+    if not hasattr(mod, "isa"):
+        raise RuntimeError(f"hyperflow_ext: the native module {getattr(mod, '__file__', '?')} predates runtime ISA "
+                           f"dispatch; rebuild it (pip install . or python setup.py build_ext --inplace)")
+    return str(mod.isa())
 
 
 def isa_paths() -> Dict[str, bool]:
-    """Every ISA path this build holds (best first) -> whether this CPU can run it."""
+    """Every ISA path this build holds (best first) -> whether this CPU can run it ({} for a module built
+    before ISA dispatch)."""
     mod = cpu_module()
+    if not hasattr(mod, "isa_compiled"):
+        return {}
     return {name: bool(mod.isa_supported(name)) for name in mod.isa_compiled()}
 
 
@@ -281,7 +288,7 @@ def diagnostics() -> Dict[str, object]:
         info["native_cpu_path"] = getattr(_cpu, "__file__", None)
         try:
             info["isa"] = isa()
-        except ValueError as exc:  # a bad $HYPERFLOW_ISA: shown, not raised
+        except (ValueError, RuntimeError) as exc:  # a bad $HYPERFLOW_ISA or a stale build: shown, not raised
             info["isa"] = f"error: {exc}"
         info["isa_paths"] = ", ".join(f"{k} ({'supported' if v else 'not supported by this CPU'})"
                                       for k, v in isa_paths().items())

@@ -56,7 +56,7 @@ _ISA_MODULES = frozenset({
 def _isa_params():
     from hyperflow_ext import native
 
-    if not native.available():
+    if not native.available() or not native.isa_paths():  # no extension, or one built before ISA dispatch
         return []
     forced = os.environ.get("HYPERFLOW_ISA", "")
     if forced and forced != "auto":

@@ -10,7 +10,8 @@ from hyperflow_ext.prune.cnns import VGGStyle, apply_masks, magnitude_masks, ran
 from hyperflow_ext.sparse import DenseConv2d, SparseConv2d, sparsify
 from hyperflow_ext.sparse import _dense_guard
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
+pytestmark = pytest.mark.skipif(not native.available() or not native.isa_paths(),
+                                reason="native extension not built (or built before ISA dispatch)")
 
 
 def _model(sparsity):

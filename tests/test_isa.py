@@ -18,7 +18,8 @@ import torch
 
 from hyperflow_ext import native
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="needs the native CPU extension")
+pytestmark = pytest.mark.skipif(not native.available() or not native.isa_paths(),
+                                reason="needs the native CPU extension, built with ISA dispatch")
 
 PATHS = ("avx512", "avx2", "baseline")
 

@@ -44,7 +44,7 @@ def dense_above(setting: Any) -> Optional[float]:
     if setting == "auto":
         try:
             path = native.isa() if native.available() else "torch"
-        except ValueError:  # a bad HYPERFLOW_ISA: the kernels will raise it; no threshold here
+        except (ValueError, RuntimeError):  # a bad HYPERFLOW_ISA (the kernels raise it) or a stale build
             return None
         return DENSITY_THRESHOLDS.get(path, DENSITY_THRESHOLDS["baseline"])
     if isinstance(setting, bool) or not isinstance(setting, (int, float)) or not 0.0 <= float(setting) <= 1.0:

@@ -502,7 +502,7 @@ def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: flo
 def _isa_name() -> str:
     try:
         return native.isa() if native.available() else "torch"
-    except ValueError:
+    except (ValueError, RuntimeError):
         return "unknown"
 
 
