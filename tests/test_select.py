@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from _toy_tasks import episodes
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
 from hyperflow_ext.flow.baselines import support_statistics
-from hyperflow_ext.flow.select import CALIBRATION_SCALES, loo_scores, select_adapt, selection_horizons
+from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores, select_adapt,
+                                      selection_horizons)
 from hyperflow_ext.models import Conv4, proto_logits
 
 
@@ -72,9 +73,15 @@ def _candidate_thetas(backbone, flow, sx, sy):
     for h in selection_horizons(flow.horizon):
         out[f"flow@{h:g}"] = fused_adapt(backbone, sx, sy, flow=flow, horizon=h, steps=int(round(50 * h / 0.5)),
                                          select=False).theta
-    for s in (0.5, 1.0):
+    for s in (0.25, 0.5):
         out[f"mean@{s:g}"] = theta0 + s * flow.mean_delta
     return out
+
+
+def expected_choice(scores):
+    """The rule: the lowest calibrated loss, if it beats no adaptation by SELECT_MARGIN."""
+    best = min(scores, key=lambda k: scores[k][2])
+    return best if best == "none" or scores[best][2] <= scores["none"][2] - SELECT_MARGIN else "none"
 
 
 def test_fused_adapt_scores_every_candidate_and_keeps_the_best(tiny):
@@ -83,13 +90,19 @@ def test_fused_adapt_scores_every_candidate_and_keeps_the_best(tiny):
     model = fused_adapt(backbone, sx, sy, flow=flow)
     sel = model.selection
     thetas = _candidate_thetas(backbone, flow, sx, sy)
-    assert set(sel["scores"]) == set(thetas) == {"none", "flow@0.25", "flow@0.5", "flow@1", "mean@0.5", "mean@1"}
+    assert set(sel["scores"]) == set(thetas) == {"none", "flow@0.25", "flow@0.5", "mean@0.25", "mean@0.5"}
     for name, theta in thetas.items():  # each score is loo_scores of that candidate's own support features
         f = features_with(backbone, flow.subset, theta, sx)
         for got, want in zip(loo_scores(f, sy, metric=flow.metric, scale=flow.scale), sel["scores"][name]):
             assert abs(got - want) < 1e-5, name
-    assert sel["chosen"] == min(sel["scores"], key=lambda k: sel["scores"][k][2])
+    assert sel["chosen"] == expected_choice(sel["scores"])
     torch.testing.assert_close(model.theta, thetas[sel["chosen"]], rtol=1e-5, atol=1e-6)
+    # without the margin the lowest loss wins outright; with a huge one nothing beats no adaptation
+    cands = {k: (v, None) for k, v in thetas.items()}
+    loose = choose_candidate(backbone, flow.subset, cands, sx, sy, 3, flow.metric, flow.scale, margin=0.0)
+    assert loose.selection["chosen"] == min(sel["scores"], key=lambda k: sel["scores"][k][2])
+    strict = choose_candidate(backbone, flow.subset, cands, sx, sy, 3, flow.metric, flow.scale, margin=1e9)
+    assert strict.selection["chosen"] == "none"
     assert model(sx).shape == (len(sy), 3) and not model.theta.requires_grad
 
 

@@ -6,10 +6,9 @@ segment by segment so the states at a few horizons come out of one integration) 
 candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_ext.flow.select.loo_scores`):
 
 * ``"none"`` — the pretrained parameters (so a task the drift would hurt is left as it was);
-* ``"flow@h"`` — the drift's state at horizon ``h`` (the flow's tuned horizon, half of it, and the
-  recorded path's end);
-* ``"mean@s"`` — ``s`` times the mean meta-training displacement (robust where the task-specific
-  part of the drift does not transfer);
+* ``"flow@h"`` — the drift's state at horizon ``h`` (the flow's tuned horizon and half of it);
+* ``"mean@s"`` — ``s`` times the mean meta-training displacement (``s`` = 0.25, 0.5; robust where the
+  task-specific part of the drift does not transfer);
 * ``"support statistics"`` — on backbones with BatchNorm running statistics, those statistics
   re-estimated on the support set.
 
@@ -45,8 +44,9 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     The drop-in replacement for a few-shot fine-tuning loop: same inputs, returns a model to call.
     The task encoder runs once per task; integration never runs the backbone. With ``select``
     (the default) each task then keeps the candidate (module docstring) whose support features
-    classify the support set best by calibrated leave-one-out prototypes: one support forward per
-    candidate, still no backward pass. A class with a single shot leaves the criterion undefined;
+    classify the support set best by calibrated leave-one-out prototypes, if it beats the unadapted
+    model by :data:`~hyperflow_ext.flow.select.SELECT_MARGIN`: one support forward per candidate,
+    still no backward pass. A class with a single shot leaves the criterion undefined;
     such a task gets the drift's state at the horizon.
 
     Args:
@@ -143,7 +143,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
                             fallback=f"flow@{horizon:g}")
 
 
-MEAN_SCALES = (0.5, 1.0)  # multiples of the mean meta-training displacement offered as candidates
+MEAN_SCALES = (0.25, 0.5)  # multiples of the mean meta-training displacement offered as candidates
 
 
 def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow: HyperFlow,

@@ -118,13 +118,13 @@ class HyperFlow:
             statistics of the final features and of the head's loss gradient and, for every
             layer that owns an adapted parameter, its channel means over the support set and
             their spread across classes, collected by hooks in the encoder's one forward) or
-            ``"final"`` (the final-feature statistics only). On ``fewshot_benchmark`` the layer
-            statistics doubled the share of bias tuning's gain recovered (32 % against 16 %).
+            ``"final"`` (the final-feature statistics only).
 
     Example:
         >>> flow = HyperFlow(backbone, params="bias")
         >>> flow.fit(episodes)             # picks fine-tuning's learning rate, records, trains
-        >>> model = fused_adapt(backbone, support_x, support_y, flow=flow, steps=50)
+        >>> flow.tune_horizon(held_out_episodes)
+        >>> model = fused_adapt(backbone, support_x, support_y, flow=flow)  # model.selection: the choice
     """
 
     def __init__(self, backbone: nn.Module, params: ParamSpec = "bias", metric: str = "cosine",

@@ -20,11 +20,11 @@ from .functional import features_with
 from .params import ParamSubset
 
 __all__ = ["loo_scores", "choose_candidate", "select_adapt", "selection_horizons", "has_batchnorm_stats",
-           "CALIBRATION_SCALES", "PATH_END"]
+           "CALIBRATION_SCALES", "SELECT_MARGIN"]
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
-PATH_END = 1.0  # the recorded trajectories' length in flow time
 SCORING_PARTS = 5  # each candidate's support forward runs in this many equal parts
+SELECT_MARGIN = 0.1  # nats of calibrated leave-one-out loss a candidate must gain over no adaptation
 
 
 def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] = None, metric: str = "cosine",
@@ -65,9 +65,9 @@ def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] 
 
 
 def selection_horizons(horizon: float) -> Tuple[float, ...]:
-    """The drift states :func:`fused_adapt` offers as candidates: half the horizon, the horizon and
-    the recorded path's end (when the horizon lies before it)."""
-    return tuple(sorted({horizon / 2, horizon, max(horizon, PATH_END)}))
+    """The drift states :func:`fused_adapt` offers as candidates: half the horizon and the horizon
+    (later states overshoot more often than they help)."""
+    return (horizon / 2, horizon)
 
 
 def has_batchnorm_stats(backbone: nn.Module) -> bool:
@@ -78,14 +78,19 @@ def has_batchnorm_stats(backbone: nn.Module) -> bool:
 def choose_candidate(backbone: nn.Module, subset: ParamSubset,
                      candidates: Dict[str, Tuple[torch.Tensor, Optional[object]]], support_x: torch.Tensor,
                      support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
-                     fallback: Optional[str] = None) -> AdaptedProtoNet:
-    """The candidate whose support features give the lowest calibrated leave-one-out loss.
+                     fallback: Optional[str] = None, reference: str = "none",
+                     margin: float = SELECT_MARGIN) -> AdaptedProtoNet:
+    """The candidate whose support features give the lowest calibrated leave-one-out loss, kept only
+    when it beats ``reference`` (the unadapted model) by more than ``margin``; otherwise ``reference``.
 
     Args:
         candidates: ``{name: (theta (P,), buffers)}`` where ``buffers`` is ``None``, a ``{name:
             tensor}`` dict, or ``"support"`` for BatchNorm statistics re-estimated on the support set.
         fallback: the candidate kept when some class has a single shot (no criterion then);
             default the first.
+        reference: the candidate to keep unless another is clearly better (must be in ``candidates``).
+        margin: how much lower (in nats) another candidate's calibrated loss must be: the support set
+            is small, and a candidate that wins by less is as likely to hurt the queries as to help.
 
     Returns:
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
@@ -118,6 +123,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
     if not scores:
         raise FloatingPointError("choose_candidate: every candidate gives non-finite support features")
     name = min(scores, key=lambda k: scores[k][2])
+    if name != reference and reference in scores and scores[name][2] > scores[reference][2] - margin:
+        name = reference
     chosen = models[name]
     chosen.selection = {"chosen": name, "scores": scores}
     return chosen
