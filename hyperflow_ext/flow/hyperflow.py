@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 import math
 import os
 import warnings
-from dataclasses import asdict
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -176,21 +174,9 @@ class HyperFlow:
         self._prepare(support_x)
 
     def _adopt_layout(self, ts: TrajectorySet) -> None:
-        """Size an unprobed encoder from the encoder that recorded ``ts``, when they agree."""
-        layout, z_dim = ts.layout, ts.z.shape[-1]
-        declared = self.encoder.feature_dim
-        if layout is not None and set(layout["layers"]) <= set(self.encoder.layers) \
-                and declared in (None, layout["feature_dim"]):
-            self.encoder.feature_dim = layout["feature_dim"]
-            self.encoder.layers, self.encoder.layer_dims = list(layout["layers"]), list(layout["layer_dims"])
-        elif declared is not None and z_dim == 5 * declared + 1:  # final-feature statistics only
-            self.encoder.layers, self.encoder.layer_dims = [], []
+        """Size an unprobed encoder from the encoder that recorded ``ts`` (see :meth:`TaskEncoder.adopt`)."""
+        if not self.encoder.adopt(ts.layout, ts.z.shape[-1]):
             self.task_stats = "final"
-        elif declared is None and not self.encoder.layers and (z_dim - 1) % 5 == 0:
-            self.encoder.feature_dim, self.encoder.layer_dims = (z_dim - 1) // 5, []
-        else:
-            raise ValueError(f"HyperFlow.fit: cannot tell how these trajectories' task embeddings (size {z_dim}) "
-                             f"were made; call flow.probe(support_x) first or pass episodes")
 
     # -- meta-training -------------------------------------------------------------------
     def record(self, episodes: Iterable, tasks: Optional[int] = None, trajectory_steps: int = 50,
@@ -476,9 +462,8 @@ class HyperFlow:
                    hidden=meta["hidden"], encoder=encoder, seed=meta["seed"],
                    task_stats=meta.get("task_stats", "final"))
         if not flow.encoder.ready:  # checked against the backbone's output at the first call
-            flow.encoder.feature_dim = meta.get("feature_dim") or (int(meta["task_dim"]) - 1) // 5
-            flow.encoder.layers = list(meta.get("layers") or [])
-            flow.encoder.layer_dims = list(meta.get("layer_dims") or [])
+            flow.encoder.restore(meta.get("feature_dim"), meta.get("layers"), meta.get("layer_dims"),
+                                 int(meta["task_dim"]))
         if flow.subset.numel != meta["numel"] or flow.encoder.dim != meta["task_dim"]:
             raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
                              f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")

@@ -7,7 +7,7 @@ A gradient-free adapter may use the support set this way: it never sees a query.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

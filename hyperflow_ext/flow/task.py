@@ -92,7 +92,46 @@ class TaskEncoder(nn.Module):
     def dim(self) -> int:
         if not self.ready:
             raise ValueError("TaskEncoder: the embedding size is unknown until probe(sample) has run")
-        return 5 * self.feature_dim + 1 + 2 * sum(self.layer_dims)
+        return self.final_dim(self.feature_dim) + 2 * sum(self.layer_dims)
+
+    @staticmethod
+    def final_dim(feature_dim: int) -> int:
+        """Size of ``z`` from the final features alone (no layer statistics): ``5 d + 1``."""
+        return 5 * feature_dim + 1
+
+    def adopt(self, layout: Optional[dict], z_dim: int) -> bool:
+        """Size an unprobed encoder like the one that produced embeddings of size ``z_dim``.
+
+        Args:
+            layout: ``{"feature_dim", "layers", "layer_dims"}`` recorded with the embeddings, or ``None``.
+
+        Returns:
+            ``True`` when the layer statistics are kept, ``False`` when ``z`` holds the final-feature
+            statistics only (then :attr:`layers` is emptied).
+
+        Raises:
+            ValueError: the layout cannot be told from what is known.
+        """
+        declared = self.feature_dim
+        if layout is not None and set(layout["layers"]) <= set(self.layers) \
+                and declared in (None, layout["feature_dim"]):
+            self.feature_dim = layout["feature_dim"]
+            self.layers, self.layer_dims = list(layout["layers"]), list(layout["layer_dims"])
+            return True
+        if declared is not None and z_dim == self.final_dim(declared):
+            self.layers, self.layer_dims = [], []
+            return False
+        if declared is None and not self.layers and (z_dim - 1) % 5 == 0:
+            self.feature_dim, self.layer_dims = (z_dim - 1) // 5, []
+            return True
+        raise ValueError(f"HyperFlow.fit: cannot tell how these trajectories' task embeddings (size {z_dim}) "
+                         f"were made; call flow.probe(support_x) first or pass episodes")
+
+    def restore(self, feature_dim: Optional[int], layers: Optional[Sequence[str]],
+                layer_dims: Optional[Sequence[int]], z_dim: int) -> None:
+        """Sizes saved with a flow (checked against the backbone's output at the first call)."""
+        self.feature_dim = feature_dim or (z_dim - 1) // 5
+        self.layers, self.layer_dims = list(layers or []), list(layer_dims or [])
 
     @torch.no_grad()
     def probe(self, sample: torch.Tensor) -> int:
