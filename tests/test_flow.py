@@ -1,12 +1,11 @@
 """HyperFlow: interpolants, solvers, the fused integrator, fit/save/load and fused_adapt."""
 import copy
 import math
-import warnings
 
 import pytest
 import torch
 
-import hyperflow_ext as hf
+from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import (INTERPOLATIONS, DriftNetwork, DriftTrainConfig, HyperFlow, Interpolant,
                                 ParamSubset, TaskEncoder, TrajectorySet, drift_integrate,
                                 drift_integrate_reference, fused_adapt, get_tableau, odeint, train_drift)
@@ -102,30 +101,12 @@ def test_drift_integrate_triton_matches_reference():
 
 
 # -- end to end on a tiny backbone ------------------------------------------------------------
-def _episodes(n, way=3, shot=2, seed=0, query=0):
-    """Tiny episodes ``(support_x, support_y)``, or with ``query`` > 0 also ``(query_x, query_y)``."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.rand(8, 1, 16, 16, generator=g)
-    for _ in range(n):
-        cls = torch.randperm(8, generator=g)[:way]
-        sets = []
-        for k in (shot, query) if query else (shot,):
-            x = centres[cls].repeat_interleave(k, 0) + 0.1 * torch.rand(way * k, 1, 16, 16, generator=g)
-            sets += [x, torch.arange(way).repeat_interleave(k)]
-        yield tuple(sets)
+_episodes = episodes
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    backbone = Conv4(hidden=8, groups=2).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    flow = HyperFlow(backbone, params="bias", hidden=32)
-    ts = flow.record(_episodes(12), tasks=12, trajectory_steps=8, progress=False, lr=5e-2)
-    flow.fit(trajectories=ts, interpolation="cubic", train_config=DriftTrainConfig(iters=60, eval_every=20),
-             progress=False)
-    return backbone, flow, ts
+    return tiny_flow()
 
 
 def test_fit_learns_and_keeps_best(tiny, tmp_path):

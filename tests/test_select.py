@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _toy_tasks import episodes
+from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
 from hyperflow_ext.flow.baselines import support_statistics
 from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores, select_adapt,
@@ -54,14 +54,7 @@ def test_loo_scores_match_a_reference(metric, scale):
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    backbone = Conv4(hidden=8, groups=2).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    flow = HyperFlow(backbone, params="bias", hidden=32)
-    ts = flow.record(_episodes(12), tasks=12, trajectory_steps=8, progress=False, lr=5e-2)
-    flow.fit(trajectories=ts, interpolation="cubic", train_config=DriftTrainConfig(iters=60, eval_every=20),
-             progress=False)
+    backbone, flow, _ = tiny_flow(shot=3)
     flow.horizon = 0.5
     return backbone, flow
 
