@@ -297,3 +297,17 @@ def test_cuda_sparse_kernels_match_reference(dtype):
     xi = torch.randn(2, 3, 9, 9, dtype=dtype)
     with torch.no_grad():
         torch.testing.assert_close(sp(xi.cuda()).cpu(), sp.cpu()(xi), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csr_linear_empty_batch_and_all_zero_matrix(dtype):
+    """The zero-size cases the property tests (sizes from 1) do not draw."""
+    dense, w = random_csr(9, 7, 0.3, dtype)
+    for batch in (0, 3):
+        x = torch.randn(batch, 7, dtype=dtype)
+        y = csr_linear(x, w)
+        assert y.shape == (batch, 9) and y.dtype == dtype
+        torch.testing.assert_close(y, x @ dense.T)
+    zero = CSRMatrix.from_dense(torch.zeros(9, 7, dtype=dtype))
+    assert zero.nnz == 0
+    assert torch.equal(csr_linear(torch.randn(4, 7, dtype=dtype), zero), torch.zeros(4, 9, dtype=dtype))
