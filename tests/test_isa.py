@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 
 import pytest
@@ -26,7 +27,10 @@ PATHS = ("avx512", "avx2", "baseline")
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     full = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    # Outside the checkout: from its root, `import hyperflow_ext` would find the unbuilt source tree
+    # instead of the installed package (CI installs with build isolation, not in place).
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300,
+                          cwd=tempfile.gettempdir())
 
 
 def test_paths_compiled_best_first_and_baseline_always_supported():
