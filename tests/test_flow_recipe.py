@@ -272,3 +272,12 @@ def test_support_statistics_baseline_matches_batchnorm_in_training_mode_and_keep
     assert not torch.allclose(model(qx), direct_transfer(backbone, sx, sy)(qx))
     with pytest.raises(ValueError, match="no BatchNorm"):
         support_statistics(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()), sx, sy)
+
+
+def test_fit_refuses_a_bad_reach_or_augment_setting():
+    backbone = _bn_backbone()
+    for reach in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="reach must be finite and > 0"):
+            HyperFlow(backbone, hidden=8).fit(_episodes(2), tasks=2, trajectory_steps=2, progress=False, reach=reach)
+    with pytest.raises(ValueError, match="shifts must be names"):
+        HyperFlow(backbone, hidden=8).fit(_episodes(2), tasks=2, trajectory_steps=2, progress=False, augment=["sepia"])

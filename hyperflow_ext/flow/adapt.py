@@ -159,7 +159,8 @@ def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Ten
     horizon = flow.horizon if horizon is None else horizon
     z = flow.encoder(support_x, support_y, way)
     with torch.inference_mode():
-        theta_pre, w, task_bias, table, dt = _integration_inputs(backbone, flow, z, steps, solver, horizon)
+        theta_pre, w, task_bias = _task_inputs(backbone, flow, z)
+        table, dt = flow.time_table(steps, horizon, solver, task_bias.dtype, task_bias.device), horizon / steps
         delta0 = torch.zeros(z.shape[0], flow.subset.numel, dtype=task_bias.dtype, device=task_bias.device)
         _, _, states = drift_integrate_reference(w, delta0, task_bias, table, dt, solver, return_path=True)
         trust = _trust(flow, z, ood_radius).to(task_bias)
@@ -176,42 +177,38 @@ def _trust(flow: HyperFlow, z: torch.Tensor, ood_radius: float) -> torch.Tensor:
     return ((ood_radius * radius - d) / ((ood_radius - 1) * radius)).clamp(0.0, 1.0)
 
 
-def _integration_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str,
-                        horizon: float):
-    """``(θ_pre, packed weights, task term, time table, dt)`` in the backbone's float dtype."""
+def _task_inputs(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor):
+    """``(θ_pre, packed weights, task term)`` in the backbone's float dtype (the time table depends on
+    the schedule only: :meth:`HyperFlow.time_table`)."""
     theta_pre = flow.subset.vector(backbone)
     dtype, device = theta_pre.dtype, theta_pre.device
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
     net = flow.net_on(device)
     task_bias = net.task_bias(z.to(device, net.inp.weight.dtype)).to(dtype).contiguous()
-    table = flow.time_table(steps, horizon, solver, dtype, device)
-    return theta_pre, flow.packed(dtype, device), task_bias, table, horizon / steps
+    return theta_pre, flow.packed(dtype, device), task_bias
 
 
 def _segments(horizon: float, steps: int, times: Sequence[float]) -> List[Tuple[float, float, int]]:
-    """``[(start, end, steps)]`` covering ``0 .. max(times)``: ``steps`` equal steps up to ``horizon`` (so
-    the state there is exactly the plain integration's), cut at every earlier time, and ``steps`` more
-    up to a later time (the path's end is a candidate, not a place that needs fine steps)."""
+    """``[(start, end, steps)]``: ``steps`` equal steps up to ``horizon`` (so the state there is exactly
+    the plain integration's), cut at every earlier time in ``times`` (each rounded to a whole step)."""
     dt = horizon / steps
     cuts = sorted({max(1, int(round(t / dt))) for t in times if t <= horizon} | {steps})
     out, n0 = [], 0
     for n in cuts:
         out.append((n0 * dt, n * dt, n - n0))
         n0 = n
-    for t in sorted(t for t in times if t > horizon):
-        out.append((out[-1][1], t, steps))
     return out
 
 
 def _integrate(backbone: nn.Module, flow: HyperFlow, z: torch.Tensor, steps: int, solver: str, horizon: float,
                times: Sequence[float], backend: Optional[str], guard: float,
                ood_radius: float) -> Dict[float, torch.Tensor]:
-    """``{t: (tasks, P)}`` adapted vectors at every time in ``times`` (see :func:`_segments`) from one
-    integration, segment by segment on the fused integrator."""
+    """``{t: (tasks, P)}`` adapted vectors at every time in ``times`` (none past ``horizon``; see
+    :func:`_segments`) from one integration, segment by segment on the fused integrator."""
     segments = _segments(horizon, steps, times)
     with torch.inference_mode():
-        theta_pre, w, task_bias, _, _ = _integration_inputs(backbone, flow, z, steps, solver, horizon)
+        theta_pre, w, task_bias = _task_inputs(backbone, flow, z)
         dtype, device = task_bias.dtype, task_bias.device
         delta = torch.zeros(z.shape[0], flow.subset.numel, dtype=dtype, device=device)
         trust = _trust(flow, z, ood_radius).to(delta)[:, None]
