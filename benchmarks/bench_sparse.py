@@ -24,7 +24,8 @@ import torch
 
 from hyperflow_ext.measure import interleaved_times
 from hyperflow_ext.prune.flow_ops import flow_step, flow_step_reference
-from hyperflow_ext.sparse import CSRMatrix, csr_linear, masked_matmul, masked_matmul_grad_input
+from hyperflow_ext.prune.masked_ops import masked_matmul, masked_matmul_grad_input
+from hyperflow_ext.sparse import CSRMatrix, csr_linear
 
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 

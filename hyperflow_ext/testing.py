@@ -15,10 +15,10 @@ from .flow.integrate import drift_integrate_reference
 from .flow.update import euler_update_reference
 from .models.norm import group_norm_reference
 from .prune.flow_ops import flow_step_reference
+from .prune.masked_ops import masked_matmul_grad_input_reference, masked_matmul_reference
 from .sparse.conv import csr_conv2d_reference
 from .sparse.csr import csr_spmm_reference
 from .sparse.linear import csr_linear_reference
-from .sparse.masked import masked_matmul_grad_input_reference, masked_matmul_reference
 
 __all__ = [
     "csr_spmm_reference", "csr_linear_reference", "csr_conv2d_reference",

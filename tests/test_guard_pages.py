@@ -27,8 +27,9 @@ CHILD = textwrap.dedent('''
     from hyperflow_ext.flow.update import euler_update
     from hyperflow_ext.models.norm import group_norm_, group_norm_reference
     from hyperflow_ext.prune.flow_ops import flow_step, flow_step_reference
-    from hyperflow_ext.sparse import (CSRMatrix, csr_conv2d, csr_linear, csr_spmm, masked_matmul,
-                                      masked_matmul_grad_input, masked_matmul_reference, score_mask)
+    from hyperflow_ext.prune.masked_ops import (masked_matmul, masked_matmul_grad_input, masked_matmul_reference,
+                                                score_mask)
+    from hyperflow_ext.sparse import CSRMatrix, csr_conv2d, csr_linear, csr_spmm
     import torch.nn.functional as F
 
     libc = ctypes.CDLL(None, use_errno=True)

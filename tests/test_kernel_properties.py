@@ -26,7 +26,8 @@ from hyperflow_ext.flow.solvers import TABLEAUS
 from hyperflow_ext.flow.update import euler_update, euler_update_reference
 from hyperflow_ext.models.norm import group_norm_, group_norm_reference
 from hyperflow_ext.prune.flow_ops import flow_step, flow_step_reference
-from hyperflow_ext.sparse import csr_spmm, score_mask
+from hyperflow_ext.prune.masked_ops import score_mask
+from hyperflow_ext.sparse import csr_spmm
 
 from _helpers import random_csr, tol
 

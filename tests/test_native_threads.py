@@ -21,7 +21,8 @@ from hyperflow_ext.flow.drift import PackedDrift
 from hyperflow_ext.flow.integrate import drift_integrate
 from hyperflow_ext.flow.update import euler_update
 from hyperflow_ext.prune.flow_ops import flow_step
-from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, csr_conv2d, csr_linear, csr_spmm, masked_matmul
+from hyperflow_ext.prune.masked_ops import masked_matmul
+from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, csr_conv2d, csr_linear, csr_spmm
 
 from _threads import run_threaded  # tests/ is on sys.path under pytest
 

@@ -11,17 +11,16 @@ PACKAGE = Path(hf.__file__).resolve().parent
 # Private imports that the sparse/flow restructuring (issue 26, items owned with issues 24 and 25) removes;
 # anything not listed here fails the test below.
 KNOWN_PRIVATE_IMPORTS = {
-    ("prune/functional.py", "_masked_weight"),  # the masked training ops move from sparse/ to prune/
     ("sparse/conv.py", "_apply_mask"), ("sparse/conv.py", "_check_bias"), ("sparse/conv.py", "_CSRBuffers"),
-    ("sparse/conv.py", "_index_dtype"), ("sparse/conv.py", "_pick_backend"), ("sparse/linear.py", "_pick_backend"),
+    ("sparse/conv.py", "_index_dtype"),
     ("sparse/serialize.py", "_set_module"),
 }
 
 
 def test_testing_gathers_every_reference_oracle():
     modules = {"csr_spmm_reference": hf.sparse.csr, "csr_linear_reference": hf.sparse.linear,
-               "csr_conv2d_reference": hf.sparse.conv, "masked_matmul_reference": hf.sparse.masked,
-               "masked_matmul_grad_input_reference": hf.sparse.masked, "flow_step_reference": hf.prune.flow_ops,
+               "csr_conv2d_reference": hf.sparse.conv, "masked_matmul_reference": hf.prune.masked_ops,
+               "masked_matmul_grad_input_reference": hf.prune.masked_ops, "flow_step_reference": hf.prune.flow_ops,
                "euler_update_reference": hf.flow.update, "drift_integrate_reference": hf.flow.integrate,
                "group_norm_reference": hf.models.norm}
     assert sorted(hf.testing.__all__) == sorted(modules)
@@ -35,6 +34,9 @@ def test_testing_gathers_every_reference_oracle():
     ("data", "SHIFTS", "data.shifts"), ("data", "IMAGE_SUFFIXES", "data.folder"),
     ("prune", "run_pruning_experiment", "prune.experiment"), ("prune", "run_power_law_study", "prune.experiment"),
     ("prune", "run_sparsity_pays", "prune.pays"), ("prune", "flow_step_reference", "testing"),
+    ("sparse", "masked_matmul", "prune.masked_ops"), ("sparse", "masked_matmul_grad_input", "prune.masked_ops"),
+    ("sparse", "score_mask", "prune.masked_ops"), ("sparse", "masked_matmul_reference", "testing"),
+    ("sparse", "masked_matmul_grad_input_reference", "testing"),
 ])
 def test_names_off_the_surface_still_resolve(package, name, home):
     pkg = getattr(hf, package)
@@ -47,8 +49,14 @@ def test_names_off_the_surface_still_resolve(package, name, home):
     assert ns["got"] is getattr(module, name)
 
 
+def test_the_old_module_of_the_masked_ops_still_imports():
+    from hyperflow_ext.sparse.masked import masked_matmul, score_mask
+
+    assert masked_matmul is hf.prune.masked_ops.masked_matmul and score_mask is hf.prune.masked_ops.score_mask
+
+
 def test_an_unknown_name_is_still_an_attribute_error():
-    for pkg in (hf.data, hf.prune):
+    for pkg in (hf.data, hf.prune, hf.sparse):
         with pytest.raises(AttributeError, match="has no attribute 'META_SCRIPT'"):
             pkg.META_SCRIPT  # noqa: B018
 

@@ -6,9 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from hyperflow_ext.prune.masked_ops import (masked_matmul, masked_matmul_grad_input, masked_matmul_grad_input_reference,
+                                           masked_matmul_reference, score_mask)
 from hyperflow_ext.sparse import (CSRMatrix, SparseConv2d, SparseLinear, csr_conv2d, csr_conv2d_reference,
-                                  csr_linear, csr_linear_reference, masked_matmul, masked_matmul_grad_input,
-                                  masked_matmul_grad_input_reference, masked_matmul_reference, score_mask)
+                                  csr_linear, csr_linear_reference)
 
 DTYPES = [torch.float32, torch.float64]
 

@@ -4,6 +4,8 @@
   scheduler) or at a constant pressure, read per-weight flow, :meth:`Pruner.export` to sparse
   kernels, :meth:`Pruner.remove` to restore plain layers.
 * :class:`MaskedLinear` / :class:`MaskedConv2d` — score-gated layers (STE scaled by 0.25).
+* :mod:`~hyperflow_ext.prune.masked_ops` — the kernels under them: ``masked_matmul`` (``x @ (W⊙m)ᵀ``
+  skipping masked entries), its input gradient, and ``score_mask``.
 * :class:`PressureScheduler`, :func:`keep_trajectory` — the pressure controller.
 * :class:`PowerLaw`, :func:`fit_power_law` — ``S(γ) = c·γ^-(α0 + α1 ln γ)`` and ``pressure_for``.
 * :func:`magnitude_prune` — the global magnitude (L1) baseline with fine-tuning.
@@ -25,7 +27,7 @@ from .schedule import PressureScheduler, keep_trajectory
 
 __all__ = ["flow_step", "masked_conv2d", "masked_linear", "MaskedLinear", "MaskedConv2d", "Pruner",
            "PressureScheduler", "keep_trajectory", "PowerLaw", "fit_power_law", "magnitude_prune",
-           "gradual_magnitude_prune", "cubic_sparsity", "functional", "flow_ops", "experiment", "pays"]
+           "gradual_magnitude_prune", "cubic_sparsity", "functional", "flow_ops", "masked_ops", "experiment", "pays"]
 
 # Kept answering for the old spellings (hf.prune.run_sparsity_pays ...): the experiment runners live in
 # their modules, the reference oracle in hyperflow_ext.testing.

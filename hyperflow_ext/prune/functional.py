@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import FLOAT_CODES, check_tensor
-from ..sparse.masked import _masked_weight, masked_matmul, masked_matmul_grad_input, score_mask
+from .masked_ops import masked_matmul, masked_matmul_grad_input, masked_weight, score_mask
 
 __all__ = ["masked_linear", "masked_conv2d", "STE_SCALE", "SPARSE_MAX_DENSITY"]
 
@@ -73,7 +73,7 @@ class _MaskedLinear(torch.autograd.Function):
             y = masked_matmul(x2, weight, mask, bias)
             ctx.save_for_backward(x2, weight, mask, None)
         else:
-            w_eff = _masked_weight(weight, mask)
+            w_eff = masked_weight(weight, mask)
             y = F.linear(x2, w_eff, bias)
             ctx.save_for_backward(x2, weight, mask, w_eff)
         ctx.sink = sink
@@ -139,7 +139,7 @@ class _MaskedConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scores, bias, stride, padding, dilation, groups, sink):
         mask, _ = score_mask(scores)
-        w_eff = _masked_weight(weight, mask)
+        w_eff = masked_weight(weight, mask)
         ctx.save_for_backward(x, weight, mask, w_eff)
         ctx.conf = (stride, padding, dilation, groups)
         ctx.sink = sink

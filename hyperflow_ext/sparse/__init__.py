@@ -1,17 +1,22 @@
-"""Sparse formats and kernels for pruned models: CSR SpMM, masked matmuls for training, sparse
-inference layers (direct sparse convolution, depth-first network execution), and stand-alone export (:func:`sparsify`, :func:`save`,
-:func:`load`)."""
+"""Sparse formats and kernels for pruned models: CSR SpMM, sparse inference layers (direct sparse
+convolution, depth-first network execution), and stand-alone export (:func:`sparsify`, :func:`save`, :func:`load`).
+
+The masked matmuls that training uses live in :mod:`hyperflow_ext.prune.masked_ops`."""
+from .._compat import kept_names
 from .csr import CSRMatrix, csr_spmm, csr_spmm_reference
 from .conv import SparseConv2d, csr_conv2d, csr_conv2d_reference
 from .export import CollapsedLayerWarning, DenseConv2d, fold_batchnorm, format_report, sparsify
 from .serialize import load, save
 from .linear import SparseLinear, csr_linear, csr_linear_reference
 from .network import SparseConvNet, fuse_network
-from .masked import (masked_matmul, masked_matmul_grad_input, masked_matmul_grad_input_reference,
-                     masked_matmul_reference, score_mask)
 
 __all__ = ["CSRMatrix", "csr_spmm", "csr_spmm_reference", "csr_linear", "csr_linear_reference", "csr_conv2d", "csr_conv2d_reference",
-           "SparseLinear", "SparseConv2d", "masked_matmul", "masked_matmul_grad_input",
-           "masked_matmul_reference", "masked_matmul_grad_input_reference", "score_mask",
+           "SparseLinear", "SparseConv2d",
            "DenseConv2d", "CollapsedLayerWarning", "fold_batchnorm", "sparsify", "format_report", "save", "load",
            "SparseConvNet", "fuse_network"]
+
+# The masked training ops moved to hyperflow_ext.prune.masked_ops; the old spellings (hf.sparse.masked_matmul ...)
+# keep resolving through the old module, hyperflow_ext.sparse.masked.
+__getattr__ = kept_names(__name__, {name: "masked" for name in (
+    "masked_matmul", "masked_matmul_grad_input", "masked_matmul_reference", "masked_matmul_grad_input_reference",
+    "score_mask")})

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
+from ..backend import pick_backend
 from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
 from .csr import CSRMatrix
 from .linear import _apply_mask, _check_bias, _CSRBuffers, _index_dtype, csr_linear
-from .masked import _pick_backend
 
 __all__ = ["csr_conv2d", "csr_conv2d_reference", "SparseConv2d", "conv_out_size"]
 
@@ -193,7 +193,7 @@ def _runner(x: torch.Tensor, weight: CSRMatrix, kernel: Tuple[int, int], bias: O
             y = y.add_(r)
         return y.relu_() if relu else y
 
-    if _pick_backend(backend, weight.device, "csr_conv2d") == "torch":
+    if pick_backend(backend, weight.device, "csr_conv2d") == "torch":
         def run_torch(t: torch.Tensor, r: Optional[torch.Tensor] = None) -> torch.Tensor:
             with torch.no_grad():
                 y = csr_conv2d_reference(t, weight, kernel, bias, stride, padding, dilation, False)

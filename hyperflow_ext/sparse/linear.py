@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .. import native
+from ..backend import pick_backend
 from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
 from .csr import CSRMatrix
-from .masked import _pick_backend
 
 __all__ = ["csr_linear", "csr_linear_reference", "SparseLinear"]
 
@@ -88,7 +88,7 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
         _no_grad_input(op, x)
     if bias is not None:
         bias = _check_bias(op, bias, out_f, weight)
-    if _pick_backend(backend, device, op) == "torch":
+    if pick_backend(backend, device, op) == "torch":
         with torch.no_grad():
             return csr_linear_reference(x, weight, bias)
     x2 = x if ndim == 2 else x.reshape(math.prod(x.shape[:-1]), in_f)  # not -1: in_features may be 0
