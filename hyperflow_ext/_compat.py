@@ -18,8 +18,8 @@ def kept_names(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
 
     Args:
         package: the package's ``__name__``.
-        where: ``{name: module}``, the module relative to ``package`` (``"benchmark"`` for
-            ``package + ".benchmark"``).
+        where: ``{name: module}``: a bare module name is relative to ``package`` (``"benchmark"`` for
+            ``package + ".benchmark"``), a dotted one absolute (``"hyperflow_ext.sparse.fx_passes"``).
 
     Example::
 
@@ -29,6 +29,6 @@ def kept_names(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
         module = where.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{module}"), name)
+        return getattr(importlib.import_module(module if "." in module else f"{package}.{module}"), name)
 
     return __getattr__

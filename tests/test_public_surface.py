@@ -13,7 +13,6 @@ PACKAGE = Path(hf.__file__).resolve().parent
 KNOWN_PRIVATE_IMPORTS = {
     ("sparse/conv.py", "_apply_mask"), ("sparse/conv.py", "_check_bias"), ("sparse/conv.py", "_CSRBuffers"),
     ("sparse/conv.py", "_index_dtype"),
-    ("sparse/serialize.py", "_set_module"),
 }
 
 
@@ -53,6 +52,14 @@ def test_the_old_module_of_the_masked_ops_still_imports():
     from hyperflow_ext.sparse.masked import masked_matmul, score_mask
 
     assert masked_matmul is hf.prune.masked_ops.masked_matmul and score_mask is hf.prune.masked_ops.score_mask
+
+
+def test_fuse_network_still_resolves_from_its_old_module():
+    from hyperflow_ext.sparse.network import fuse_network
+
+    assert fuse_network is hf.sparse.fx_passes.fuse_network is hf.sparse.fuse_network
+    with pytest.raises(AttributeError, match="has no attribute 'fuse_networks'"):
+        hf.sparse.network.fuse_networks  # noqa: B018
 
 
 def test_an_unknown_name_is_still_an_attribute_error():

@@ -148,6 +148,32 @@ def test_a_layer_faster_dense_alone_is_retried_sparse_inside_the_program(monkeyp
         torch.testing.assert_close(out(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+def test_one_trace_serves_every_pass_of_sparsify_and_load(monkeypatch, tmp_path):
+    """sparsify reads the model's graph once for all its conversions (first choice, the retry with dense layers
+    made sparse, the all-dense referee) and all their passes (norm chains, residuals, depth-first chain);
+    load reads it once for the residuals and the chain."""
+    from hyperflow_ext.sparse import SparseConvNet, export, fx_passes
+
+    traced, trace = [], fx_passes.Tracer.trace
+    monkeypatch.setattr(fx_passes.Tracer, "trace",
+                        lambda self, root, *a, **k: traced.append(type(root).__name__) or trace(self, root, *a, **k))
+    model = _pruned(ResNetStyle, 0.95)
+    sparse, report = sparsify(model, dense_above=None)
+    assert any(r["residual"] for r in report) and any(isinstance(m, SparseConvNet) for m in sparse.modules())
+    assert traced == ["ResNetStyle"]
+    save(sparse, tmp_path / "m.safetensors")
+    traced.clear()
+    back = load(tmp_path / "m.safetensors", ResNetStyle)
+    assert any(isinstance(m, SparseConvNet) for m in back.modules()) and traced == ["ResNetStyle"]
+    traced.clear()
+    monkeypatch.setattr(export, "_time_pair", lambda sparse, dense, x, budget_s, **k: (2.0, 1.0))  # all dense alone
+    conversions = []
+    convert = export._convert
+    monkeypatch.setattr(export, "_convert", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+    sparsify(model, torch.randn(1, 3, 32, 32), time_budget_s=0.01)
+    assert len(conversions) == 3 and traced == ["ResNetStyle"]
+
+
 _CHILD = """
 import sys, torch
 from hyperflow_ext.prune.cnns import {cls}

@@ -11,7 +11,8 @@ from _threads import run_threaded
 from hyperflow_ext import native
 from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
 from hyperflow_ext.sparse import export, load, save, sparsify
-from hyperflow_ext.sparse.network import SparseConvNet, fuse_network
+from hyperflow_ext.sparse.fx_passes import fuse_network
+from hyperflow_ext.sparse.network import SparseConvNet
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}

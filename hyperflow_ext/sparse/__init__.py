@@ -8,7 +8,8 @@ from .conv import SparseConv2d, csr_conv2d, csr_conv2d_reference
 from .export import CollapsedLayerWarning, DenseConv2d, fold_batchnorm, format_report, sparsify
 from .serialize import load, save
 from .linear import SparseLinear, csr_linear, csr_linear_reference
-from .network import SparseConvNet, fuse_network
+from .fx_passes import fuse_network
+from .network import SparseConvNet
 
 __all__ = ["CSRMatrix", "csr_spmm", "csr_spmm_reference", "csr_linear", "csr_linear_reference", "csr_conv2d", "csr_conv2d_reference",
            "SparseLinear", "SparseConv2d",

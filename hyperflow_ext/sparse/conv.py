@@ -302,7 +302,7 @@ class SparseConv2d(_CSRBuffers):
         self.kernel_size, self.stride = _pair(op, "kernel_size", kernel_size, 1), _pair(op, "stride", stride, 1)
         self.padding, self.dilation = _pair(op, "padding", padding, 0), _pair(op, "dilation", dilation, 1)
         self.relu = relu
-        #: set by :func:`~hyperflow_ext.sparse.fuse_residuals`: forward receives the residual of a rewritten graph
+        #: set by :func:`~hyperflow_ext.sparse.fx_passes.fuse_residuals`: forward receives the residual of a rewritten graph
         self.residual_fused = False
         self._plans: Tuple[Optional[CSRMatrix], Dict[tuple, Callable]] = (None, {})
         self._checked_weight: Optional[tuple] = None  # _weight_key() of the last call that validated the weight

@@ -8,8 +8,9 @@
 2. **ReLU fusion.** When the (folded) convolution's only consumer is a ReLU, the ReLU moves into the
    convolution's epilogue; a ``nn.ReLU`` module used only there becomes ``nn.Identity`` (a functional
    ``F.relu`` stays in ``forward`` and is then a no-op, so fusing is always safe).
-   The structure is read from a ``torch.fx`` trace; a model that does not trace falls back to
-   consecutive children of ``nn.Sequential`` containers.
+   The structure is read from a ``torch.fx`` trace (one per call, shared by every graph pass of
+   :mod:`~hyperflow_ext.sparse.fx_passes`); a model that does not trace falls back to consecutive children
+   of ``nn.Sequential`` containers.
    **Residual fusion**: ``relu(conv(x) + r)`` (a residual block's last convolution, its norm folded,
    ``r`` not computed from the convolution) becomes one call ``conv(x, r)`` that adds ``r`` and applies
    the ReLU in the kernel's epilogue; the model is then returned as a ``torch.fx.GraphModule`` (same
@@ -41,13 +42,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 import statistics
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .. import native
@@ -55,11 +54,11 @@ from ..measure import interleaved_times
 from ._dense_guard import dense_above as _dense_above
 from ._dense_guard import keep_faster_than_dense
 from .conv import SparseConv2d
+from .fx_passes import conv_chains, fuse_network, fuse_residuals, sequential_chains, set_module, trace
 from .linear import SparseLinear
-from .network import SparseConvNet, fuse_network
+from .network import SparseConvNet
 
-__all__ = ["DenseConv2d", "fold_batchnorm", "fuse_residuals", "sparsify", "format_report", "FORMAT",
-           "CollapsedLayerWarning"]
+__all__ = ["DenseConv2d", "fold_batchnorm", "sparsify", "format_report", "FORMAT", "CollapsedLayerWarning"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +68,6 @@ class CollapsedLayerWarning(RuntimeWarning):
     so the exported network ignores its input from there on (pruned to death, not compressed)."""
 
 FORMAT = "hyperflow-sparse/1"
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
-_ADD_FUNCS = (operator.add, torch.add)
 
 
 class DenseConv2d(nn.Conv2d):
@@ -97,73 +94,7 @@ class DenseConv2d(nn.Conv2d):
         return super().extra_repr() + f", relu={self.relu}"
 
 
-# ----------------------------------------------------------------------------------------- structure
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, SparseConv2d, SparseLinear)) or \
-            super().is_leaf_module(m, qualname)
-
-
-def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), nn.ReLU)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def _chains_fx(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str], bool]]:
-    """conv name -> (bn name or None, relu module name or None, relu fused) from an fx trace."""
-    graph = _Tracer().trace(model)
-    modules = dict(model.named_modules())
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    out: Dict[str, Tuple[Optional[str], Optional[str], bool]] = {}
-    for node in graph.nodes:
-        name = str(node.target)
-        if node.op != "call_module" or not isinstance(modules.get(name), nn.Conv2d) or calls[name] != 1:
-            continue
-        head, bn = node, None
-        users = list(head.users)
-        if len(users) == 1 and users[0].op == "call_module" and calls[str(users[0].target)] == 1 \
-                and _foldable(modules.get(str(users[0].target)), modules[name]):
-            bn, head = str(users[0].target), users[0]
-            users = list(head.users)
-        relu_mod, fused = None, False
-        if len(users) == 1 and _is_relu(users[0], modules):
-            fused = True
-            if users[0].op == "call_module" and calls[str(users[0].target)] == 1:
-                relu_mod = str(users[0].target)
-        out[name] = (bn, relu_mod, fused)
-    return out
-
-
-def _chains_sequential(model: nn.Module) -> Dict[str, Tuple[Optional[str], Optional[str], bool]]:
-    """The same from consecutive children of nn.Sequential containers (models fx cannot trace)."""
-    out: Dict[str, Tuple[Optional[str], Optional[str], bool]] = {}
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        kids = list(seq.named_children())
-        for i, (name, mod) in enumerate(kids):
-            if not isinstance(mod, nn.Conv2d):
-                continue
-            full = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
-            j, bn = i + 1, None
-            if j < len(kids) and _foldable(kids[j][1], mod):
-                bn, j = full(kids[j][0]), j + 1
-            relu = j < len(kids) and isinstance(kids[j][1], nn.ReLU)
-            out[full(name)] = (bn, full(kids[j][0]) if relu else None, relu)
-    return out
-
-
-def _foldable(bn: Optional[nn.Module], conv: nn.Conv2d) -> bool:
-    return (isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.track_running_stats
-            and bn.running_mean is not None and bn.num_features == conv.out_channels)
-
-
+# ----------------------------------------------------------------------------------------- BatchNorm folding
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new ``nn.Conv2d`` computing ``bn(conv(x))`` of an eval-mode ``bn`` (zeros stay exactly zero)."""
     with torch.no_grad():
@@ -179,112 +110,6 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         fused.weight.copy_((w.to(torch.float64) * scale.view(-1, 1, 1, 1)).to(w.dtype))
         fused.bias = nn.Parameter(shift.to(w.dtype), requires_grad=False)
     return fused
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.kwargs or len(node.args) != 2:
-        return False
-    return (node.op == "call_function" and node.target in _ADD_FUNCS) or \
-        (node.op == "call_method" and node.target == "add")
-
-
-def _depends_on(node: fx.Node, target: fx.Node) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is target:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return False
-
-
-def fuse_residuals(model: nn.Module, only: Optional[Iterable[str]] = None) -> Tuple[nn.Module, List[str]]:
-    """Rewrite ``relu(conv(x) + r)`` into ``conv(x, r)`` for :class:`SparseConv2d` layers (fx graph).
-
-    Args:
-        model: a model whose convolutions are already :class:`SparseConv2d` (norms folded to Identity).
-        only: the layer names to fuse (as recorded by :func:`save`); default: every site found, for
-            convolutions without a fused ReLU of their own.
-
-    Returns:
-        ``(model or a GraphModule, fused layer names)``; ``model`` itself when nothing was fused or it
-        does not trace.
-    """
-    wanted = None if only is None else set(only)
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # data-dependent control flow: no rewrite
-        return model, []
-    modules = dict(model.named_modules())
-    calls: Dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    fused: List[str] = []
-    for node in list(graph.nodes):
-        name = str(node.target)
-        mod = modules.get(name) if node.op == "call_module" else None
-        if not isinstance(mod, SparseConv2d) or calls[name] != 1 or len(node.args) != 1 or node.kwargs:
-            continue
-        if (wanted is None and mod.relu) or (wanted is not None and name not in wanted):
-            continue
-        chain, head = [node], node
-        while len(head.users) == 1:
-            u = next(iter(head.users))
-            if u.op == "call_module" and isinstance(modules.get(str(u.target)), nn.Identity) and len(u.args) == 1:
-                chain.append(u)
-                head = u
-            else:
-                break
-        if len(head.users) != 1:
-            continue
-        add = next(iter(head.users))
-        if not _is_add(add) or add.args[0] is add.args[1] or len(add.users) != 1:
-            continue
-        other = add.args[1] if add.args[0] is head else add.args[0]
-        relu = next(iter(add.users))
-        if not isinstance(other, fx.Node) or not _is_relu(relu, modules) or _depends_on(other, node):
-            continue
-        with graph.inserting_before(add):
-            new = graph.call_module(name, args=(node.args[0], other))
-        relu.replace_all_uses_with(new)
-        graph.erase_node(relu)
-        graph.erase_node(add)
-        for n in reversed(chain):
-            if not n.users:
-                graph.erase_node(n)
-        mod.relu = True
-        mod.residual_fused = True
-        mod.residual_chain = [str(n.target) for n in chain[1:]]  # the folded norms the rewrite removed
-        fused.append(name)
-    if not fused:
-        return model, []
-    # Identity modules (folded norms, fused ReLUs, identity shortcuts) drop out of the graph: about a
-    # microsecond of module call each, 13 % of a batch-1 ResNet-style forward at 98 % sparsity.
-    skipped = []
-    for node in list(graph.nodes):
-        if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Identity) and \
-                len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
-            skipped.append(str(node.target))
-    graph.lint()
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Fused")
-    for name in skipped:  # still listed by named_modules, so save's manifest and load see them
-        try:
-            gm.get_submodule(name)
-        except AttributeError:
-            gm.add_submodule(name, nn.Identity())
-    gm.train(model.training)
-    return gm, fused
 
 
 # ----------------------------------------------------------------------------------------- sparsify
@@ -311,13 +136,14 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
         layers: names of the ``Conv2d`` / ``Linear`` modules to make sparse (default: all of them with
             ``groups == 1`` and zero padding mode); other convolutions are still BN-folded and fused.
         fold_bn: fold eval-mode ``BatchNorm2d`` into the preceding convolution.
-        fuse_relu: fuse a following ReLU (and a residual add before it, see :func:`fuse_residuals`)
+        fuse_relu: fuse a following ReLU (and a residual add before it, see
+            :func:`~hyperflow_ext.sparse.fx_passes.fuse_residuals`)
             into the convolution's epilogue.
         time_budget_s: timing budget per layer (interleaved rounds, at least 7 each); with
             ``example_input`` the whole model is also timed with channels-last vs NCHW maps.
         inplace: rewrite ``model`` itself instead of a deep copy.
         depth_first: run the chain of sparse convolutions, pools and head at the start of the network as
-            one native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.network.fuse_network`);
+            one native call, depth-first over the batch (:func:`~hyperflow_ext.sparse.fx_passes.fuse_network`);
             with ``example_input``, only when that times faster than layer by layer. A convolution that
             timed faster dense on its own but ends the chain early is also tried sparse inside the
             program, and the faster whole model is kept.
@@ -353,10 +179,15 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     retry = depth_first and example_input is not None
     # the retry and the dense referees need the model as given
     original = copy.deepcopy(model) if example_input is not None and inplace else model
-    settings = dict(example_input=example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
-                    time_budget_s=time_budget_s, depth_first=depth_first,
-                    dense_above=None if example_input is not None else _dense_above(dense_above))
-    out, report, collapsed = _convert(model if inplace else copy.deepcopy(model), **settings)
+    threshold = None if example_input is not None else _dense_above(dense_above)
+    work = (model if inplace else copy.deepcopy(model)).eval()
+    # One trace serves every conversion below (each rewrites a copy of the same model) and every pass of each.
+    graph = trace(work)
+    if graph is None:
+        logger.info("sparsify: no fx graph; folding within nn.Sequential only")
+    settings = dict(graph=graph, example_input=example_input, layers=layers, fold_bn=fold_bn, fuse_relu=fuse_relu,
+                    time_budget_s=time_budget_s, depth_first=depth_first, dense_above=threshold)
+    out, report, collapsed = _convert(work, **settings)
     dense_convs = {r["name"] for r in report if r["kind"] == "dense" and r["layer"] == "Conv2d"}
     if retry and dense_convs:
         # Timed alone, a small layer can be faster dense, but as the only dense layer it ends the
@@ -383,21 +214,17 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     return out, report
 
 
-def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Optional[Iterable[str]],
-             fold_bn: bool, fuse_relu: bool, time_budget_s: float, depth_first: bool,
+def _convert(model: nn.Module, graph: Optional[fx.Graph], example_input: Optional[torch.Tensor],
+             layers: Optional[Iterable[str]], fold_bn: bool, fuse_relu: bool, time_budget_s: float, depth_first: bool,
              dense_above: Optional[float] = None,
              keep_sparse: Set[str] = frozenset()) -> Tuple[nn.Module, List[Dict[str, Any]], List[str]]:
-    """One conversion of ``model`` (rewritten in place) as :func:`sparsify` describes; the layers in
-    ``keep_sparse`` stay sparse whatever their timing; untimed layers denser than ``dense_above`` stay
-    dense. Returns ``(model, report, collapsed layer names)``."""
+    """One conversion of ``model`` (rewritten in place) as :func:`sparsify` describes, from ``graph``, its
+    trace (None: it does not trace); the layers in ``keep_sparse`` stay sparse whatever their timing; untimed
+    layers denser than ``dense_above`` stay dense. Returns ``(model, report, collapsed layer names)``."""
     model.eval()
     modules = dict(model.named_modules())
     selected = _select_layers("sparsify", modules, layers)
-    try:
-        chains = _chains_fx(model)
-    except Exception as exc:  # fx cannot trace data-dependent control flow: fall back to nn.Sequential
-        logger.info("sparsify: fx trace failed (%s); folding within nn.Sequential only", exc)
-        chains = _chains_sequential(model)
+    chains = conv_chains(graph, modules) if graph is not None else sequential_chains(model)
     inputs: Dict[str, torch.Tensor] = {}
     if example_input is not None:
         hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
@@ -419,14 +246,14 @@ def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Op
         fused = fused and fuse_relu
         dense = fold_batchnorm(mod, modules[bn]) if bn else mod
         if bn:
-            _set_module(model, bn, nn.Identity())
+            set_module(model, bn, nn.Identity())
         if fused and relu_mod:
-            _set_module(model, relu_mod, nn.Identity())
+            set_module(model, relu_mod, nn.Identity())
         if not bool(dense.weight.detach().any()):
             collapsed.append(name)
         if name not in selected:
             if bn or fused:
-                _set_module(model, name, DenseConv2d.from_conv2d(dense, relu=fused))
+                set_module(model, name, DenseConv2d.from_conv2d(dense, relu=fused))
             continue
         if isinstance(dense, nn.Conv2d):
             sparse_mod: nn.Module = SparseConv2d.from_conv2d(dense, relu=fused, channels_last=True)
@@ -450,10 +277,12 @@ def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Op
                              f"the {_isa_name()} path's threshold")
             if over:
                 chosen, rec["kind"] = dense_mod, "dense"
-        _set_module(model, name, chosen)
+        set_module(model, name, chosen)
         report.append(rec)
     if fuse_relu:
-        model, fused_names = fuse_residuals(model)
+        model, fused_names = fuse_residuals(model, graph=graph) if graph is not None else (model, [])
+        if fused_names:
+            graph = model.graph  # the rewritten model's own graph: what a new trace of it would read
         for r in report:
             r["residual"] = r["name"] in fused_names
             r["relu"] = r["relu"] or r["residual"]
@@ -461,15 +290,16 @@ def _convert(model: nn.Module, example_input: Optional[torch.Tensor], layers: Op
     if example_input is not None:
         _pick_layout(model, example_input, report, time_budget_s)
     chain: List[str] = []
-    if depth_first:
-        model, chain = _pick_depth_first(model, example_input, time_budget_s)
+    if depth_first and graph is not None:
+        model, chain = _pick_depth_first(model, example_input, time_budget_s, graph)
     for r in report:
         r["depth_first"] = r["name"] in chain
     return model, report, collapsed
 
 
-def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: float) -> Tuple[nn.Module, List[str]]:
-    """The model with its leading chain fused (:func:`fuse_network`), unless timing on ``x`` says the
+def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: float,
+                      graph: Optional[fx.Graph] = None) -> Tuple[nn.Module, List[str]]:
+    """The model (traced as ``graph``, None: trace it) with its leading chain fused (:func:`fuse_network`), unless timing on ``x`` says the
     layer-by-layer model is faster (small maps at a large batch: the layers interleave 16 samples per
     SIMD register, the depth-first program one).
 
@@ -477,7 +307,7 @@ def _pick_depth_first(model: nn.Module, x: Optional[torch.Tensor], budget_s: flo
     and on the calling thread alone, and keeps the faster (``SparseConvNet.single_sample_team``): which one
     wins depends on the layers' sizes and the machine (a barrier per shared layer against the split work).
     """
-    fused, chain = fuse_network(model)
+    fused, chain = fuse_network(model, graph=graph)
     if not chain or x is None:
         return fused, chain
     net = next(m for m in fused.modules() if isinstance(m, SparseConvNet))

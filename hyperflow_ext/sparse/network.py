@@ -2,8 +2,8 @@
 
 Layer by layer, a batch's activations leave the cache between layers and every layer pays a Python
 call, an allocation and a parallel region: at 98 % sparsity those costs, not the multiply-adds, set
-the speed. :func:`fuse_network` replaces the longest supported chain at the start of a model's
-``torch.fx`` graph — :class:`~hyperflow_ext.sparse.SparseConv2d` layers (with their fused residuals),
+the speed. :func:`~hyperflow_ext.sparse.fx_passes.fuse_network` replaces the longest supported chain at
+the start of a model's ``torch.fx`` graph — :class:`~hyperflow_ext.sparse.SparseConv2d` layers (with their fused residuals),
 max pools and a final global average pool — by one :class:`SparseConvNet` call. It runs each sample
 through the whole chain before the next (its maps stay in the thread's cache-resident scratch),
 samples in parallel across the native threads; a single sample uses every thread per convolution.
@@ -21,14 +21,19 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
 from .. import native
 from .._checks import FLOAT_CODES, INDEX_CODES
+from .._compat import kept_names
 from .conv import SparseConv2d, conv_out_size
 from .linear import SparseLinear
 
-__all__ = ["SparseConvNet", "fuse_network"]
+__all__ = ["SparseConvNet"]
+
+# fuse_network, the graph pass that builds a SparseConvNet, lives with the other fx passes; the old spelling
+# hyperflow_ext.sparse.network.fuse_network keeps resolving.
+__getattr__ = kept_names(__name__, {"fuse_network": "hyperflow_ext.sparse.fx_passes"})
 
 CONV, MAX_POOL, AVG_POOL, LINEAR = 0, 1, 2, 3
 _FIELDS = 26  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
@@ -74,7 +79,7 @@ class SparseConvNet(nn.Module):
 
     Call it as ``net(x, *modules)`` with ``x`` ``(N, C, H, W)`` and the chain's modules
     (:class:`SparseConv2d` layers, an ``nn.Linear`` head) in the order the steps index them, or as
-    ``net(x)`` once attached (:meth:`attach`) to the model that holds them (what :func:`fuse_network` does). Returns
+    ``net(x)`` once attached (:meth:`attach`) to the model that holds them (what :func:`~hyperflow_ext.sparse.fx_passes.fuse_network` does). Returns
     the value of the last step: ``(N, C', H', W')`` (NCHW), ``(N, C', 1, 1)`` after a global average
     pool, ``(N, out_features)`` after the head.
     """
@@ -328,169 +333,3 @@ def _watch(modules: Sequence[nn.Module]) -> Optional[tuple]:
                      for m in modules for d in (m._parameters, m._buffers) for name, t in d.items())
     except RuntimeError:
         return None
-
-
-# ----------------------------------------------------------------------------------------- graph rewrite
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
-                              SparseConv2d, SparseLinear, SparseConvNet)) or super().is_leaf_module(m, qualname)
-
-
-def _pair(v) -> Tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _classify(node: fx.Node, modules: Dict[str, nn.Module]):
-    """``(kind, module, inputs, pool)`` for a node the program covers, ``("alias", None, (inp,), None)``
-    for an Identity, else None."""
-    if node.op == "call_module":
-        m = modules.get(str(node.target))
-        args = node.args
-        if node.kwargs or not args or not all(isinstance(a, fx.Node) for a in args):
-            return None
-        if isinstance(m, SparseConv2d) and len(args) in (1, 2):
-            return CONV, m, tuple(args), None
-        if isinstance(m, nn.Identity) and len(args) == 1:
-            return "alias", None, tuple(args), None
-        if isinstance(m, nn.MaxPool2d) and len(args) == 1 and _pair(m.padding) == (0, 0) \
-                and _pair(m.dilation) == (1, 1) and not m.ceil_mode and not m.return_indices:
-            k = _pair(m.kernel_size)
-            return MAX_POOL, None, tuple(args), k + _pair(m.stride if m.stride is not None else k)
-        if isinstance(m, nn.AdaptiveAvgPool2d) and len(args) == 1 and _pair(m.output_size) == (1, 1):
-            return AVG_POOL, None, tuple(args), None
-        return None
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d and not node.kwargs \
-            and len(node.args) == 2 and isinstance(node.args[0], fx.Node) and _pair(node.args[1]) == (1, 1):
-        return AVG_POOL, None, (node.args[0],), None
-    return None
-
-
-def _head(rest: Sequence[fx.Node], pooled: fx.Node, modules: Dict[str, nn.Module]) -> List[Tuple[fx.Node, tuple]]:
-    """A flatten of ``pooled`` from dim 1 (``torch.flatten(x, 1)``, ``x.flatten(1)`` or ``nn.Flatten()``) and a
-    ``nn.Linear`` / ``SparseLinear`` on it, if they come next (else fewer or none)."""
-    if len(rest) < 2:
-        return []
-    flat, lin = rest[0], rest[1]
-    if not (flat.args[:1] == (pooled,) and _flattens_from_dim_1(flat, modules)):
-        return []
-    out = [(flat, ("alias", None, (pooled,), None))]
-    m = modules.get(str(lin.target)) if lin.op == "call_module" else None
-    if type(m) in (nn.Linear, SparseLinear) and lin.args == (flat,) and not lin.kwargs:
-        out.append((lin, (LINEAR, m, (flat,), None)))
-    return out
-
-
-def _flattens_from_dim_1(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    dims = tuple(node.args[1:]) + tuple(node.kwargs.values())
-    if node.op == "call_module":
-        m = modules.get(str(node.target))
-        return type(m) is nn.Flatten and (m.start_dim, m.end_dim) in ((1, -1), (1, 3)) and len(node.args) == 1 \
-            and not node.kwargs
-    return ((node.op == "call_function" and node.target is torch.flatten) or
-            (node.op == "call_method" and node.target == "flatten")) and dims in ((1,), (1, -1), (1, 3))
-
-
-def _is_relu_call(node: fx.Node) -> bool:
-    if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-        return False
-    return (node.op == "call_function" and node.target in (torch.relu, F.relu)) or \
-        (node.op == "call_method" and node.target == "relu")
-
-
-def fuse_network(model: nn.Module, min_convs: int = 2) -> Tuple[nn.Module, List[str]]:
-    """Replace the longest supported chain at the start of ``model``'s graph by one :class:`SparseConvNet`.
-
-    The chain starts at the model's single input and takes nodes in graph order while they are
-    :class:`SparseConv2d` calls (with or without a fused residual), ``nn.Identity``, ``nn.MaxPool2d``
-    without padding, or a global average pool (``nn.AdaptiveAvgPool2d(1)`` / ``F.adaptive_avg_pool2d(x, 1)``);
-    after the pool, a flatten from dim 1 (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``nn.Flatten()``) and an
-    ``nn.Linear`` head end it. Values of the chain used later in the graph must be its last one.
-
-    Args:
-        model: a :func:`~hyperflow_ext.sparse.sparsify` result (eval mode, no autograd).
-        min_convs: fuse only chains with at least this many convolutions.
-
-    Returns:
-        ``(model, fused layer names)``: a ``torch.fx.GraphModule`` with the same module names and
-        state dict, or ``model`` itself (and ``[]``) when nothing qualifies or it does not trace.
-    """
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # data-dependent control flow: no rewrite
-        return model, []
-    modules = dict(model.named_modules())
-    nodes = list(graph.nodes)
-    inputs = [n for n in nodes if n.op == "placeholder"]
-    if len(inputs) != 1:
-        return model, []
-    value: Dict[fx.Node, int] = {inputs[0]: 0}  # node -> value index (aliases share their input's)
-    chain: List[Tuple[fx.Node, tuple]] = []
-    rectified = set()  # values already through a fused ReLU (a functional relu left on them is a no-op)
-    for node in nodes[nodes.index(inputs[0]) + 1:]:
-        info = _classify(node, modules)
-        if info is None and _is_relu_call(node) and value.get(node.args[0]) in rectified:
-            info = ("alias", None, (node.args[0],), None)
-        if info is None or not all(a in value for a in info[2]):
-            break
-        if info[0] == "alias":
-            value[node] = value[info[2][0]]
-        else:
-            value[node] = len(chain) + 1
-            if info[0] == CONV and info[1].relu:
-                rectified.add(value[node])
-        chain.append((node, info))
-        if info[0] == AVG_POOL:  # only the flatten and the linear head may follow
-            tail = _head(nodes[nodes.index(node) + 1:], node, modules)
-            for n, head_info in tail:
-                value[n] = value[node] if head_info[0] == "alias" else len(chain) + 1
-                chain.append((n, head_info))
-            break
-    # Trim until only the chain's last value is used outside it.
-    while chain:
-        members = {n for n, _ in chain}
-        last = chain[-1][0]
-        if chain[-1][1][0] != "alias" and all(u in members for n, _ in chain[:-1] for u in n.users):
-            break
-        chain.pop()
-    convs = [info[1] for _, info in chain if info[0] == CONV]
-    used = [(n, info) for n, info in chain if info[0] in (CONV, LINEAR)]
-    names = [str(n.target) for n, _ in used]
-    if len(convs) < min_convs or len({id(info[1]) for _, info in used}) != len(used):
-        return model, []
-    steps: List[NetStep] = []
-    for node, (kind, mod, args, pool) in chain:
-        if kind == "alias":
-            continue
-        res = value[args[1]] if kind == CONV and len(args) == 2 else -1
-        if res == 0:  # the input as a residual: not a slot the program can hold
-            return model, []
-        steps.append(NetStep(kind, names.index(str(node.target)) if kind in (CONV, LINEAR) else -1, value[args[0]],
-                             res, value[node], pool or (0, 0, 0, 0)))
-    last = chain[-1][0]
-    target = "sparse_net"
-    while target in modules:
-        target += "_"
-    with graph.inserting_before(last.next):  # in creation order, after the chain's last node
-        call = graph.call_module(target, (inputs[0],))
-    last.replace_all_uses_with(call)
-    for node, _ in reversed(chain):
-        graph.erase_node(node)
-    graph.lint()
-    owned = {target: SparseConvNet(steps, names)}
-    root = {str(n.target): owned.get(str(n.target)) or operator.attrgetter(str(n.target))(model)
-            for n in graph.nodes if n.op in ("call_module", "get_attr")}
-    gm = fx.GraphModule(root, graph, class_name=type(model).__name__)
-    # The model's own children (containers keep their type and indexing) and root tensors: the same names,
-    # modules and state dict as before, plus the SparseConvNet.
-    for name, child in model.named_children():
-        gm.add_module(name, child)
-    for name, param in model._parameters.items():
-        if name not in gm._parameters:
-            gm.register_parameter(name, param)
-    for name, buf in model._buffers.items():
-        if name not in gm._buffers and buf is not None:
-            gm.register_buffer(name, buf, persistent=name not in model._non_persistent_buffers_set)
-    gm.get_submodule(target).attach(gm)
-    gm.train(model.training)
-    return gm, names

@@ -16,9 +16,10 @@ from torch import nn
 from .._io import load_tensors, save_tensors
 from .conv import SparseConv2d
 from .csr import CSRMatrix
-from .export import FORMAT, DenseConv2d, _set_module, fuse_residuals
+from .export import FORMAT, DenseConv2d
+from .fx_passes import fuse_network, fuse_residuals, set_module, trace
 from .linear import SparseLinear
-from .network import SparseConvNet, fuse_network
+from .network import SparseConvNet
 
 __all__ = ["save", "load"]
 
@@ -120,17 +121,20 @@ def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
         if name not in names:
             raise ValueError(f"{op}: the factory's model has no module {name!r} (another architecture?)")
     for name in manifest["identity"]:
-        _set_module(model, name, nn.Identity())
+        set_module(model, name, nn.Identity())
     for name, spec in manifest["layers"].items():
-        _set_module(model, name, _build(op, name, spec, tensors).to(device))
+        set_module(model, name, _build(op, name, spec, tensors).to(device))
     residual = [n for n, spec in manifest["layers"].items() if spec.get("residual")]
     for n in residual:
         for folded in manifest["layers"][n].get("residual_chain", []):
             if folded not in names:
                 raise ValueError(f"{op}: the factory's model has no module {folded!r} (another architecture?)")
-            _set_module(model, folded, nn.Identity())
+            set_module(model, folded, nn.Identity())
+    graph = trace(model) if residual or manifest.get("depth_first") else None  # one trace for both passes
     if residual:
-        model, done = fuse_residuals(model, only=residual)
+        model, done = fuse_residuals(model, only=residual, graph=graph) if graph is not None else (model, [])
+        if done:
+            graph = model.graph
         if set(done) != set(residual):
             raise ValueError(f"{op}: could not re-apply the residual fusion of {sorted(set(residual) - set(done))} "
                              f"to the factory's model (another architecture?)")
@@ -139,7 +143,7 @@ def load(path: os.PathLike, model_factory: Callable[[], nn.Module],
     except RuntimeError as exc:
         raise ValueError(f"{op}: {path} does not match the factory's architecture: {exc}") from exc
     if manifest.get("depth_first"):  # an execution plan only: whatever chain the rebuilt graph allows
-        model, _ = fuse_network(model)
+        model, _ = fuse_network(model, graph=graph) if graph is not None else (model, [])
         team = manifest.get("single_sample_team")
         if not (team is None or isinstance(team, bool)):
             raise ValueError(f"{op}: {path}: single_sample_team must be true, false or null, got {team!r}")
