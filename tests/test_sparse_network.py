@@ -2,6 +2,8 @@
 layer-by-layer model and the dense reference, its fallbacks, invalidation, copies and threads."""
 import copy
 import itertools
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from hyperflow_ext import native
 from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
 from hyperflow_ext.sparse import export, load, save, sparsify
 from hyperflow_ext.sparse.fx_passes import fuse_network
-from hyperflow_ext.sparse.network import SparseConvNet
+from hyperflow_ext.sparse.network import STEP_COLUMN, STEP_FIELDS, SparseConvNet
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
@@ -56,7 +58,7 @@ def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, nativ
             torch.testing.assert_close(got, layered(x), **TOL[dtype])
     if cls is ResNetStyle:  # each 1x1 stride-2 shortcut reads what its block's first convolution packed
         prog = next(iter(fused.sparse_net._programs.values()))
-        assert int((prog.steps[:, 25] == 2).sum()) == 3
+        assert int((prog.steps[:, STEP_COLUMN["prepacked"]] == 2).sum()) == 3
 
 
 class _Odd(nn.Module):
@@ -224,23 +226,37 @@ def test_concurrent_calls_are_bit_exact(native_threads):
         assert torch.equal(y, serial[id(x)])
 
 
+HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "hf_conv_net.h"
+
+
+def test_step_fields_mirror_the_native_struct():
+    assert len(STEP_FIELDS) == native.cpu_module().conv_net_step_fields == 26
+    if not HEADER.exists():
+        pytest.skip("no csrc/ beside the tests")
+    body = re.search(r"struct ConvNetStep \{(.*?)\};", HEADER.read_text(encoding="utf-8"), re.S).group(1)
+    declared = [name.strip() for line in re.findall(r"std::int64_t ([^;]*);", body) for name in line.split(",")]
+    assert tuple(declared) == STEP_FIELDS
+
+
 def test_native_program_checks():
     mod = native.cpu_module()
-    steps = torch.zeros(1, mod.conv_net_step_fields, dtype=torch.int64)
-    steps[0, :10] = torch.tensor([2, 0, -1, 5, 4, 2, 2, 4, 1, 1])  # avg pool writing slot 5 of 2
+    steps = torch.zeros(1, len(STEP_FIELDS), dtype=torch.int64)
+    avg_pool = {"kind": 2, "in": 0, "res": -1, "out": 5, "c": 4, "h": 2, "w": 2, "oc": 4, "oh": 1, "ow": 1}
+    for name, value in avg_pool.items():  # writing slot 5 of 2
+        steps[0, STEP_COLUMN[name]] = value
     sizes = torch.tensor([[0, 4], [0, 0]], dtype=torch.int64)  # bordered sizes, borders
     x, y = torch.randn(1, 4, 2, 2), torch.empty(1, 4)
     args = (steps.data_ptr(), 1, sizes.data_ptr(), 2, x.data_ptr(), 1, *x.stride(), y.data_ptr(), 0, 0)
     with pytest.raises(ValueError, match="slot out of range"):
         mod.sparse_conv_net(*args)
-    steps[0, 3] = 1
+    steps[0, STEP_COLUMN["out"]] = 1
     with pytest.raises(ValueError, match="threads"):
         mod.sparse_conv_net(*args, -1)
     for threads in (0, 1, 2):
         y.fill_(float("nan"))
         mod.sparse_conv_net(*args, threads)
         torch.testing.assert_close(y, x.mean((2, 3)))
-    steps[0, 0] = 7
+    steps[0, STEP_COLUMN["kind"]] = 7
     with pytest.raises(ValueError, match="unknown step kind"):
         mod.sparse_conv_net(*args)
 

@@ -36,7 +36,15 @@ __all__ = ["SparseConvNet"]
 __getattr__ = kept_names(__name__, {"fuse_network": "hyperflow_ext.sparse.fx_passes"})
 
 CONV, MAX_POOL, AVG_POOL, LINEAR = 0, 1, 2, 3
-_FIELDS = 26  # int64 per step, the layout of ConvNetStep (csrc/include/hf_conv_net.h)
+#: The fields of one native program step, one int64 each, in the order of ``struct ConvNetStep``
+#: (csrc/include/hf_conv_net.h, which documents them): the kind; the slots read and written; the input and
+#: output map of one sample; kernel, stride, padding, dilation; then the convolution's nonzeros, ReLU, CSR
+#: arrays, bias and tap offsets (a dense head's weight goes in ``val``), and how it gets its packed input.
+STEP_FIELDS = ("kind", "in", "res", "out", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw",
+               "dh", "dw", "nnz", "relu", "rowptr", "col", "val", "bias", "off", "prepacked")
+#: field name -> its column in a program's ``steps`` tensor
+STEP_COLUMN = {name: i for i, name in enumerate(STEP_FIELDS)}
+_GEOMETRY = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
 _MAX_SLOTS = 64
 # A single sample gets the whole thread team only above this many multiply-adds: waking a parallel
 # region's idle workers costs more than splitting smaller programs saves (measured on the benchmark
@@ -59,7 +67,7 @@ class NetStep(NamedTuple):
 
 
 class _Program(NamedTuple):
-    steps: torch.Tensor        # (nsteps, 25) int64
+    steps: torch.Tensor        # (nsteps, len(STEP_FIELDS)) int64
     slot_size: torch.Tensor    # (2, nslots) int64: bordered map sizes, then borders
     out_shape: Tuple[int, int, int]
     dtype: torch.dtype
@@ -213,7 +221,7 @@ class SparseConvNet(nn.Module):
                 conv = modules[s.module]
                 if tuple(conv.stride) == (1, 1) and conv.padding[0] == conv.padding[1]:
                     border[s.inp] = int(conv.padding[0])
-        rows: List[List[int]] = []
+        built: List[Dict[str, int]] = []  # one {field: value} per step
         keep: List[torch.Tensor] = []
         codes = set()
         slot_of: Dict[int, int] = {0: 0}
@@ -224,7 +232,7 @@ class SparseConvNet(nn.Module):
         mod = native.cpu_module()
         for i, s in enumerate(self.steps):
             c, h, w = shapes[s.inp]
-            row = [0] * _FIELDS
+            step = dict.fromkeys(STEP_FIELDS, 0)
             head = modules[s.module] if s.kind == LINEAR else None
             if s.kind == CONV or isinstance(head, SparseLinear):  # a sparse head is a 1x1 convolution of a 1x1 map
                 conv = modules[s.module]
@@ -247,10 +255,10 @@ class SparseConvNet(nn.Module):
                 if oh <= 0 or ow <= 0 or (s.res >= 0 and shapes[s.res] != (oc, oh, ow)):
                     return None
                 col = csr.col_indices
-                prev = rows[-1] if rows else None
-                if s.kind == CONV and prev is not None and prev[0] == CONV and prev[1] == slot_of[s.inp] \
-                        and prev[25] == 0 and (kh, kw, sh, sw, ph, pw, dh, dw) == (1, 1, 2, 2, 0, 0, 1, 1) \
-                        and tuple(prev[10:18]) == (3, 3, 2, 2, 1, 1, 1, 1):
+                prev = built[-1] if built else None
+                if s.kind == CONV and prev is not None and prev["kind"] == CONV and prev["in"] == slot_of[s.inp] \
+                        and prev["prepacked"] == 0 and (kh, kw, sh, sw, ph, pw, dh, dw) == (1, 1, 2, 2, 0, 0, 1, 1) \
+                        and tuple(prev[f] for f in _GEOMETRY) == (3, 3, 2, 2, 1, 1, 1, 1):
                     # A 1x1/s2 shortcut beside its block's 3x3/s2/p1 convolution on the same input is that
                     # geometry's centre tap: it reads the buffer the convolution just packed.
                     col = (col.to(torch.int64) * 9 + 4).to(col.dtype)
@@ -272,15 +280,15 @@ class SparseConvNet(nn.Module):
                 codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
                 multiply_adds += csr.nnz * oh * ow
                 prepacked = 2 if reuse else int(s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1))
-                row[10:26] = [kh, kw, sh, sw, ph, pw, dh, dw, csr.nnz, int(relu), csr.crow_indices.data_ptr(),
-                              col.data_ptr(), csr.values.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                              off.data_ptr(), prepacked]
+                step.update(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, relu=int(relu),
+                            rowptr=csr.crow_indices.data_ptr(), col=col.data_ptr(), val=csr.values.data_ptr(),
+                            bias=0 if bias is None else bias.data_ptr(), off=off.data_ptr(), prepacked=prepacked)
             elif s.kind == MAX_POOL:
                 kh, kw, sh, sw = s.pool
                 if h < kh or w < kw:
                     return None
                 oc, oh, ow = c, (h - kh) // sh + 1, (w - kw) // sw + 1
-                row[10:14] = [kh, kw, sh, sw]
+                step.update(kh=kh, kw=kw, sh=sh, sw=sw)
             elif s.kind == AVG_POOL:
                 oc, oh, ow = c, 1, 1
             else:  # a dense head
@@ -291,7 +299,7 @@ class SparseConvNet(nn.Module):
                 oc, oh, ow = head.out_features, 1, 1
                 multiply_adds += c * oc
                 keep += [wt] + ([bias] if bias is not None else [])
-                row[22], row[23] = wt.data_ptr(), 0 if bias is None else bias.data_ptr()
+                step.update(val=wt.data_ptr(), bias=0 if bias is None else bias.data_ptr())  # oc x c row-major
             shapes[s.out] = (oc, oh, ow)
             for v in {s.inp, s.res} - {-1, 0}:  # maps read for the last time here are free for later steps
                 if last_use.get(v) == i:
@@ -309,12 +317,16 @@ class SparseConvNet(nn.Module):
                 slot_border.append(b)
             slot_of[s.out] = slot
             kind = CONV if isinstance(head, SparseLinear) else s.kind
-            row[0:10] = [kind, slot_of[s.inp], slot_of[s.res] if s.res >= 0 else -1, slot, c, h, w, oc, oh, ow]
-            rows.append(row)
+            step.update({"kind": kind, "in": slot_of[s.inp], "res": slot_of[s.res] if s.res >= 0 else -1, "out": slot,
+                         "c": c, "h": h, "w": w, "oc": oc, "oh": oh, "ow": ow})
+            built.append(step)
         if len(codes) > 1 or len(slot_size) > _MAX_SLOTS:
             return None
         float_code = FLOAT_CODES[x.dtype]
         index_code = next(iter(codes))[1] if codes else INDEX_CODES[torch.int32]
+        if any(len(st) != len(STEP_FIELDS) for st in built):  # a misspelt field name above
+            raise AssertionError(f"SparseConvNet: step fields other than {STEP_FIELDS}: {built}")
+        rows = [[st[name] for name in STEP_FIELDS] for st in built]
         return _Program(torch.tensor(rows, dtype=torch.int64), torch.tensor([slot_size, slot_border], dtype=torch.int64),
                         shapes[self.steps[-1].out], x.dtype, (float_code, index_code), tuple(modules),
                         _watch(modules), tuple(keep), multiply_adds)
