@@ -16,7 +16,6 @@ Groups:
   ``(W * m)`` then matmul, sparsity ≥ 95%, training-sized batches.
 * ``flow_step``: the fused step vs the eager torch sequence it replaces (``flow_step_reference``).
 """
-import time
 import warnings
 
 import pytest

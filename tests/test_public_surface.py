@@ -8,13 +8,6 @@ import hyperflow_ext as hf
 
 PACKAGE = Path(hf.__file__).resolve().parent
 
-# Private imports that the sparse/flow restructuring (issue 26, items owned with issues 24 and 25) removes;
-# anything not listed here fails the test below.
-KNOWN_PRIVATE_IMPORTS = {
-    ("sparse/conv.py", "_apply_mask"), ("sparse/conv.py", "_check_bias"), ("sparse/conv.py", "_CSRBuffers"),
-    ("sparse/conv.py", "_index_dtype"),
-}
-
 
 def test_testing_gathers_every_reference_oracle():
     modules = {"csr_spmm_reference": hf.sparse.csr, "csr_linear_reference": hf.sparse.linear,
@@ -68,23 +61,32 @@ def test_an_unknown_name_is_still_an_attribute_error():
             pkg.META_SCRIPT  # noqa: B018
 
 
-def private_imports(path: Path):
-    """``(name, line)`` of every ``from x import _name`` in ``path`` (the compiled ``_C`` modules aside)."""
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+def private_imports(path: Path, compiled_ok: bool = False):
+    """``(name, line)`` of every ``from x import _name`` in ``path`` (the compiled ``_C`` modules aside when
+    ``compiled_ok``), and of every mention of ``hyperflow_ext._C`` otherwise (an import by name)."""
+    text = path.read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
-                if alias.name.startswith("_") and not alias.name.startswith("__") and alias.name not in ("_C", "_C_cuda"):
+                compiled = alias.name in ("_C", "_C_cuda")
+                if alias.name.startswith("_") and not alias.name.startswith("__") and not (compiled and compiled_ok):
                     yield alias.name, node.lineno
+    if not compiled_ok:
+        for line, row in enumerate(text.splitlines(), 1):
+            if "hyperflow_ext._C" in row:
+                yield "hyperflow_ext._C", line
 
 
 def test_no_module_imports_a_private_name_of_another():
+    """Strict: the only exception is native.py, the one module that loads the compiled extension."""
     found = {(path.relative_to(PACKAGE).as_posix(), name, line)
-             for path in PACKAGE.rglob("*.py") for name, line in private_imports(path)}
-    new = sorted(f"{file}:{line} imports {name}" for file, name, line in found if (file, name) not in KNOWN_PRIVATE_IMPORTS)
-    assert not new, "give these names a public entry point: " + "; ".join(new)
+             for path in PACKAGE.rglob("*.py") for name, line in private_imports(path, path == PACKAGE / "native.py")}
+    assert not found, "give these names a public entry point: " + "; ".join(
+        sorted(f"{file}:{line} imports {name}" for file, name, line in found))
 
 
 def test_the_private_import_check_can_fail(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from .demo import _held_out_episodes\nfrom . import _C\n")
-    assert list(private_imports(bad)) == [("_held_out_episodes", 1)]
+    bad.write_text("from .demo import _held_out_episodes\nfrom . import _C\nx = 'hyperflow_ext._C_cuda'\n")
+    assert list(private_imports(bad, compiled_ok=True)) == [("_held_out_episodes", 1)]
+    assert list(private_imports(bad)) == [("_held_out_episodes", 1), ("_C", 2), ("hyperflow_ext._C", 3)]

@@ -16,7 +16,7 @@ comes for free from the fused ``scores >= 0`` pass.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F

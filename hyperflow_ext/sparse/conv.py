@@ -27,8 +27,8 @@ from torch import nn
 from .. import native
 from ..backend import pick_backend
 from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
-from .csr import CSRMatrix
-from .linear import _apply_mask, _check_bias, _CSRBuffers, _index_dtype, csr_linear
+from .csr import CSRBuffers, CSRMatrix, apply_mask, check_bias, index_dtype_for
+from .linear import csr_linear
 
 __all__ = ["csr_conv2d", "csr_conv2d_reference", "SparseConv2d", "conv_out_size"]
 
@@ -135,9 +135,7 @@ def csr_conv2d(x: torch.Tensor, weight: CSRMatrix, kernel_size: _Pair, bias: Opt
     if x.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(f"{op} is inference-only (no autograd): call it under torch.no_grad() / "
                                   f"torch.inference_mode(), or pass x.detach()")
-    if bias is not None:
-        check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(out_c,), device=weight.device)
-        bias = bias.contiguous()
+    bias = check_bias(op, bias, weight)
     ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
     if h < 1 or w < 1 or ho < 1 or wo < 1:
         raise ValueError(f"{op}: input {(h, w)} is too small for kernel {(kh, kw)} with padding {(ph, pw)} "
@@ -266,7 +264,7 @@ def _conv1x1(mod, x: torch.Tensor, weight: CSRMatrix, y: torch.Tensor, dtype: in
                          ldo=max(1, hw), dtype=dtype, itype=itype, stream=0)
 
 
-class SparseConv2d(_CSRBuffers):
+class SparseConv2d(CSRBuffers):
     """Inference-only ``nn.Conv2d`` replacement (groups = 1, zero padding) with a CSR weight.
 
     Runs :func:`csr_conv2d` (direct sparse convolution; bias and an optional ReLU fused into the
@@ -311,11 +309,7 @@ class SparseConv2d(_CSRBuffers):
             raise ValueError(f"{op}: weight must have in_channels·kh·kw = "
                              f"{self.in_channels * self.kernel_size[0] * self.kernel_size[1]} columns, "
                              f"got {weight.shape[1]}")
-        self._set_csr(weight)
-        if bias is not None:
-            _check_bias(op, bias, self.out_channels, weight)
-            bias = bias.detach().contiguous()
-        self.register_buffer("bias", bias)
+        self._set_weight(op, weight, bias)
 
     @property
     def channels_last(self) -> Optional[bool]:
@@ -345,7 +339,7 @@ class SparseConv2d(_CSRBuffers):
             raise NotImplementedError(f"{op}: padding_mode={conv.padding_mode!r} is not supported (only 'zeros')")
         if isinstance(conv.padding, str):
             raise NotImplementedError(f"{op}: string padding {conv.padding!r} is not supported; use integers")
-        w = _apply_mask(op, conv.weight.detach(), mask)
+        w = apply_mask(op, conv.weight.detach(), mask)
         return cls.from_dense(w, conv.stride, conv.padding, conv.dilation,
                               None if conv.bias is None else conv.bias.detach(), relu, channels_last)
 
@@ -357,7 +351,7 @@ class SparseConv2d(_CSRBuffers):
         check_tensor("SparseConv2d.from_dense", "weight", weight, dtypes=FLOAT_CODES, ndim=4)
         out_c, in_c, kh, kw = weight.shape
         w2 = weight.detach().reshape(out_c, -1)
-        csr = CSRMatrix.from_dense(w2, index_dtype=_index_dtype(*w2.shape, w2.numel()))
+        csr = CSRMatrix.from_dense(w2, index_dtype=index_dtype_for(*w2.shape, w2.numel()))
         return cls(csr, in_c, (kh, kw), stride, padding, dilation, bias, relu, channels_last)
 
     def _weight_key(self) -> Optional[tuple]:

@@ -1,10 +1,13 @@
-"""CSR matrices and CSR × dense products on the native kernels."""
+"""CSR matrices, CSR × dense products on the native kernels, and the CSR weight of a sparse layer
+(:class:`CSRBuffers`, the base of :class:`~hyperflow_ext.sparse.SparseLinear` and
+:class:`~hyperflow_ext.sparse.SparseConv2d`)."""
 from __future__ import annotations
 
 import warnings
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
 
 from .. import native
 from .._checks import (FLOAT_CODES, INDEX_CODES, check_csr, check_no_overlap, check_tensor, row_major,
@@ -185,3 +188,89 @@ def csr_spmm(a: CSRMatrix, b: torch.Tensor, out: Optional[torch.Tensor] = None,
                  ldo=max(1, out.stride(0)), dtype=FLOAT_CODES[a.dtype], itype=INDEX_CODES[a.crow_indices.dtype],
                  stream=stream_handle(a.device))
     return out
+
+
+# ----------------------------------------------------------------------------------------- a layer's CSR weight
+def index_dtype_for(*sizes: int) -> torch.dtype:
+    """``torch.int32`` when every size (rows, columns, element count) fits it, else ``torch.int64``: the index
+    dtype of a layer's CSR weight built from a dense one."""
+    return torch.int32 if max(sizes, default=0) < 2**31 - 1 else torch.int64
+
+
+def check_bias(op: str, bias: Optional[torch.Tensor], weight: CSRMatrix) -> Optional[torch.Tensor]:
+    """Check a bias of ``weight``'s rows (``(rows,)``, its dtype and device); return it contiguous (None stays None).
+
+    Raises:
+        TypeError / ValueError: naming ``op`` and ``bias``.
+    """
+    if bias is None:
+        return None
+    check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(weight.shape[0],), device=weight.device)
+    return bias.contiguous()
+
+
+def apply_mask(op: str, weight: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """``weight`` with the entries where ``mask`` (bool or uint8, ``weight``'s shape) is zero set to exactly zero;
+    ``weight`` itself when ``mask`` is None. What a sparse layer builds its CSR weight from (``from_linear`` ...)."""
+    if mask is None:
+        return weight
+    check_tensor(op, "mask", mask, dtypes=(torch.bool, torch.uint8), shape=tuple(weight.shape), device=weight.device)
+    return torch.where(mask.bool(), weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+
+
+class CSRBuffers(nn.Module):
+    """The base of the sparse inference layers: holds a CSR weight as three buffers (so ``.to()``,
+    ``state_dict`` and ``load_state_dict`` work) and re-validates it whenever a buffer was replaced or
+    modified in place. Subclasses call :meth:`_set_weight` in ``__init__`` and read :meth:`csr` in ``forward``."""
+
+    def _set_weight(self, op: str, weight: CSRMatrix, bias: Optional[torch.Tensor]) -> None:
+        """Register ``weight``'s arrays and ``bias`` (checked against ``weight``'s rows, or None) as buffers."""
+        self._set_csr(weight)
+        bias = check_bias(op, bias, weight)
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def _set_csr(self, csr: CSRMatrix) -> None:
+        self.register_buffer("crow_indices", csr.crow_indices)
+        self.register_buffer("col_indices", csr.col_indices)
+        self.register_buffer("values", csr.values)
+        self._csr_shape = csr.shape
+        self._csr_cache: Optional[Tuple[tuple, CSRMatrix]] = (self._csr_key(), csr)
+
+    def _csr_key(self) -> tuple:
+        # Identity + in-place version of each array: any replacement or in-place edit (to(),
+        # load_state_dict, user code) changes it.
+        c, i, v = self.crow_indices, self.col_indices, self.values
+        try:
+            return (id(c), c._version, id(i), i._version, id(v), v._version)
+        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
+            return (id(c), c.data_ptr(), id(i), i.data_ptr(), id(v), v.data_ptr())
+
+    def csr(self) -> CSRMatrix:
+        """The weight as a validated :class:`CSRMatrix` (cached until a buffer changes)."""
+        key = self._csr_key()
+        if self._csr_cache is None or self._csr_cache[0] != key:
+            csr = CSRMatrix(self.crow_indices, self.col_indices, self.values, self._csr_shape)
+            for name in ("crow_indices", "col_indices"):  # inference-mode buffers: adopt the tracked copies
+                if getattr(csr, name) is not self._buffers[name]:
+                    self._buffers[name] = getattr(csr, name)
+            key = self._csr_key()
+            self._csr_cache = (key, csr)
+        return self._csr_cache[1]
+
+    def density(self) -> float:
+        """The fraction of the weight's entries stored (nonzeros / rows·columns)."""
+        return self.csr().density()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Another checkpoint of the same layer usually has another nnz: adopt its arrays (on our
+        # device) instead of copying into ours; the next forward validates the new structure.
+        device = self.values.device
+        for name in ("crow_indices", "col_indices", "values", "bias"):
+            t = state_dict.get(prefix + name)
+            cur = self._buffers.get(name)
+            if isinstance(t, torch.Tensor) and (cur is None or cur.shape != t.shape):
+                dtype = self.values.dtype if name in ("values", "bias") else t.dtype
+                self._buffers[name] = t.detach().to(device=device, dtype=dtype, copy=True)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

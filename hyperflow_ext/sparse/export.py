@@ -51,7 +51,7 @@ from torch import fx, nn
 
 from .. import native
 from ..measure import interleaved_times
-from ._dense_guard import dense_above as _dense_above
+from ._dense_guard import dense_above as dense_threshold
 from ._dense_guard import keep_faster_than_dense
 from .conv import SparseConv2d
 from .fx_passes import conv_chains, fuse_network, fuse_residuals, sequential_chains, set_module, trace
@@ -179,7 +179,7 @@ def sparsify(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
     retry = depth_first and example_input is not None
     # the retry and the dense referees need the model as given
     original = copy.deepcopy(model) if example_input is not None and inplace else model
-    threshold = None if example_input is not None else _dense_above(dense_above)
+    threshold = None if example_input is not None else dense_threshold(dense_above)
     work = (model if inplace else copy.deepcopy(model)).eval()
     # One trace serves every conversion below (each rewrites a copy of the same model) and every pass of each.
     graph = trace(work)

@@ -15,7 +15,7 @@ inference-only: no autograd.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from .. import native
 from ..backend import pick_backend
 from .._checks import FLOAT_CODES, INDEX_CODES, check_tensor, stream_handle
-from .csr import CSRMatrix
+from .csr import CSRBuffers, CSRMatrix, apply_mask, check_bias, index_dtype_for
 
 __all__ = ["csr_linear", "csr_linear_reference", "SparseLinear"]
 
@@ -32,13 +32,6 @@ def _no_grad_input(op: str, x: torch.Tensor) -> None:
     if x.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(f"{op} is inference-only (no autograd): call it under torch.no_grad() / "
                                   f"torch.inference_mode(), or pass x.detach()")
-
-
-def _check_bias(op: str, bias: Optional[torch.Tensor], n: int, weight: CSRMatrix) -> Optional[torch.Tensor]:
-    if bias is None:
-        return None
-    check_tensor(op, "bias", bias, dtypes=(weight.dtype,), shape=(n,), device=weight.device)
-    return bias.contiguous()
 
 
 def csr_linear_reference(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -87,7 +80,7 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
     if x.requires_grad:
         _no_grad_input(op, x)
     if bias is not None:
-        bias = _check_bias(op, bias, out_f, weight)
+        bias = check_bias(op, bias, weight)
     if pick_backend(backend, device, op) == "torch":
         with torch.no_grad():
             return csr_linear_reference(x, weight, bias)
@@ -107,61 +100,7 @@ def csr_linear(x: torch.Tensor, weight: CSRMatrix, bias: Optional[torch.Tensor] 
     return y if ndim == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
-def _index_dtype(*dims: int) -> torch.dtype:
-    return torch.int32 if max(dims, default=0) < 2**31 - 1 else torch.int64
-
-
-class _CSRBuffers(nn.Module):
-    """Holds a CSR weight as three buffers (so ``.to()``, ``state_dict`` and ``load_state_dict``
-    work) and re-validates it whenever a buffer was replaced or modified in place."""
-
-    def _set_csr(self, csr: CSRMatrix) -> None:
-        self.register_buffer("crow_indices", csr.crow_indices)
-        self.register_buffer("col_indices", csr.col_indices)
-        self.register_buffer("values", csr.values)
-        self._csr_shape = csr.shape
-        self._csr_cache: Optional[Tuple[tuple, CSRMatrix]] = (self._csr_key(), csr)
-
-    def _csr_key(self) -> tuple:
-        # Identity + in-place version of each array: any replacement or in-place edit (to(),
-        # load_state_dict, user code) changes it.
-        c, i, v = self.crow_indices, self.col_indices, self.values
-        try:
-            return (id(c), c._version, id(i), i._version, id(v), v._version)
-        except RuntimeError:  # inference tensors (made under inference_mode) keep no version counter
-            return (id(c), c.data_ptr(), id(i), i.data_ptr(), id(v), v.data_ptr())
-
-    def csr(self) -> CSRMatrix:
-        """The weight as a validated :class:`CSRMatrix` (cached until a buffer changes)."""
-        key = self._csr_key()
-        if self._csr_cache is None or self._csr_cache[0] != key:
-            csr = CSRMatrix(self.crow_indices, self.col_indices, self.values, self._csr_shape)
-            for name in ("crow_indices", "col_indices"):  # inference-mode buffers: adopt the tracked copies
-                if getattr(csr, name) is not self._buffers[name]:
-                    self._buffers[name] = getattr(csr, name)
-            key = self._csr_key()
-            self._csr_cache = (key, csr)
-        return self._csr_cache[1]
-
-    def density(self) -> float:
-        return self.csr().density()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # Another checkpoint of the same layer usually has another nnz: adopt its arrays (on our
-        # device) instead of copying into ours; the next forward validates the new structure.
-        device = self.values.device
-        for name in ("crow_indices", "col_indices", "values", "bias"):
-            t = state_dict.get(prefix + name)
-            cur = self._buffers.get(name)
-            if isinstance(t, torch.Tensor) and (cur is None or cur.shape != t.shape):
-                dtype = self.values.dtype if name in ("values", "bias") else t.dtype
-                self._buffers[name] = t.detach().to(device=device, dtype=dtype, copy=True)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-
-class SparseLinear(_CSRBuffers):
+class SparseLinear(CSRBuffers):
     """Inference-only ``nn.Linear`` replacement with a CSR weight.
 
     Args:
@@ -183,17 +122,13 @@ class SparseLinear(_CSRBuffers):
         if not isinstance(weight, CSRMatrix):
             raise TypeError(f"SparseLinear: weight must be a CSRMatrix, got {type(weight).__name__}")
         self.out_features, self.in_features = weight.shape
-        self._set_csr(weight)
-        if bias is not None:
-            _check_bias("SparseLinear", bias, self.out_features, weight)
-            bias = bias.detach().contiguous()
-        self.register_buffer("bias", bias)
+        self._set_weight("SparseLinear", weight, bias)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "SparseLinear":
         """Build from a dense ``(out_features, in_features)`` weight, keeping its exact nonzeros."""
         check_tensor("SparseLinear.from_dense", "weight", weight, dtypes=FLOAT_CODES, ndim=2)
-        csr = CSRMatrix.from_dense(weight.detach(), index_dtype=_index_dtype(*weight.shape, weight.numel()))
+        csr = CSRMatrix.from_dense(weight.detach(), index_dtype=index_dtype_for(*weight.shape, weight.numel()))
         return cls(csr, bias)
 
     @classmethod
@@ -201,7 +136,7 @@ class SparseLinear(_CSRBuffers):
         """Build from an ``nn.Linear``; ``mask`` (bool, weight-shaped) zeroes pruned weights first."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
-        w = _apply_mask("SparseLinear.from_linear", linear.weight.detach(), mask)
+        w = apply_mask("SparseLinear.from_linear", linear.weight.detach(), mask)
         return cls.from_dense(w, None if linear.bias is None else linear.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,10 +145,3 @@ class SparseLinear(_CSRBuffers):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"density={self.density():.4f}")
-
-
-def _apply_mask(op: str, w: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if mask is None:
-        return w
-    check_tensor(op, "mask", mask, dtypes=(torch.bool, torch.uint8), shape=tuple(w.shape), device=w.device)
-    return torch.where(mask.bool(), w, torch.zeros((), dtype=w.dtype, device=w.device))
