@@ -1,11 +1,13 @@
-"""Helpers shared by the tests: kernel tolerances, random sparse operands, tiny pretraining data.
+"""Helpers shared by the tests: kernel tolerances, random sparse operands, pruned CNNs, tiny pretraining data.
 
 Import with ``tests/`` on ``sys.path`` (pytest puts it there): ``from _helpers import tol, random_csr``.
 """
 from typing import Optional, Tuple
 
 import torch
+from torch import nn
 
+from hyperflow_ext.prune.cnns import apply_masks, magnitude_masks, randomize_batchnorm
 from hyperflow_ext.sparse import CSRMatrix
 
 #: assert_close tolerances of a kernel against its pure-torch reference, per dtype.
@@ -37,6 +39,18 @@ def random_csr(rows: int, cols: int, density: float, dtype: torch.dtype = torch.
     """``(dense, CSRMatrix of dense)`` for a :func:`random_sparse` ``rows x cols`` matrix (its keywords pass on)."""
     dense = random_sparse(rows, cols, density=density, dtype=dtype, **kwargs)
     return dense, CSRMatrix.from_dense(dense, index_dtype=index_dtype)
+
+
+def pruned_cnn(cls: type, sparsity: float = 0.9, seed: int = 0, dtype: torch.dtype = torch.float32,
+               **kwargs) -> nn.Module:
+    """``cls(**kwargs)`` in eval mode with random BatchNorm statistics and its weights magnitude-pruned to
+    ``sparsity`` per layer (the export and depth-first tests' model)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = cls(**kwargs).to(dtype)
+    randomize_batchnorm(model, gen)
+    apply_masks(model, magnitude_masks(model, sparsity))
+    return model.eval()
 
 
 # ---- tiny pretraining data (model and file-integrity tests) -------------------------------------

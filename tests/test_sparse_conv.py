@@ -10,14 +10,10 @@ from hyperflow_ext import native
 from hyperflow_ext.sparse import CSRMatrix, SparseConv2d, csr_conv2d, csr_conv2d_reference
 from hyperflow_ext.sparse.conv import conv_out_size
 
+from _helpers import TOL, random_sparse
+
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-
-
-def _masked_weight(out_c, in_c, kh, kw, density, dtype, gen):
-    w = torch.randn(out_c, in_c, kh, kw, dtype=dtype, generator=gen)
-    return w * (torch.rand(w.shape, generator=gen) < density).to(dtype)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -36,7 +32,7 @@ def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding
     assume(ho >= 1 and wo >= 1)
     dtype = torch.float64 if double else torch.float32
     gen = torch.Generator().manual_seed(seed)
-    weight = _masked_weight(out_c, in_c, kh, kw, density, dtype, gen)
+    weight = random_sparse(out_c, in_c, kh, kw, density=density, dtype=dtype, generator=gen)
     bias = torch.randn(out_c, dtype=dtype, generator=gen) if use_bias else None
     x = torch.randn(n, in_c, h, w, dtype=dtype, generator=gen)
     if channels_last:
@@ -69,7 +65,7 @@ def test_csr_conv2d_matches_conv2d(n, in_c, out_c, h, w, kh, kw, stride, padding
 def test_layer_sized_convolutions(dtype, density, n, hw, stride, layout):
     """VGG/ResNet-sized layers: many channels, the sample interleaving of small maps, ReLU epilogue."""
     gen = torch.Generator().manual_seed(0)
-    weight = _masked_weight(48, 40, 3, 3, density, dtype, gen)
+    weight = random_sparse(48, 40, 3, 3, density=density, dtype=dtype, generator=gen)
     bias, x = torch.randn(48, dtype=dtype, generator=gen), torch.randn(n, 40, hw, hw, dtype=dtype, generator=gen)
     if layout in ("nhwc_in", "nhwc"):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -97,7 +93,7 @@ def test_stride_two_rows_of_every_width_at_batch_one(dtype, w, k, padding, dilat
     at and across register multiples, paddings wider than a kernel's reach."""
     gen = torch.Generator().manual_seed(w)
     h = 9
-    weight = _masked_weight(6, 5, k, k, 0.5, dtype, gen)
+    weight = random_sparse(6, 5, k, k, density=0.5, dtype=dtype, generator=gen)
     x = torch.randn(1, 5, h, w, dtype=dtype, generator=gen)
     sp = SparseConv2d.from_dense(weight, stride=2, padding=padding, dilation=dilation)
     with torch.inference_mode():
@@ -113,13 +109,13 @@ def test_empty_output_channels_give_bias_and_relu():
     for relu in (False, True):
         y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(6, -1)), 3, bias, padding=1, relu=relu)
         want = F.conv2d(x, weight, bias, padding=1)
-        torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y, want.relu() if relu else want, **TOL[torch.float32])
         assert bool((y[:, 1] == (0.0 if relu else -2.0)).all()) and bool((y[:, 4] == 3.0).all())
 
 
 def test_one_by_one_convolutions_use_the_spmm_path_and_match():
     gen = torch.Generator().manual_seed(1)
-    weight = _masked_weight(16, 12, 1, 1, 0.2, torch.float32, gen)
+    weight = random_sparse(16, 12, 1, 1, density=0.2, dtype=torch.float32, generator=gen)
     bias = torch.randn(16, generator=gen)
     for x in (torch.randn(3, 12, 5, 6, generator=gen),
               torch.randn(3, 12, 5, 6, generator=gen).contiguous(memory_format=torch.channels_last),
@@ -129,11 +125,11 @@ def test_one_by_one_convolutions_use_the_spmm_path_and_match():
             y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu,
                            channels_last=cl)
             want = F.conv2d(x, weight, bias, stride)
-            torch.testing.assert_close(y, want.relu() if relu else want, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(y, want.relu() if relu else want, **TOL[torch.float32])
             res = torch.randn(want.shape, generator=gen)
             y = csr_conv2d(x, CSRMatrix.from_dense(weight.reshape(16, -1)), 1, bias, stride, relu=relu,
                            channels_last=cl, residual=res)
-            torch.testing.assert_close(y, (want + res).relu() if relu else want + res, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(y, (want + res).relu() if relu else want + res, **TOL[torch.float32])
 
 
 def test_unbatched_input_and_torch_backend_agree():
@@ -151,16 +147,16 @@ def test_unbatched_input_and_torch_backend_agree():
 
 def test_module_offsets_follow_new_weights_and_shapes():
     gen = torch.Generator().manual_seed(2)
-    w1, w2 = (_masked_weight(8, 4, 3, 3, d, torch.float32, gen) for d in (0.3, 0.6))
+    w1, w2 = (random_sparse(8, 4, 3, 3, density=d, dtype=torch.float32, generator=gen) for d in (0.3, 0.6))
     sp = SparseConv2d.from_dense(w1, padding=1)
     other = SparseConv2d.from_dense(w2, padding=1)
     with torch.inference_mode():
         for shape in ((2, 4, 6, 6), (1, 4, 9, 5), (2, 4, 6, 6)):
             x = torch.randn(*shape, generator=gen)
-            torch.testing.assert_close(sp(x), F.conv2d(x, w1, None, 1, 1), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(sp(x), F.conv2d(x, w1, None, 1, 1), **TOL[torch.float32])
         sp.load_state_dict(other.state_dict())  # another nnz: the cached tap offsets must not be reused
         x = torch.randn(2, 4, 6, 6, generator=gen)
-        torch.testing.assert_close(sp(x), F.conv2d(x, w2, None, 1, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sp(x), F.conv2d(x, w2, None, 1, 1), **TOL[torch.float32])
     assert "relu=False" in repr(sp)
 
 
@@ -218,7 +214,7 @@ def test_native_entry_rejects_inconsistent_sizes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_twin_matches_conv2d(dtype):
     gen = torch.Generator().manual_seed(5)
-    weight = _masked_weight(12, 7, 3, 3, 0.3, dtype, gen)
+    weight = random_sparse(12, 7, 3, 3, density=0.3, dtype=dtype, generator=gen)
     bias = torch.randn(12, dtype=dtype, generator=gen)
     x = torch.randn(3, 7, 9, 8, dtype=dtype, generator=gen)
     for stride, padding, dilation in ((1, 1, 1), (2, 0, 1), (1, 2, 2)):
@@ -236,7 +232,7 @@ def test_relu_epilogue_keeps_nan_and_adds_residual_per_row(dtype, hw, stride, la
     several output rows) land in the right places. (A NaN input is not compared: the sparse kernel
     never multiplies it by a pruned zero, F.conv2d on the masked weight does.)"""
     gen = torch.Generator().manual_seed(1)
-    weight = _masked_weight(20, 6, 3, 3, 0.3, dtype, gen)
+    weight = random_sparse(20, 6, 3, 3, density=0.3, dtype=dtype, generator=gen)
     bias = torch.randn(20, dtype=dtype, generator=gen)
     x = torch.randn(2, 6, hw, hw, dtype=dtype, generator=gen)
     sp = SparseConv2d.from_dense(weight, stride=stride, padding=1, bias=bias, relu=True,

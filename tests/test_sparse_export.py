@@ -9,19 +9,12 @@ from torch import nn
 
 from hyperflow_ext import native
 from hyperflow_ext.prune import Pruner
-from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
+from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, randomize_batchnorm
 from hyperflow_ext.sparse import DenseConv2d, SparseConv2d, SparseLinear, fold_batchnorm, load, save, sparsify
 
+from _helpers import pruned_cnn
+
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
-
-
-def _pruned(cls, sparsity=0.9, seed=0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = cls().to(dtype)
-    randomize_batchnorm(model, gen)
-    apply_masks(model, magnitude_masks(model, sparsity))
-    return model.eval()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
@@ -40,7 +33,7 @@ def test_fold_batchnorm_matches_conv_then_bn(dtype, tol):
 
 @pytest.mark.parametrize("cls", [VGGStyle, ResNetStyle])
 def test_sparsify_folds_fuses_and_matches(cls):
-    model = _pruned(cls)
+    model = pruned_cnn(cls)
     x = torch.randn(2, 3, 32, 32)
     sparse, report = sparsify(model, x, time_budget_s=0.01, never_slower=False)  # the export itself
     with torch.inference_mode():
@@ -67,7 +60,7 @@ def test_sparsify_folds_fuses_and_matches(cls):
 
 
 def test_sparsify_without_example_input_makes_everything_sparse_and_keeps_the_original():
-    model = _pruned(VGGStyle, 0.95)
+    model = pruned_cnn(VGGStyle, 0.95)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sparse, report = sparsify(model, dense_above=None)
     assert all(r["kind"] == "sparse" and r["sparse_ms"] is None for r in report)
@@ -97,7 +90,7 @@ def test_residual_fusion_takes_only_single_use_convolutions():
 
 
 def test_fusion_without_folding_is_refused_when_the_relu_follows_the_norm():
-    model = _pruned(VGGStyle)
+    model = pruned_cnn(VGGStyle)
     sparse, report = sparsify(model, fold_bn=False, dense_above=None)
     assert not any(r["relu"] for r in report) and isinstance(sparse.features[1], nn.BatchNorm2d)
     x = torch.randn(1, 3, 32, 32)
@@ -106,7 +99,7 @@ def test_fusion_without_folding_is_refused_when_the_relu_follows_the_norm():
 
 
 def test_dense_kept_layers_round_trip_with_relu():
-    model = _pruned(VGGStyle)
+    model = pruned_cnn(VGGStyle)
     sparse, _ = sparsify(model, dense_above=None)
     sparse.features[4] = DenseConv2d.from_conv2d(nn.Conv2d(64, 128, 3, padding=1), relu=True)
     with torch.inference_mode():
@@ -133,7 +126,7 @@ def test_a_layer_faster_dense_alone_is_retried_sparse_inside_the_program(monkeyp
     faster = []
     monkeypatch.setattr(export, "_time_pair", time_pair)
     monkeypatch.setattr(export, "_faster", lambda a, b, x, budget_s: faster.append((a, b)) or whole_model_faster)
-    model = _pruned(VGGStyle, 0.95)
+    model = pruned_cnn(VGGStyle, 0.95)
     x = torch.randn(1, 3, 32, 32)
     out, report = sparsify(model, x, time_budget_s=0.01, never_slower=False)
     middle = next(r for r in report if r["name"] == "features.8")
@@ -157,7 +150,7 @@ def test_one_trace_serves_every_pass_of_sparsify_and_load(monkeypatch, tmp_path)
     traced, trace = [], fx_passes.Tracer.trace
     monkeypatch.setattr(fx_passes.Tracer, "trace",
                         lambda self, root, *a, **k: traced.append(type(root).__name__) or trace(self, root, *a, **k))
-    model = _pruned(ResNetStyle, 0.95)
+    model = pruned_cnn(ResNetStyle, 0.95)
     sparse, report = sparsify(model, dense_above=None)
     assert any(r["residual"] for r in report) and any(isinstance(m, SparseConvNet) for m in sparse.modules())
     assert traced == ["ResNetStyle"]
@@ -188,7 +181,7 @@ with torch.inference_mode():
 
 @pytest.mark.parametrize("cls", [VGGStyle, ResNetStyle])
 def test_saved_export_reloads_in_a_fresh_process(tmp_path, cls):
-    model = _pruned(cls, 0.95)
+    model = pruned_cnn(cls, 0.95)
     sparse, _ = sparsify(model, dense_above=None)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
@@ -207,7 +200,7 @@ def test_saved_export_reloads_in_a_fresh_process(tmp_path, cls):
 
 def test_load_rejects_foreign_and_corrupt_files(tmp_path):
     from hyperflow_ext._io import save_tensors
-    model = _pruned(VGGStyle, 0.95)
+    model = pruned_cnn(VGGStyle, 0.95)
     sparse, _ = sparsify(model, dense_above=None)
     path = tmp_path / "m.safetensors"
     save(sparse, path)

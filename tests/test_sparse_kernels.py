@@ -11,11 +11,9 @@ from hyperflow_ext.prune.masked_ops import (masked_matmul, masked_matmul_grad_in
 from hyperflow_ext.sparse import (CSRMatrix, SparseConv2d, SparseLinear, csr_conv2d, csr_conv2d_reference,
                                   csr_linear, csr_linear_reference)
 
+from _helpers import random_csr, tol
+
 DTYPES = [torch.float32, torch.float64]
-
-
-def tol(dtype):
-    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
 def rand_mask(rows, cols, sparsity, empty_rows=False):
@@ -76,10 +74,10 @@ def test_masked_matmul_property(batch, in_f, out_f, sparsity, double, seed):
 def test_masked_matmul_layer_sized():
     x, w = torch.randn(64, 784), torch.randn(512, 784)
     mask = rand_mask(512, 784, 0.95)
-    torch.testing.assert_close(masked_matmul(x, w, mask), masked_matmul_reference(x, w, mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(masked_matmul(x, w, mask), masked_matmul_reference(x, w, mask), **tol(torch.float32))
     g = torch.randn(64, 512)
     torch.testing.assert_close(masked_matmul_grad_input(g, w, mask), masked_matmul_grad_input_reference(g, w, mask),
-                               rtol=1e-4, atol=1e-4)
+                               **tol(torch.float32))
 
 
 def test_masked_entries_are_skipped_not_multiplied():
@@ -143,13 +141,6 @@ def test_score_mask():
 
 # ---- CSR linear -----------------------------------------------------------------------------
 
-def random_csr(rows, cols, density, dtype=torch.float32, index_dtype=torch.int32, empty_rows=False):
-    dense = torch.randn(rows, cols, dtype=dtype) * (torch.rand(rows, cols) < density)
-    if empty_rows and rows > 1:
-        dense[1::3] = 0
-    return dense, CSRMatrix.from_dense(dense, index_dtype=index_dtype)
-
-
 @pytest.mark.parametrize("out_f,in_f", [(1, 1), (1, 40), (40, 1), (64, 100), (130, 257)])
 @pytest.mark.parametrize("batch", [1, 2, 16, 33, 100])
 @pytest.mark.parametrize("density", [0.0, 0.1, 1.0])
@@ -169,7 +160,7 @@ def test_csr_linear_matches_reference(out_f, in_f, batch, density, dtype):
        density=st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.0]), int64=st.booleans(), seed=st.integers(0, 2**16))
 def test_csr_linear_property(batch, in_f, out_f, density, int64, seed):
     torch.manual_seed(seed)
-    dense, w = random_csr(out_f, in_f, density, index_dtype=torch.int64 if int64 else torch.int32)
+    dense, w = random_csr(out_f, in_f, density, index_dtype=torch.int64 if int64 else torch.int32, seed=seed)
     x = torch.randn(batch, in_f)
     torch.testing.assert_close(csr_linear(x, w, backend="native"), csr_linear_reference(x, w), **tol(torch.float32))
 
@@ -182,7 +173,7 @@ def test_csr_linear_leading_dims_and_layer_size():
     torch.testing.assert_close(got, x @ dense.T)
     dense, w = random_csr(1024, 1024, 0.02)
     x = torch.randn(256, 1024)
-    torch.testing.assert_close(csr_linear(x, w), x @ dense.T, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(csr_linear(x, w), x @ dense.T, **tol(torch.float32))
 
 
 def test_csr_linear_validation():

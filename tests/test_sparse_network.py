@@ -9,24 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from _helpers import TOL, pruned_cnn
 from _threads import run_threaded
 from hyperflow_ext import native
-from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle, apply_masks, magnitude_masks, randomize_batchnorm
+from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle
 from hyperflow_ext.sparse import export, load, save, sparsify
 from hyperflow_ext.sparse.fx_passes import fuse_network
 from hyperflow_ext.sparse.network import STEP_COLUMN, STEP_FIELDS, SparseConvNet
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
-
-
-def _pruned(cls, sparsity=0.9, seed=0, dtype=torch.float32, **kw):
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = cls(**kw).to(dtype)
-    randomize_batchnorm(model, gen)
-    apply_masks(model, magnitude_masks(model, sparsity))
-    return model.eval()
 
 
 @pytest.fixture
@@ -42,7 +33,7 @@ def native_threads():
 @pytest.mark.parametrize("cls", [VGGStyle, ResNetStyle])
 def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, native_threads):
     native_threads(threads)
-    model = _pruned(cls, 0.9, dtype=dtype)
+    model = pruned_cnn(cls, 0.9, dtype=dtype)
     layered, _ = sparsify(model, depth_first=False, dense_above=None)
     fused, report = sparsify(model, dense_above=None)
     assert isinstance(fused.sparse_net, SparseConvNet) and not hasattr(layered, "sparse_net")
@@ -98,7 +89,7 @@ def test_odd_geometries_match_the_dense_model(hw):
 
 
 def test_max_pool_propagates_nan_like_torch():
-    model = _pruned(VGGStyle, 0.5)
+    model = pruned_cnn(VGGStyle, 0.5)
     fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
     x[0, :, 5, 7] = float("nan")
@@ -109,7 +100,7 @@ def test_max_pool_propagates_nan_like_torch():
 
 
 def test_weight_edit_after_a_call_is_seen():
-    model = _pruned(ResNetStyle, 0.9)
+    model = pruned_cnn(ResNetStyle, 0.9)
     fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
     layered, _ = sparsify(model, depth_first=False, dense_above=None)
@@ -125,7 +116,7 @@ def test_weight_edit_after_a_call_is_seen():
 
 
 def test_inputs_the_program_does_not_cover_take_the_module_path():
-    model = _pruned(VGGStyle, 0.9)
+    model = pruned_cnn(VGGStyle, 0.9)
     fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(2, 3, 32, 32)
     with pytest.raises(NotImplementedError, match="inference-only"):
@@ -140,7 +131,7 @@ def test_inputs_the_program_does_not_cover_take_the_module_path():
 
 
 def test_a_layer_swapped_after_export_runs_through_the_modules():
-    model = _pruned(VGGStyle, 0.9)
+    model = pruned_cnn(VGGStyle, 0.9)
     fused, _ = sparsify(model, dense_above=None)
     fused.features[4] = nn.Conv2d(64, 128, 3, padding=1)
     with torch.inference_mode():
@@ -149,7 +140,7 @@ def test_a_layer_swapped_after_export_runs_through_the_modules():
 
 
 def test_deepcopy_and_save_load_keep_the_chain(tmp_path):
-    model = _pruned(ResNetStyle, 0.95)
+    model = pruned_cnn(ResNetStyle, 0.95)
     fused, _ = sparsify(model, dense_above=None)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
@@ -169,7 +160,7 @@ def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_thre
     native_threads(2)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    model = _pruned(VGGStyle, 0.95)
+    model = pruned_cnn(VGGStyle, 0.95)
     x = torch.randn(1, 3, 32, 32)
     layered, _ = sparsify(model, dense_above=None, depth_first=False)  # untimed: every layer sparse
     try:
@@ -212,7 +203,7 @@ def test_single_sample_team_choice_is_timed_kept_and_exact(tmp_path, native_thre
 
 def test_concurrent_calls_are_bit_exact(native_threads):
     native_threads(2)
-    model = _pruned(ResNetStyle, 0.9)
+    model = pruned_cnn(ResNetStyle, 0.9)
     fused, _ = sparsify(model, dense_above=None)
     inputs = [(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)),) for b in (1, 3, 4)]
     with torch.inference_mode():
@@ -262,7 +253,7 @@ def test_native_program_checks():
 
 
 def test_dense_and_sparse_heads_run_inside_the_program():
-    model = _pruned(VGGStyle, 0.9, dtype=torch.float64)
+    model = pruned_cnn(VGGStyle, 0.9, dtype=torch.float64)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     dense_head, _ = sparsify(model, layers=convs, dense_above=None)  # the head stays nn.Linear
     sparse_head, _ = sparsify(model, dense_above=None)
@@ -299,7 +290,7 @@ class _FlattenHead(nn.Module):
 
 @pytest.mark.parametrize("how", ["module", "method", "function"])
 def test_every_flatten_spelling_before_the_head_is_folded(how):
-    model = _pruned(_FlattenHead, 0.7, flatten=how)
+    model = pruned_cnn(_FlattenHead, 0.7, flatten=how)
     fused, _ = sparsify(model, dense_above=None)
     assert fused.sparse_net.layer_names[-1] == "head"
     x = torch.randn(2, 3, 12, 10)
@@ -312,7 +303,7 @@ def test_every_flatten_spelling_before_the_head_is_folded(how):
 def test_a_detached_program_or_an_empty_one_is_refused_clearly():
     with pytest.raises(ValueError, match="at least one step"):
         SparseConvNet([])
-    model = _pruned(VGGStyle, 0.9)
+    model = pruned_cnn(VGGStyle, 0.9)
     fused, _ = sparsify(model, dense_above=None)
     detached = SparseConvNet(fused.sparse_net.steps, fused.sparse_net.layer_names)
     with pytest.raises(RuntimeError, match="attach"):
