@@ -25,18 +25,32 @@ using cpu::vec_width;
 constexpr std::int64_t kTile = 16;             // output rows per tile
 constexpr std::int64_t kColBlock = 16;         // input columns per block (masked grad input)
 constexpr std::int64_t kParallelWork = 1 << 15;
+// CSR mat-vec (batch 1): the masked-gather rows of csr_spmv_rows pay from this many nonzeros per row
+// on average; below it the scalar two-chain loop (csr_row_dot) is faster. Measured on Zen 4 over
+// 1024 rows: 10 nonzeros a row 7.1 -> 5.5 us (AVX2) and 8.5 -> 4.9 us (AVX-512), 20 a row about even,
+// 30 a row 15 vs 18 us (AVX2) in favour of the gathers.
+constexpr std::int64_t kGatherRowNnz = 16;
 
 // Columns of the (features x batch) operand processed per pass: every sparse row gathers whole
-// rows of it, so a pass keeps features x chunk elements hot in L2 (~1 MiB) instead of
-// streaming the full operand from L3 / memory once per nonzero.
+// rows of it, so a pass keeps about `hot_bytes` of it (features x chunk elements) in L2 instead of
+// streaming the full operand from L3 / memory once per nonzero; at least four registers wide (one
+// gather_chunk<4, 2>: 8 FMA chains).
 template <typename T>
-std::int64_t batch_chunk(std::int64_t features, std::int64_t batch) {
-  constexpr std::int64_t kHotBytes = 1 << 20;
+std::int64_t batch_chunk(std::int64_t features, std::int64_t batch, std::int64_t hot_bytes) {
   const std::int64_t step = 4 * vec_width<T>();
-  std::int64_t cw = kHotBytes / static_cast<std::int64_t>(sizeof(T)) / std::max<std::int64_t>(features, 1);
+  std::int64_t cw = hot_bytes / static_cast<std::int64_t>(sizeof(T)) / std::max<std::int64_t>(features, 1);
   cw = std::max(step, cw / step * step);
   return std::min(cw, round_up(batch, vec_width<T>()));
 }
+
+// The panel sizes. CSR rows cost nothing to set up, so csr_linear takes the narrowest panels: measured
+// on Zen 4 (1 MiB L2) from 1 MiB down to 32 KiB, they were fastest on both paths (AVX2 1024 x 1024 at
+// 90 % batch 256: 1.74 -> 1.16 ms; AVX-512 1.32 -> 1.11 ms; 4096-wide inputs even within the noise),
+// and they leave room on the 512 KiB L2 of Zen 2 / 3. The masked products compact a dense mask row
+// once per row and pass, so narrower panels multiply that scan (128 KiB made them 1.7-7x slower on
+// AVX2): they keep 1 MiB, as does the batched SpMM (unmeasured).
+constexpr std::int64_t kCsrHotBytes = 128 << 10;
+constexpr std::int64_t kMaskedHotBytes = 1 << 20;
 
 // The dense operand (features x batch) as panels of `cw` batch columns: element (f, b) at
 // d[(b / cw) * panel + f * ld + b % cw]. Packing each panel contiguously (ld = cw rounded to a
@@ -52,8 +66,9 @@ struct Panels {
 // panel is used in place; otherwise the caller packs into scratch slot 0 (pack_panels, inside
 // its parallel region).
 template <typename T>
-Panels<T> plan_panels(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features) {
-  const std::int64_t cw = batch_chunk<T>(features, batch), chunks = (batch + cw - 1) / cw;
+Panels<T> plan_panels(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features,
+                      std::int64_t hot_bytes) {
+  const std::int64_t cw = batch_chunk<T>(features, batch, hot_bytes), chunks = (batch + cw - 1) / cw;
   if (chunks == 1 && s_b == 1 && s_f >= batch) return {src, s_f, 0, cw, 1, false};
   const std::int64_t ld = round_up(std::min(cw, batch), vec_width<T>()), panel = features * ld;
   return {scratch<T>(0, chunks * panel), ld, panel, cw, chunks, true};
@@ -71,12 +86,12 @@ inline void store_tile(const T* tile, std::int64_t ld, std::int64_t nr, std::int
                        std::int64_t o0, T* y, std::int64_t ldy) {
 #if defined(HF_SPARSE_SIMD)
   constexpr std::int64_t W = cpu::Simd<T>::W;
-  for (std::int64_t r0 = 0; r0 < nr; r0 += W) {
-    const std::int64_t rn = nr - r0 < W ? nr - r0 : W;
-    for (std::int64_t b0 = 0; b0 < batch; b0 += W)
-      cpu::transpose_block(tile + r0 * ld + b0, ld, rn, batch - b0 < W ? batch - b0 : W, y + b0 * ldy + o0 + r0, ldy,
-                           bias ? bias + o0 + r0 : nullptr);
-  }
+  // Per W rows of y, the W-column blocks of the tile back to back: the two halves of a 64-byte line
+  // of y on AVX2 are written together (a 4 KiB row stride of y evicts a half-written line).
+  for (std::int64_t b0 = 0; b0 < batch; b0 += W)
+    for (std::int64_t r0 = 0; r0 < nr; r0 += W)
+      cpu::transpose_block(tile + r0 * ld + b0, ld, nr - r0 < W ? nr - r0 : W, batch - b0 < W ? batch - b0 : W,
+                           y + b0 * ldy + o0 + r0, ldy, bias ? bias + o0 + r0 : nullptr);
 #else
   for (std::int64_t b = 0; b < batch; ++b) {
     T* __restrict yr = y + b * ldy + o0;
@@ -114,7 +129,7 @@ void masked_matmul(CpuTag, const MaskedMatmulParams& p) {
         cpu::masked_matvec_rows(mask, w, p.ldw, xc, in, gi * W, std::min(W, out - gi * W), bias, y);
       return;
     }
-    const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in);
+    const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in, kMaskedHotBytes);
     const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
 #pragma omp parallel if (par)
     {
@@ -165,7 +180,7 @@ void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
       }
       return;
     }
-    const Panels<T> gt = plan_panels(g, batch, p.g_sb, p.g_so, out);
+    const Panels<T> gt = plan_panels(g, batch, p.g_sb, p.g_so, out, kMaskedHotBytes);
     const std::int64_t blocks = (in + kColBlock - 1) / kColBlock, cw = gt.cw, chunks = gt.chunks;
 #pragma omp parallel if (par)
     {
@@ -218,7 +233,9 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
       if (batch == 1) {
 #if defined(HF_SPARSE_SIMD)
         if constexpr (std::is_same_v<I, std::int32_t>) {
-          if (p.x_si == 1) {  // vectorised mat-vec, a register of rows at a time
+          // Vectorised mat-vec, a register of rows at a time, for rows of kGatherRowNnz nonzeros or
+          // more on average; shorter rows take the scalar loop below.
+          if (p.x_si == 1 && p.nnz >= kGatherRowNnz * out) {
             constexpr std::int64_t W = cpu::Simd<T>::W;
             const std::int64_t groups = (out + W - 1) / W;
 #pragma omp parallel for schedule(static, 8) if (par)
@@ -234,7 +251,7 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
           y[o] = csr_row_dot(rowptr, col, val, x, p.x_si, o) + (bias ? bias[o] : T(0));
         return;
       }
-      const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in);
+      const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in, kCsrHotBytes);
       const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
 #pragma omp parallel if (par)
       {
@@ -272,7 +289,7 @@ void csr_spmm_batched(CpuTag, const CsrSpmmBatchedParams& p) {
       const T* b = ptr<const T>(p.b);
       T* out = ptr<T>(p.out);
       const std::int64_t tiles = (p.rows + kTile - 1) / kTile;
-      const std::int64_t cw = batch_chunk<T>(p.k, p.n), chunks = (p.n + cw - 1) / cw;
+      const std::int64_t cw = batch_chunk<T>(p.k, p.n, kMaskedHotBytes), chunks = (p.n + cw - 1) / cw;
       const bool par = (p.nnz + p.rows) * p.n * p.batch > kParallelWork;
 #pragma omp parallel for schedule(dynamic, 1) collapse(3) if (par)
       for (std::int64_t s = 0; s < p.batch; ++s) {

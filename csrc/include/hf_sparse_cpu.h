@@ -99,12 +99,22 @@ T* scratch(int slot, std::int64_t count) {
 
 #if defined(HF_SPARSE_SIMD)
 // dst[c * ldd + r] = src[r * lds + c] (+ add[r] when add) for r < nr, c < nc (nr, nc <= W).
+// A full block (nr == nc == W) is straight-line code: plain loads and stores, no per-row test.
 template <typename T>
 inline void transpose_block(const T* __restrict src, std::int64_t lds, std::int64_t nr, std::int64_t nc,
                             T* __restrict dst, std::int64_t ldd, const T* __restrict add) {
   using S = Simd<T>;
   constexpr int W = S::W;
   typename S::R r[W];
+  if (nr == W && nc == W) {
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r[i] = S::load(src + i * lds);
+    transpose_regs(r);
+    const typename S::R a = add ? S::load(add) : S::zero();
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) S::store(dst + i * ldd, S::add(r[i], a));
+    return;
+  }
   const typename S::M cm = nc >= W ? static_cast<typename S::M>(~0u) : S::tail(nc);
   const typename S::M rm = nr >= W ? static_cast<typename S::M>(~0u) : S::tail(nr);
 #pragma GCC unroll 16
@@ -397,14 +407,19 @@ inline void transpose_into(const T* __restrict src, std::int64_t rows, std::int6
                            std::int64_t panel) {
 #if defined(HF_SPARSE_SIMD)
   if (s_col == 1) {
+    // W x W register blocks, the blocks of one 64-byte line of a source row back to back (two on
+    // AVX2): a source row stride of 4 KiB maps every row to one L1 set, so a line left half-read
+    // would be evicted before its other half is read.
     constexpr std::int64_t W = Simd<T>::W;
-    const std::int64_t cblocks = (cols + W - 1) / W;
+    constexpr std::int64_t L = W * static_cast<std::int64_t>(sizeof(T)) >= 64 ? W : 64 / static_cast<std::int64_t>(sizeof(T));
+    const std::int64_t cgroups = (cols + L - 1) / L;
 #pragma omp for schedule(static)
-    for (std::int64_t cb = 0; cb < cblocks; ++cb) {
-      const std::int64_t i0 = cb * W, nc = cols - i0 < W ? cols - i0 : W;
+    for (std::int64_t cg = 0; cg < cgroups; ++cg) {
+      const std::int64_t g0 = cg * L, g1 = g0 + L < cols ? g0 + L : cols;
       for (std::int64_t b0 = 0; b0 < rows; b0 += W)
-        transpose_block(src + b0 * s_row + i0, s_row, rows - b0 < W ? rows - b0 : W, nc,
-                        dst + (b0 / cw) * panel + i0 * ld + b0 % cw, ld, static_cast<const T*>(nullptr));
+        for (std::int64_t i0 = g0; i0 < g1; i0 += W)
+          transpose_block(src + b0 * s_row + i0, s_row, rows - b0 < W ? rows - b0 : W, g1 - i0 < W ? g1 - i0 : W,
+                          dst + (b0 / cw) * panel + i0 * ld + b0 % cw, ld, static_cast<const T*>(nullptr));
     }
     return;
   }
