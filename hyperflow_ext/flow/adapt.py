@@ -9,6 +9,9 @@ candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_
 * ``"flow@h"`` — the drift's state at horizon ``h`` (the flow's tuned horizon and half of it);
 * ``"mean@s"`` — ``s`` times the mean meta-training displacement (``s`` = 0.25, 0.5; robust where the
   task-specific part of the drift does not transfer);
+* ``"aligned"`` — every adapted norm layer's bias shifted so that the support set's channel means
+  match those the flow recorded on meta-training data (:mod:`~hyperflow_ext.flow.align`; closed
+  form, one support forward);
 * ``"support statistics"`` — on backbones with BatchNorm running statistics, those statistics
   re-estimated on the support set.
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from .adapted import AdaptedProtoNet
+from .align import align_to_reference, aligned_norms
 from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
@@ -137,10 +141,15 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     if flow.mean_delta is not None:
         for s in MEAN_SCALES:
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
+    features = {}
+    criterion = bool((torch.bincount(sy, minlength=way) >= 2).all())  # else the fallback is kept unscored
+    if criterion and flow.reference_means is not None and aligned_norms(backbone, flow.subset):
+        theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
+        candidates["aligned"] = (theta, None)
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
-                            fallback=f"flow@{horizon:g}")
+                            fallback=f"flow@{horizon:g}", features=features)
 
 
 MEAN_SCALES = (0.25, 0.5)  # multiples of the mean meta-training displacement offered as candidates

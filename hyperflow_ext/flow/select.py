@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._stateless import stateless_view
 from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
 from .baselines import support_statistics
-from .functional import features_with
 from .params import ParamSubset
 
-__all__ = ["loo_scores", "choose_candidate", "select_adapt", "selection_horizons", "has_batchnorm_stats",
+__all__ = ["loo_scores", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
            "CALIBRATION_SCALES", "SELECT_MARGIN"]
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
@@ -79,7 +79,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
                      candidates: Dict[str, Tuple[torch.Tensor, Optional[object]]], support_x: torch.Tensor,
                      support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
                      fallback: Optional[str] = None, reference: str = "none",
-                     margin: float = SELECT_MARGIN) -> AdaptedProtoNet:
+                     margin: float = SELECT_MARGIN,
+                     features: Optional[Dict[str, torch.Tensor]] = None) -> AdaptedProtoNet:
     """The candidate whose support features give the lowest calibrated leave-one-out loss, kept only
     when it beats ``reference`` (the unadapted model) by more than ``margin``; otherwise ``reference``.
 
@@ -91,6 +92,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         reference: the candidate to keep unless another is clearly better (must be in ``candidates``).
         margin: how much lower (in nats) another candidate's calibrated loss must be: the support set
             is small, and a candidate that wins by less is as likely to hurt the queries as to help.
+        features: ``{name: (shots, d)}`` support features already computed for some candidates
+            (e.g. by the forward that built them); the others get one support forward each.
 
     Returns:
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
@@ -111,11 +114,11 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         return chosen
     models = {name: model(name) for name in candidates}
     scores: Dict[str, Tuple[float, float, float]] = {}
+    features = features or {}
     with torch.no_grad():
         for name, m in models.items():
-            # in parts, like the task encoder: activation memory of a fifth of the support set
-            feats = torch.cat([features_with(backbone, subset, m.theta, part, buffers=m.buffers)
-                               for part in support_x.tensor_split(min(SCORING_PARTS, support_x.shape[0]))])
+            feats = features[name] if name in features else support_features(backbone, subset, m.theta,
+                                                                                support_x, m.buffers)
             if not bool(torch.isfinite(feats).all()):
                 continue  # a candidate that breaks the features is never chosen
             m._protos = prototypes(feats, support_y, way)  # the chosen model reuses this forward
@@ -128,6 +131,19 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
     chosen = models[name]
     chosen.selection = {"chosen": name, "scores": scores}
     return chosen
+
+
+def support_features(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, support_x: torch.Tensor,
+                     buffers: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Support features with ``theta`` (and ``buffers``) substituted: one private view, the support
+    set in :data:`SCORING_PARTS` parts (activation memory of a fifth of it, like the task encoder).
+
+    Shape:
+        - theta: ``(P,)``; support_x: ``(shots, C, H, W)``; returns ``(shots, d)``.
+    """
+    view = stateless_view(backbone, {**subset.unflatten(theta), **(buffers or {})})
+    with torch.no_grad():
+        return torch.cat([view(part) for part in support_x.tensor_split(min(SCORING_PARTS, support_x.shape[0]))])
 
 
 def select_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow,
