@@ -11,8 +11,8 @@ puts the support set's channel means back where they were on meta-training data.
   images (:meth:`HyperFlow.fit` does this), as a ``(P,)`` vector in the flow's parameter layout.
 * :func:`align_to_reference` runs one forward of the support set in which every norm layer's
   output is shifted as it is computed (so a later layer's mean is measured after the earlier
-  shifts) and returns the shifted bias vector together with the support features of that forward
-  (the candidate is scored without a second pass).
+  shifts) and returns the shifted bias vector with the support features of that forward (the
+  choice scores the candidate without a second pass).
 
 Only norm layers whose ``bias`` is among the adapted parameters take part; the bias enters their
 output additively, so the forward with the shifted output is the forward with the new bias.
@@ -52,47 +52,45 @@ def aligned_norms(backbone: nn.Module, subset: ParamSubset) -> Dict[str, Tuple[i
     return out
 
 
-def _channel_mean(output: torch.Tensor, channels: int, dim: int) -> torch.Tensor:
-    """``(channels,)`` float64 mean of ``output`` over every dimension but the channel one."""
-    if output.dim() < 2 or output.shape[dim] != channels:
-        raise ValueError(f"channel alignment: a norm layer's output of shape {tuple(output.shape)} has no "
-                         f"dimension {dim} of size {channels}")
-    moved = output.detach().movedim(dim, -1).reshape(-1, channels)
-    return moved.double().mean(dim=0)
-
-
 def _hooked_forward(backbone: nn.Module, norms: Dict[str, Tuple[int, int, int]], x: torch.Tensor,
-                    shift: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Features of ``x`` and each norm layer's channel means; with ``shift`` ``(P,)`` (filled as the
-    forward goes), each layer's output is moved to ``shift``'s target means first."""
-    means: Dict[str, torch.Tensor] = {}
+                    target: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features of ``x`` and every aligned layer's channel means, as a ``(P,)`` float64 vector in its
+    bias slots. With ``target`` ``(P,)``, each aligned layer's output is moved, as it is computed, by
+    ``target − its mean`` (so a later layer is measured after the earlier moves): the returned
+    vector then holds those moves, and the features are those of ``θ_0`` plus them."""
+    out = torch.zeros(max(o + c for o, c, _ in norms.values()), dtype=torch.float64)
+    ran = set()
 
     def hook_for(name: str):
         offset, channels, dim = norms[name]
 
         def hook(module, args, output):
-            if name in means:
+            if name in ran:
                 raise ValueError(f"channel alignment: norm layer {name!r} runs twice in one forward (a shared "
                                  f"module); its bias cannot be aligned")
-            mean = _channel_mean(output, channels, dim)
-            means[name] = mean
-            if shift is None:
+            ran.add(name)
+            if output.dim() < 2 or output.shape[dim] != channels:
+                raise ValueError(f"channel alignment: norm layer {name!r} gave an output of shape "
+                                 f"{tuple(output.shape)}, with no dimension {dim} of size {channels}")
+            mean = output.detach().movedim(dim, -1).reshape(-1, channels).double().mean(dim=0).cpu()
+            if target is None:
+                out[offset:offset + channels] = mean
                 return output
-            delta = shift[offset:offset + channels].double() - mean  # target held in shift on entry
-            shift[offset:offset + channels] = delta.to(shift.dtype)
+            move = target[offset:offset + channels].double() - mean
+            out[offset:offset + channels] = move
             view = [1] * output.dim()
             view[dim] = channels
-            return output + delta.to(output.dtype).reshape(view)
+            return output + move.to(output).reshape(view)
         hook.rewrites_output = True  # a fused norm kernel that skips the module must not skip this
         return hook
 
     view = stateless_view(backbone, None, {name: hook_for(name) for name in norms})
     with torch.no_grad():
         feats = view(x)
-    missing = [n for n in norms if n not in means]
+    missing = [n for n in norms if n not in ran]
     if missing:
         raise RuntimeError(f"channel alignment: norm layers {missing[:3]} did not run in the forward")
-    return feats, means
+    return feats, out
 
 
 def reference_means(backbone: nn.Module, subset: ParamSubset, images: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -113,8 +111,7 @@ def reference_means(backbone: nn.Module, subset: ParamSubset, images: Iterable[t
     count = 0
     for batch in images:
         _, means = _hooked_forward(backbone, norms, batch, None)
-        for name, (offset, channels, _) in norms.items():
-            total[offset:offset + channels] += means[name].cpu() * batch.shape[0]
+        total[:means.numel()] += means * batch.shape[0]
         count += batch.shape[0]
     if count == 0:
         raise ValueError("reference_means: no images")
@@ -124,16 +121,20 @@ def reference_means(backbone: nn.Module, subset: ParamSubset, images: Iterable[t
 def align_to_reference(backbone: nn.Module, subset: ParamSubset, theta0: torch.Tensor, reference: torch.Tensor,
                        support_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``θ_0`` with every aligned norm bias shifted so that the support set's channel means match
-    ``reference``, and the support features under that ``θ`` (from the same forward).
+    ``reference``, and the support features at that ``θ``.
+
+    One forward of the whole support set: a shift at one layer moves the means of the layers
+    after it, so each layer's mean is taken after the earlier shifts, which needs the whole set at
+    once (the activation memory of one full-batch forward; parts would need a pass per layer).
 
     Shape:
         - theta0, reference: ``(P,)``; support_x: ``(shots, C, H, W)``.
-        - Returns: ``((P,), (shots, d))``.
+        - Returns: ``(θ (P,), features at θ (shots, d))``.
     """
     norms = aligned_norms(backbone, subset)
-    shift = reference.detach().clone().to(theta0.device)
-    feats, _ = _hooked_forward(backbone, norms, support_x, shift)
-    theta = theta0.clone()
-    for offset, channels, _ in norms.values():
-        theta[offset:offset + channels] += shift[offset:offset + channels].to(theta.dtype)
-    return theta, feats
+    if not norms:
+        raise ValueError("align_to_reference: no norm layer's bias is among the adapted parameters")
+    feats, moves = _hooked_forward(backbone, norms, support_x, reference.detach().cpu())
+    shift = torch.zeros(subset.numel, dtype=torch.float64)
+    shift[:moves.numel()] = moves
+    return theta0 + shift.to(theta0), feats
