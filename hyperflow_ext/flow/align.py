@@ -72,7 +72,8 @@ def _hooked_forward(backbone: nn.Module, norms: Dict[str, Tuple[int, int, int]],
             if output.dim() < 2 or output.shape[dim] != channels:
                 raise ValueError(f"channel alignment: norm layer {name!r} gave an output of shape "
                                  f"{tuple(output.shape)}, with no dimension {dim} of size {channels}")
-            mean = output.detach().movedim(dim, -1).reshape(-1, channels).double().mean(dim=0).cpu()
+            reduce = [d for d in range(output.dim()) if d != dim % output.dim()]
+            mean = output.detach().mean(dim=reduce).double().cpu()  # in the output's dtype: no full-size copy
             if target is None:
                 out[offset:offset + channels] = mean
                 return output
@@ -80,7 +81,7 @@ def _hooked_forward(backbone: nn.Module, norms: Dict[str, Tuple[int, int, int]],
             out[offset:offset + channels] = move
             view = [1] * output.dim()
             view[dim] = channels
-            return output + move.to(output).reshape(view)
+            return output.add_(move.to(output).reshape(view))  # a norm layer's own fresh output; no autograd here
         hook.rewrites_output = True  # a fused norm kernel that skips the module must not skip this
         return hook
 

@@ -16,7 +16,7 @@ from torch import nn
 from .._stateless import stateless_view
 from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
-from .baselines import support_statistics
+from .baselines import batch_statistics
 from .params import ParamSubset
 
 __all__ = ["loo_scores", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
@@ -99,12 +99,12 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
         (loss, accuracy, calibrated loss)}}`` (empty scores for the fallback).
     """
+    features = dict(features or {})
+
     def model(name: str) -> AdaptedProtoNet:
         theta, buffers = candidates[name]
-        if isinstance(buffers, str):
-            stats = support_statistics(backbone, support_x, support_y, metric, scale, way)
-            return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale,
-                                   buffers=stats.buffers)
+        if isinstance(buffers, str):  # statistics and the features at them from one forward
+            buffers, features[name] = batch_statistics(backbone, support_x)
         return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale, buffers=buffers)
 
     if bool((torch.bincount(support_y, minlength=way) < 2).any()):
@@ -114,7 +114,6 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         return chosen
     models = {name: model(name) for name in candidates}
     scores: Dict[str, Tuple[float, float, float]] = {}
-    features = features or {}
     with torch.no_grad():
         for name, m in models.items():
             feats = features[name] if name in features else support_features(backbone, subset, m.theta,
