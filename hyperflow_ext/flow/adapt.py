@@ -157,7 +157,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
-                            fallback=f"flow@{horizon:g}", features=features)
+                            fallback=f"flow@{horizon:g}", features=features, whole_batch="aligned" in features)
 
 
 MEAN_SCALES = (0.25,)  # multiples of the mean meta-training displacement offered as candidates

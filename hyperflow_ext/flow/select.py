@@ -58,10 +58,12 @@ def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] 
     else:
         own_logit = -scale * ((features - own) ** 2).sum(-1)
     logits = logits.scatter(1, labels[:, None], own_logit[:, None].to(logits.dtype))
-    factors = [s / scale if metric == "cosine" else s / 10.0 for s in CALIBRATION_SCALES]
-    calibrated = min(float(F.cross_entropy(logits * f, labels)) for f in factors)
-    return (float(F.cross_entropy(logits, labels)), float((logits.argmax(-1) == labels).float().mean()),
-            calibrated)
+    factors = torch.tensor([1.0] + [s / scale if metric == "cosine" else s / 10.0 for s in CALIBRATION_SCALES],
+                           dtype=logits.dtype, device=logits.device)
+    scaled = logits[None] * factors[:, None, None]                  # the logits and every rescaling at once
+    losses = F.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(factors)), reduction="none")
+    losses = losses.view(len(factors), -1).mean(dim=1).tolist()
+    return losses[0], float((logits.argmax(-1) == labels).float().mean()), min(losses[1:])
 
 
 def selection_horizons(horizon: float) -> Tuple[float, ...]:
@@ -79,8 +81,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
                      candidates: Dict[str, Tuple[torch.Tensor, Optional[object]]], support_x: torch.Tensor,
                      support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
                      fallback: Optional[str] = None, reference: str = "none",
-                     margin: float = SELECT_MARGIN,
-                     features: Optional[Dict[str, torch.Tensor]] = None) -> AdaptedProtoNet:
+                     margin: float = SELECT_MARGIN, features: Optional[Dict[str, torch.Tensor]] = None,
+                     whole_batch: bool = False) -> AdaptedProtoNet:
     """The candidate whose support features give the lowest calibrated leave-one-out loss, kept only
     when it beats ``reference`` (the unadapted model) by more than ``margin``; otherwise ``reference``.
 
@@ -94,6 +96,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
             is small, and a candidate that wins by less is as likely to hurt the queries as to help.
         features: ``{name: (shots, d)}`` support features already computed for some candidates
             (e.g. by the forward that built them); the others get one support forward each.
+        whole_batch: some candidate was built by a forward of the whole support set (so the
+            others need not go through in parts to keep the peak memory down).
 
     Returns:
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
@@ -114,10 +118,12 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         return chosen
     models = {name: model(name) for name in candidates}
     scores: Dict[str, Tuple[float, float, float]] = {}
+    # parts lower the peak only when no candidate needed the whole support set in one forward
+    parts = 1 if any(isinstance(b, str) for _, b in candidates.values()) or whole_batch else SCORING_PARTS
     with torch.no_grad():
         for name, m in models.items():
             feats = features[name] if name in features else support_features(backbone, subset, m.theta,
-                                                                                support_x, m.buffers)
+                                                                                support_x, m.buffers, parts)
             if not bool(torch.isfinite(feats).all()):
                 continue  # a candidate that breaks the features is never chosen
             m._protos = prototypes(feats, support_y, way)  # the chosen model reuses this forward
@@ -133,16 +139,16 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
 
 
 def support_features(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, support_x: torch.Tensor,
-                     buffers: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+                     buffers: Optional[Dict[str, torch.Tensor]] = None, parts: int = SCORING_PARTS) -> torch.Tensor:
     """Support features with ``theta`` (and ``buffers``) substituted: one private view, the support
-    set in :data:`SCORING_PARTS` parts (activation memory of a fifth of it, like the task encoder).
+    set in ``parts`` equal parts (activation memory of a fifth of it by default, like the task encoder).
 
     Shape:
         - theta: ``(P,)``; support_x: ``(shots, C, H, W)``; returns ``(shots, d)``.
     """
     view = stateless_view(backbone, {**subset.unflatten(theta), **(buffers or {})})
     with torch.no_grad():
-        return torch.cat([view(part) for part in support_x.tensor_split(min(SCORING_PARTS, support_x.shape[0]))])
+        return torch.cat([view(part) for part in support_x.tensor_split(max(1, min(parts, support_x.shape[0])))])
 
 
 def select_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow,
