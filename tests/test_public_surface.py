@@ -35,6 +35,7 @@ def test_testing_gathers_every_reference_oracle():
     ("data", "SHIFTS", "data.shifts"), ("data", "IMAGE_SUFFIXES", "data.folder"),
     ("prune", "run_pruning_experiment", "prune.experiment"), ("prune", "run_power_law_study", "prune.experiment"),
     ("prune", "run_sparsity_pays", "prune.pays"), ("prune", "flow_step_reference", "testing"),
+    ("flow", "drift_integrate_reference", "testing"), ("flow", "euler_update_reference", "testing"),
 ])
 def test_names_off_the_surface_still_resolve(package, name, home):
     pkg = getattr(hf, package)
