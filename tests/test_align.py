@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from _toy_tasks import episodes, tiny_flow
-from hyperflow_ext.flow import HyperFlow, fused_adapt, loo_scores
+from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, fused_adapt, loo_scores
 from hyperflow_ext.flow.align import align_to_reference, aligned_norms, reference_means
 from hyperflow_ext.flow.params import ParamSubset
 from hyperflow_ext.flow.select import support_features
@@ -129,3 +129,25 @@ def test_fused_adapt_offers_the_aligned_candidate_and_the_checkpoint_keeps_its_r
     torch.testing.assert_close(loaded.reference_means, flow.reference_means, rtol=0, atol=0)
     again = fused_adapt(backbone, sx, sy, flow=loaded)
     assert again.selection["chosen"] == model.selection["chosen"]
+
+
+def test_fused_adapt_skips_alignment_it_cannot_do_and_keeps_the_other_candidates():
+    class SharedNorm(nn.Module):  # one GroupNorm applied twice: its bias cannot take one shift per use
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return torch.relu(self.norm(torch.relu(self.norm(self.conv(x))))).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    backbone = SharedNorm().eval()
+    flow = HyperFlow(backbone, params="bias", hidden=16)
+    ts = flow.record(episodes(6, shot=3), tasks=6, trajectory_steps=4, progress=False, lr=5e-2)
+    flow.fit(trajectories=ts, train_config=DriftTrainConfig(iters=10, eval_every=5), progress=False)
+    flow.reference_means = torch.zeros(flow.subset.numel)
+    sx, sy = next(episodes(1, shot=3, seed=9))
+    with pytest.warns(RuntimeWarning, match="no aligned candidate.*runs twice"):
+        model = fused_adapt(backbone, sx, sy, flow=flow)
+    assert "aligned" not in model.selection["scores"] and "none" in model.selection["scores"]

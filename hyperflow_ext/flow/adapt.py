@@ -152,8 +152,11 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     features = {} if theta0_features is None else {"none": theta0_features}
     criterion = bool((torch.bincount(sy, minlength=way) >= 2).all())  # else the fallback is kept unscored
     if criterion and flow.reference_means is not None and aligned_norms(backbone, flow.subset):
-        theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
-        candidates["aligned"] = (theta, None)
+        try:
+            theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
+            candidates["aligned"] = (theta, None)
+        except ValueError as err:  # e.g. a norm module the forward calls twice: the other candidates remain
+            warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=3)
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
