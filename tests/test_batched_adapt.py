@@ -65,7 +65,9 @@ def test_encode_tasks_matches_one_task_at_a_time(flow):
     _, f = flow
     tasks = [_support(w, s, 20 + i) for i, (w, s) in enumerate(SHAPES)]
     ways = [w for w, _ in SHAPES]
-    z = encode_tasks(f.encoder, [x for x, _ in tasks], [y for _, y in tasks], ways)
-    ref = torch.cat([f.encoder(x, y, w) for (x, y), w in zip(tasks, ways)])
-    assert z.shape == ref.shape
-    torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-5)
+    z, feats = encode_tasks(f.encoder, [x for x, _ in tasks], [y for _, y in tasks], ways)
+    ref = [f.encoder.encode(x, y, w) for (x, y), w in zip(tasks, ways)]
+    assert z.shape == (len(tasks), f.encoder.dim)
+    torch.testing.assert_close(z, torch.cat([r[0] for r in ref]), rtol=1e-4, atol=1e-5)
+    for got, (_, want) in zip(feats, ref):  # each task's own support features, in the order given
+        torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-5)

@@ -118,7 +118,7 @@ def test_batched_fused_adapt_from_16_threads(served, backend):
 def test_adapted_forward_interleaved_with_plain_backbone_forward(served):
     backbone, flow, tasks = served
     sx, sy, qx, _ = tasks[0]
-    model = fused_adapt(backbone, sx, sy, flow=flow, steps=10)
+    model = fused_adapt(backbone, sx, sy, flow=flow, steps=10, select=False)  # the drift's state, never θ_0
     assert not torch.equal(model.theta, flow.subset.vector(backbone))  # the views really differ
     with torch.no_grad():
         plain_serial, adapted_serial = backbone(qx), model(qx)

@@ -257,13 +257,20 @@ def test_support_statistics_baseline_matches_batchnorm_in_training_mode_and_keep
             m.reset_running_stats()
             m.momentum = 1.0
     ref.train()
+    sizes = {}  # values per channel behind each layer's statistics
+    for name, m in ref.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, a, out, name=name: sizes.__setitem__(name, a[0].numel() // a[0].shape[1]))
     with torch.no_grad():
         ref(sx)
     ref.eval()
     for name, m in ref.named_modules():
         if isinstance(m, nn.BatchNorm2d):
             torch.testing.assert_close(model.buffers[f"{name}.running_mean"], m.running_mean)
-            torch.testing.assert_close(model.buffers[f"{name}.running_var"], m.running_var)
+            # the variance BatchNorm normalised with in training mode (biased), not the running update's
+            n = sizes[name]
+            torch.testing.assert_close(model.buffers[f"{name}.running_var"], m.running_var * (n - 1) / n)
+            m.running_var.mul_((n - 1) / n)
     with torch.no_grad():
         feats_q, feats_s = ref(qx), ref(sx)
     protos = torch.stack([feats_s[sy == c].mean(0) for c in range(3)])

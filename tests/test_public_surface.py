@@ -29,6 +29,7 @@ def test_testing_gathers_every_reference_oracle():
     ("sparse", "masked_matmul", "prune.masked_ops"), ("sparse", "masked_matmul_grad_input", "prune.masked_ops"),
     ("sparse", "score_mask", "prune.masked_ops"), ("sparse", "masked_matmul_reference", "testing"),
     ("sparse", "masked_matmul_grad_input_reference", "testing"),
+    ("flow", "drift_integrate_reference", "testing"), ("flow", "euler_update_reference", "testing"),
 ])
 def test_names_off_the_surface_still_resolve(package, name, home):
     pkg = getattr(hf, package)

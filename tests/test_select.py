@@ -8,9 +8,11 @@ import torch.nn.functional as F
 
 from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
-from hyperflow_ext.flow.baselines import support_statistics
+from hyperflow_ext.flow.baselines import batch_statistics, support_statistics
+from hyperflow_ext.flow.params import ParamSubset
 from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores, select_adapt,
                                       selection_horizons)
+from hyperflow_ext.flow.adapt import MEAN_SCALES
 from hyperflow_ext.models import Conv4, proto_logits
 
 
@@ -66,7 +68,7 @@ def _candidate_thetas(backbone, flow, sx, sy):
     for h in selection_horizons(flow.horizon):
         out[f"flow@{h:g}"] = fused_adapt(backbone, sx, sy, flow=flow, horizon=h, steps=int(round(50 * h / 0.5)),
                                          select=False).theta
-    for s in (0.25, 0.5):
+    for s in MEAN_SCALES:
         out[f"mean@{s:g}"] = theta0 + s * flow.mean_delta
     return out
 
@@ -83,7 +85,7 @@ def test_fused_adapt_scores_every_candidate_and_keeps_the_best(tiny):
     model = fused_adapt(backbone, sx, sy, flow=flow)
     sel = model.selection
     thetas = _candidate_thetas(backbone, flow, sx, sy)
-    assert set(sel["scores"]) == set(thetas) == {"none", "flow@0.25", "flow@0.5", "mean@0.25", "mean@0.5"}
+    assert set(sel["scores"]) == set(thetas) == {"none", "flow@0.25", "flow@0.5", "mean@0.25"}
     for name, theta in thetas.items():  # each score is loo_scores of that candidate's own support features
         f = features_with(backbone, flow.subset, theta, sx)
         for got, want in zip(loo_scores(f, sy, metric=flow.metric, scale=flow.scale), sel["scores"][name]):
@@ -164,3 +166,15 @@ def test_support_statistics_are_a_candidate_on_batchnorm():
     assert "support statistics" not in stacked.selection[0]["scores"]
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_batch_statistics_give_the_features_of_their_own_forward():
+    torch.manual_seed(2)
+    backbone = Conv4(hidden=8, norm="batch").eval()
+    x = 0.5 * torch.rand(9, 1, 16, 16) + 0.3
+    stats, feats = batch_statistics(backbone, x)
+    subset = ParamSubset(backbone, "bias")
+    again = features_with(backbone, subset, subset.vector(backbone), x, buffers=stats)
+    torch.testing.assert_close(again, feats, atol=1e-5, rtol=1e-5)  # eval mode with them = that forward
+    first = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.equal(stats["features.1.running_mean"], first.running_mean)

@@ -4,14 +4,16 @@
 * :func:`fused_adapt` — adapts a backbone to support sets with a few fused ODE steps.
 * :func:`flow_path` — every state along that integration (for plots and analysis).
 * :func:`loo_scores` — the support-only criterion behind ``fused_adapt``'s per-task choice.
+* :mod:`~hyperflow_ext.flow.align` — the aligned-norm-bias candidate and the reference it aligns to.
 * :class:`EpisodeAugmenter` — the capture shifts ``fit`` draws on meta-training episodes.
 * :func:`emulation_fidelity` — how much of bias tuning's support-loss drop the flow reproduces.
 * :func:`drift_integrate` — the fused integrator on the ``torch`` / ``native`` / ``triton`` back-ends.
 * :mod:`~hyperflow_ext.flow.baselines` — the comparison methods: ``direct_transfer``, ``finetune_adapt``.
 * Building blocks: :class:`DriftNetwork`, :class:`Interpolant`, :func:`odeint`, :class:`TaskEncoder`,
-  :class:`ParamSubset`, :func:`record_trajectories`, :func:`train_drift`.
+  :class:`ParamSubset`, :func:`record_trajectories`, :func:`train_drift`. Their pure-torch oracles
+  (``drift_integrate_reference``, ``euler_update_reference``) are gathered in :mod:`hyperflow_ext.testing`.
 """
-from . import baselines
+from . import align, baselines
 from .adapted import AdaptedProtoNet
 from .drift import DriftNetwork, PackedDrift, time_features
 from .adapt import flow_path, fused_adapt
@@ -31,9 +33,9 @@ from .update import euler_update, euler_update_reference
 
 __all__ = [
     "HyperFlow", "fused_adapt", "flow_path", "baselines", "AdaptedProtoNet", "DriftNetwork", "PackedDrift",
-    "time_features", "features_with", "finetune", "drift_integrate", "drift_integrate_reference", "INTERPOLATIONS",
+    "time_features", "features_with", "finetune", "drift_integrate", "INTERPOLATIONS",
     "Interpolant", "ParamSubset", "TABLEAUS", "Tableau", "get_tableau", "odeint", "TaskEncoder",
     "DriftTrainConfig", "train_drift", "TrajectoryConfig", "TrajectorySet", "record_trajectories",
-    "euler_update", "euler_update_reference", "select_adapt", "loo_scores", "AUGMENTATIONS", "EpisodeAugmenter",
+    "euler_update", "select_adapt", "loo_scores", "AUGMENTATIONS", "EpisodeAugmenter",
     "augment_episode", "emulation_fidelity",
 ]

@@ -7,8 +7,11 @@ candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_
 
 * ``"none"`` — the pretrained parameters (so a task the drift would hurt is left as it was);
 * ``"flow@h"`` — the drift's state at horizon ``h`` (the flow's tuned horizon and half of it);
-* ``"mean@s"`` — ``s`` times the mean meta-training displacement (``s`` = 0.25, 0.5; robust where the
+* ``"mean@0.25"`` — a quarter of the mean meta-training displacement (robust where the
   task-specific part of the drift does not transfer);
+* ``"aligned"`` — every adapted norm layer's bias shifted so that the support set's channel means
+  match those the flow recorded on meta-training data (:mod:`~hyperflow_ext.flow.align`; closed
+  form, one support forward);
 * ``"support statistics"`` — on backbones with BatchNorm running statistics, those statistics
   re-estimated on the support set.
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from .adapted import AdaptedProtoNet
+from .align import align_to_reference, aligned_norms
 from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
@@ -100,31 +104,39 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
         ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
-        z = encode_tasks(flow.encoder, support_x, support_y, ways)  # same-shaped tasks in one batch
+        z, feats = encode_tasks(flow.encoder, support_x, support_y, ways)  # same-shaped tasks in one batch
         states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
-        return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, True)
+        return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, True,
+                        _theta0_features(backbone, flow, feats[i]))
                 for i, (sx, sy, w) in enumerate(zip(support_x, support_y, ways))]
     way, batched = check_support(op, backbone, support_x, support_y, way)
-    z = flow.encoder(support_x, support_y, way)
+    z, feats = flow.encoder.encode(support_x, support_y, way)
     states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
     if not batched:
         return _finish(backbone, flow, {h: s[0] for h, s in states.items()}, horizon, support_x, support_y, way,
-                       select, True)
+                       select, True, _theta0_features(backbone, flow, feats[0]))
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], support_x, support_y, way, flow.metric,
                                 flow.scale)
         model.selection = None
         return model
     chosen = [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, support_x[i], support_y[i],
-                      way, True, False) for i in range(support_x.shape[0])]
+                      way, True, False, _theta0_features(backbone, flow, feats[i])) for i in range(support_x.shape[0])]
     model = AdaptedProtoNet(backbone, flow.subset, torch.stack([m.theta for m in chosen]), support_x, support_y,
                             way, flow.metric, flow.scale)
     model.selection = [m.selection for m in chosen]
     return model
 
 
+def _theta0_features(backbone: nn.Module, flow: HyperFlow, feats: torch.Tensor) -> Optional[torch.Tensor]:
+    """The task encoder's support features, which are the unadapted candidate's when the encoder
+    is the backbone itself (so that candidate costs no forward of its own)."""
+    return feats if flow.encoder.encoder is backbone else None
+
+
 def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tensor], horizon: float,
-            sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool) -> AdaptedProtoNet:
+            sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool,
+            theta0_features: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
     """One task's model: the state at ``horizon``, or the candidate its support set prefers."""
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], sx, sy, way, flow.metric, flow.scale)
@@ -137,13 +149,21 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     if flow.mean_delta is not None:
         for s in MEAN_SCALES:
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
+    features = {} if theta0_features is None else {"none": theta0_features}
+    criterion = bool((torch.bincount(sy, minlength=way) >= 2).all())  # else the fallback is kept unscored
+    if criterion and flow.reference_means is not None and aligned_norms(backbone, flow.subset):
+        try:
+            theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
+            candidates["aligned"] = (theta, None)
+        except ValueError as err:  # e.g. a norm module the forward calls twice: the other candidates remain
+            warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=3)
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
-                            fallback=f"flow@{horizon:g}")
+                            fallback=f"flow@{horizon:g}", features=features, whole_batch="aligned" in features)
 
 
-MEAN_SCALES = (0.25, 0.5)  # multiples of the mean meta-training displacement offered as candidates
+MEAN_SCALES = (0.25,)  # multiples of the mean meta-training displacement offered as candidates
 
 
 def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow: HyperFlow,

@@ -7,7 +7,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from .checks import check_support
 from .functional import features_with, finetune
 from .params import ParamSpec, ParamSubset
 
-__all__ = ["direct_transfer", "support_statistics", "finetune_adapt", "tune_lr", "split_support", "LrChoice",
+__all__ = ["direct_transfer", "support_statistics", "batch_statistics", "finetune_adapt", "tune_lr", "split_support", "LrChoice",
            "LR_GRID"]
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,25 @@ def support_statistics(backbone: nn.Module, support_x: torch.Tensor, support_y: 
     way, batched = check_support("support_statistics", backbone, support_x, support_y, way)
     if batched:
         raise NotImplementedError("support_statistics: adapt one task at a time (support_x of shape (shots, C, H, W))")
+    stats, _ = batch_statistics(backbone, support_x)
+    subset = ParamSubset(backbone, "bias" if any(n.endswith("bias") for n, _ in backbone.named_parameters()) else "all")
+    return AdaptedProtoNet(backbone, subset, subset.vector(backbone), support_x, support_y, way, metric, scale,
+                           buffers=stats)
+
+
+def batch_statistics(backbone: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Every BatchNorm layer's statistics of ``x`` (one forward, no gradients), and the features of
+    that forward.
+
+    The variances are the ones BatchNorm normalises with in training mode (biased), so the
+    backbone in eval mode with these buffers gives exactly the returned features.
+
+    Returns:
+        ``({"<layer>.running_mean" / ".running_var": tensor}, features (n, d))``.
+
+    Raises:
+        ValueError: the backbone has no BatchNorm layer with running statistics.
+    """
     norms = {n: m for n, m in backbone.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
     if not norms:
@@ -58,16 +77,22 @@ def support_statistics(backbone: nn.Module, support_x: torch.Tensor, support_y: 
         fresh[f"{n}.running_mean"] = torch.zeros_like(m.running_mean)
         fresh[f"{n}.running_var"] = torch.ones_like(m.running_var)
         fresh[f"{n}.num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
-    view = stateless_view(backbone, fresh)
+    sizes: Dict[str, int] = {}
+
+    def count(name: str):
+        def hook(module, args, output):
+            sizes[name] = args[0].numel() // args[0].shape[1]  # values per channel behind the statistics
+        return hook
+
+    view = stateless_view(backbone, fresh, {n: count(n) for n in norms})
     for n, m in view.named_modules():
         if n in norms:  # the view's own flags: batch statistics, written into the fresh buffers
             m.training, m.momentum = True, 1.0
     with torch.no_grad():
-        view(support_x)
-    stats = {k: v for k, v in fresh.items() if not k.endswith("num_batches_tracked")}
-    subset = ParamSubset(backbone, "bias" if any(n.endswith("bias") for n, _ in backbone.named_parameters()) else "all")
-    return AdaptedProtoNet(backbone, subset, subset.vector(backbone), support_x, support_y, way, metric, scale,
-                           buffers=stats)
+        feats = view(x)
+        for n, size in sizes.items():  # running_var holds the unbiased variance; normalising used the biased
+            fresh[f"{n}.running_var"].mul_((size - 1) / size if size > 1 else 1.0)
+    return {k: v for k, v in fresh.items() if not k.endswith("num_batches_tracked")}, feats
 
 
 def finetune_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,

@@ -18,12 +18,13 @@ __all__ = ["encode_tasks"]
 
 
 def encode_tasks(encoder: TaskEncoder, support_x: Sequence[torch.Tensor], support_y: Sequence[torch.Tensor],
-                 ways: Sequence[int]) -> torch.Tensor:
-    """Task embeddings of checked support sets, same-shaped tasks encoded together.
+                 ways: Sequence[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Task embeddings of checked support sets, same-shaped tasks encoded together, and the
+    encoder's support features of each task (:meth:`TaskEncoder.encode`).
 
     Shape:
         - support_x: per task ``(shots, C, H, W)``; support_y: per task ``(shots,)``.
-        - Returns: ``(tasks, task_dim)`` in the order given.
+        - Returns: ``(tasks, task_dim)`` in the order given, and per task ``(shots, feature_dim)``.
 
     The embedding of a task does not depend on which tasks share its batch (every statistic is per
     task; the encoder is a frozen, eval-mode network), up to float rounding of the larger matmuls.
@@ -33,13 +34,10 @@ def encode_tasks(encoder: TaskEncoder, support_x: Sequence[torch.Tensor], suppor
         key = (tuple(sx.shape), sx.dtype, sx.device, tuple(sy.shape), int(way))
         groups.setdefault(key, []).append(i)
     rows: List[torch.Tensor] = [None] * len(ways)  # type: ignore[list-item]
+    feats: List[torch.Tensor] = [None] * len(ways)  # type: ignore[list-item]
     for key, members in groups.items():
-        if len(members) == 1:
-            i = members[0]
-            z = encoder(support_x[i], support_y[i], ways[i])
-        else:
-            z = encoder(torch.stack([support_x[i] for i in members]), torch.stack([support_y[i] for i in members]),
-                        key[-1])
+        z, raw = encoder.encode(torch.stack([support_x[i] for i in members]),
+                                torch.stack([support_y[i] for i in members]), key[-1])
         for j, i in enumerate(members):
-            rows[i] = z[j]
-    return torch.stack(rows)
+            rows[i], feats[i] = z[j], raw[j]
+    return torch.stack(rows), feats

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .._io import load_tensors, save_tensors
 from .adapted import AdaptedProtoNet
+from .align import reference_means
 from .augment import EpisodeAugmenter
 from .baselines import LR_GRID, has_queries, split_support, tune_lr
 from .drift import DriftNetwork, PackedDrift
@@ -96,6 +97,7 @@ def _adapted_layers(subset: ParamSubset, encoder: nn.Module) -> List[str]:
 DEFAULT_TASKS = 200      # meta-training tasks recorded when tasks is not given
 DEFAULT_REACH = 3.0      # trajectories are recorded at this multiple of the chosen learning rate
 RECIPE_TASKS = 20        # meta-training episodes that score the learning-rate grid
+REFERENCE_TASKS = 32     # meta-training support sets behind the norm layers' reference channel means
 MIN_LOSS_DROP = 0.05     # fine-tuning that lowers its loss by less than this barely moves: warn
 
 
@@ -145,6 +147,7 @@ class HyperFlow:
         self.interpolation: Optional[str] = None
         self.horizon = 1.0                # default integration time of fused_adapt (see tune_horizon)
         self.mean_delta: Optional[torch.Tensor] = None  # mean end displacement of the training trajectories
+        self.reference_means: Optional[torch.Tensor] = None  # norm layers' channel means on meta-training data
         self.trajectory_config: Optional[TrajectoryConfig] = None
         self.recipe: Dict[str, object] = {}  # the fine-tuning recipe emulated, and how it was chosen
         self.history: Dict[str, List[float]] = {}
@@ -194,6 +197,16 @@ class HyperFlow:
         self.trajectory_config = cfg
         return record_trajectories(self.backbone, self.subset, self.encoder, eps, len(eps), cfg, store,
                                    seed=self.seed, progress=progress)
+
+    def record_reference(self, episodes: Iterable, tasks: int = REFERENCE_TASKS) -> Optional[torch.Tensor]:
+        """Record the channel means of the adapted norm layers on the support images of the first
+        ``tasks`` meta-training episodes (un-shifted), the target of :func:`fused_adapt`'s
+        ``"aligned"`` candidate (:mod:`~hyperflow_ext.flow.align`). :meth:`fit` calls this; call it
+        on a flow loaded from an older checkpoint. Returns the ``(P,)`` means (``None`` when no
+        norm layer's bias is adapted)."""
+        images = [ep[0] for ep in itertools.islice(episodes, tasks)]
+        self.reference_means = reference_means(self.backbone, self.subset, images) if images else None
+        return self.reference_means
 
     def choose_recipe(self, episodes: Sequence, trajectory_steps: int = 50, grid: Sequence[float] = LR_GRID,
                       tasks: int = RECIPE_TASKS, optimizer: str = "adam", progress: bool = True) -> Dict[str, object]:
@@ -264,6 +277,7 @@ class HyperFlow:
             augmenter = EpisodeAugmenter.from_setting(augment, self.seed)
             eps = _episode_list("HyperFlow.fit", episodes, tasks, self.seed)
             self._prepare(eps[0][0])
+            self.record_reference(eps)
             scoring = (list(itertools.islice(recipe_episodes, RECIPE_TASKS)) if recipe_episodes is not None
                        else eps[:RECIPE_TASKS])
             if augmenter is not None:
@@ -437,6 +451,8 @@ class HyperFlow:
         tensors = dict(self.net.state_dict())
         if self.mean_delta is not None:
             tensors["mean_delta"] = self.mean_delta
+        if self.reference_means is not None:
+            tensors["reference_means"] = self.reference_means
         return tensors, meta
 
     def save(self, path: os.PathLike) -> None:
@@ -468,11 +484,12 @@ class HyperFlow:
             raise ValueError(f"HyperFlow.load: {path} was trained for {meta['numel']} parameters and task_dim "
                              f"{meta['task_dim']}, the backbone gives {flow.subset.numel} and {flow.encoder.dim}")
         flow.net = DriftNetwork(meta["numel"], meta["task_dim"], meta["hidden"], meta["time_dim"], meta["task_hidden"])
-        mean_delta = tensors.pop("mean_delta", None)
-        if mean_delta is not None and mean_delta.shape != (flow.subset.numel,):
-            raise ValueError(f"HyperFlow.load: {path} holds a mean displacement of shape {tuple(mean_delta.shape)}, "
-                             f"expected ({flow.subset.numel},)")
-        flow.mean_delta = mean_delta
+        for key in ("mean_delta", "reference_means"):
+            value = tensors.pop(key, None)
+            if value is not None and value.shape != (flow.subset.numel,):
+                raise ValueError(f"HyperFlow.load: {path} holds {key} of shape {tuple(value.shape)}, expected "
+                                 f"({flow.subset.numel},)")
+            setattr(flow, key, value)
         flow.net.load_state_dict(tensors)
         flow.net.eval()
         flow.max_rate = meta["max_rate"] if meta["max_rate"] is not None else math.inf

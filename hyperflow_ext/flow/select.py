@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._stateless import stateless_view
 from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
-from .baselines import support_statistics
-from .functional import features_with
+from .baselines import batch_statistics
 from .params import ParamSubset
 
-__all__ = ["loo_scores", "choose_candidate", "select_adapt", "selection_horizons", "has_batchnorm_stats",
+__all__ = ["loo_scores", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
            "CALIBRATION_SCALES", "SELECT_MARGIN"]
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
@@ -58,10 +58,12 @@ def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] 
     else:
         own_logit = -scale * ((features - own) ** 2).sum(-1)
     logits = logits.scatter(1, labels[:, None], own_logit[:, None].to(logits.dtype))
-    factors = [s / scale if metric == "cosine" else s / 10.0 for s in CALIBRATION_SCALES]
-    calibrated = min(float(F.cross_entropy(logits * f, labels)) for f in factors)
-    return (float(F.cross_entropy(logits, labels)), float((logits.argmax(-1) == labels).float().mean()),
-            calibrated)
+    factors = torch.tensor([1.0] + [s / scale if metric == "cosine" else s / 10.0 for s in CALIBRATION_SCALES],
+                           dtype=logits.dtype, device=logits.device)
+    scaled = logits[None] * factors[:, None, None]                  # the logits and every rescaling at once
+    losses = F.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(factors)), reduction="none")
+    losses = losses.view(len(factors), -1).mean(dim=1).tolist()
+    return losses[0], float((logits.argmax(-1) == labels).float().mean()), min(losses[1:])
 
 
 def selection_horizons(horizon: float) -> Tuple[float, ...]:
@@ -79,7 +81,8 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
                      candidates: Dict[str, Tuple[torch.Tensor, Optional[object]]], support_x: torch.Tensor,
                      support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
                      fallback: Optional[str] = None, reference: str = "none",
-                     margin: float = SELECT_MARGIN) -> AdaptedProtoNet:
+                     margin: float = SELECT_MARGIN, features: Optional[Dict[str, torch.Tensor]] = None,
+                     whole_batch: bool = False) -> AdaptedProtoNet:
     """The candidate whose support features give the lowest calibrated leave-one-out loss, kept only
     when it beats ``reference`` (the unadapted model) by more than ``margin``; otherwise ``reference``.
 
@@ -91,17 +94,21 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         reference: the candidate to keep unless another is clearly better (must be in ``candidates``).
         margin: how much lower (in nats) another candidate's calibrated loss must be: the support set
             is small, and a candidate that wins by less is as likely to hurt the queries as to help.
+        features: ``{name: (shots, d)}`` support features already computed for some candidates
+            (e.g. by the forward that built them); the others get one support forward each.
+        whole_batch: some candidate was built by a forward of the whole support set (so the
+            others need not go through in parts to keep the peak memory down).
 
     Returns:
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
         (loss, accuracy, calibrated loss)}}`` (empty scores for the fallback).
     """
+    features = dict(features or {})
+
     def model(name: str) -> AdaptedProtoNet:
         theta, buffers = candidates[name]
-        if isinstance(buffers, str):
-            stats = support_statistics(backbone, support_x, support_y, metric, scale, way)
-            return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale,
-                                   buffers=stats.buffers)
+        if isinstance(buffers, str):  # statistics and the features at them from one forward
+            buffers, features[name] = batch_statistics(backbone, support_x)
         return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale, buffers=buffers)
 
     if bool((torch.bincount(support_y, minlength=way) < 2).any()):
@@ -111,11 +118,12 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         return chosen
     models = {name: model(name) for name in candidates}
     scores: Dict[str, Tuple[float, float, float]] = {}
+    # parts lower the peak only when no candidate needed the whole support set in one forward
+    parts = 1 if any(isinstance(b, str) for _, b in candidates.values()) or whole_batch else SCORING_PARTS
     with torch.no_grad():
         for name, m in models.items():
-            # in parts, like the task encoder: activation memory of a fifth of the support set
-            feats = torch.cat([features_with(backbone, subset, m.theta, part, buffers=m.buffers)
-                               for part in support_x.tensor_split(min(SCORING_PARTS, support_x.shape[0]))])
+            feats = features[name] if name in features else support_features(backbone, subset, m.theta,
+                                                                                support_x, m.buffers, parts)
             if not bool(torch.isfinite(feats).all()):
                 continue  # a candidate that breaks the features is never chosen
             m._protos = prototypes(feats, support_y, way)  # the chosen model reuses this forward
@@ -128,6 +136,19 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
     chosen = models[name]
     chosen.selection = {"chosen": name, "scores": scores}
     return chosen
+
+
+def support_features(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, support_x: torch.Tensor,
+                     buffers: Optional[Dict[str, torch.Tensor]] = None, parts: int = SCORING_PARTS) -> torch.Tensor:
+    """Support features with ``theta`` (and ``buffers``) substituted: one private view, the support
+    set in ``parts`` equal parts (activation memory of a fifth of it by default, like the task encoder).
+
+    Shape:
+        - theta: ``(P,)``; support_x: ``(shots, C, H, W)``; returns ``(shots, d)``.
+    """
+    view = stateless_view(backbone, {**subset.unflatten(theta), **(buffers or {})})
+    with torch.no_grad():
+        return torch.cat([view(part) for part in support_x.tensor_split(max(1, min(parts, support_x.shape[0])))])
 
 
 def select_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, flow,

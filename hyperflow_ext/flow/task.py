@@ -1,7 +1,7 @@
 """The frozen task encoder: a support set → an order-invariant task embedding ``z``."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -183,8 +183,18 @@ class TaskEncoder(nn.Module):
             raise ValueError(f"TaskEncoder: layers {missing[:3]} did not run in the encoder's forward")
         return out, [ran[n] for n in self.layers]
 
-    @torch.no_grad()
     def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None) -> torch.Tensor:
+        return self.encode(support_x, support_y, way)[0]
+
+    @torch.no_grad()
+    def encode(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The task embeddings and the encoder's support features they were computed from.
+
+        Shape:
+            - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
+            - Returns: ``((tasks, dim), (tasks, shots, feature_dim))``.
+        """
         if support_x.dim() == 4:
             support_x, support_y = support_x[None], support_y[None]
         tasks, shots = support_y.shape
@@ -210,7 +220,7 @@ class TaskEncoder(nn.Module):
             # per layer: where the support set sits in each channel, and how far its classes spread
             means = layer_means[i].unflatten(0, (tasks, shots)).to(feats.dtype)
             parts += [means.mean(dim=1), prototypes(means, support_y, way).std(dim=1, unbiased=False)]
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1), raw
 
     def _head_gradient(self, raw: torch.Tensor, unit: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
         """``∂ CE(scale · cos(f_i, p_c)) / ∂ f_i`` with the prototypes held fixed: ``(tasks, shots, d)``."""

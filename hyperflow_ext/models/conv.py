@@ -64,9 +64,11 @@ def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Ten
     place by the native kernel behind :func:`~.norm.group_norm_`: no second full-size map, half the
     block's peak memory. This runs once per block on small batches, so the checks the kernel
     relies on are made here, directly, instead of through the public wrapper's full validation.
-    Any other case runs the modules as usual.
+    Any other case runs the modules as usual, and so does a norm module with a forward hook marked
+    ``rewrites_output`` (channel alignment moves the output as it is computed).
     """
     if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
+            and not any(getattr(h, "rewrites_output", False) for h in norm._forward_hooks.values())
             and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
             and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
             and (not norm.affine or all(p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
