@@ -25,11 +25,6 @@ using cpu::vec_width;
 constexpr std::int64_t kTile = 16;             // output rows per tile
 constexpr std::int64_t kColBlock = 16;         // input columns per block (masked grad input)
 constexpr std::int64_t kParallelWork = 1 << 15;
-// CSR mat-vec (batch 1): the masked-gather rows of csr_spmv_rows pay from this many nonzeros per row
-// on average; below it the scalar two-chain loop (csr_row_dot) is faster. Measured on Zen 4 over
-// 1024 rows: 10 nonzeros a row 7.1 -> 5.5 us (AVX2) and 8.5 -> 4.9 us (AVX-512), 20 a row about even,
-// 30 a row 15 vs 18 us (AVX2) in favour of the gathers.
-constexpr std::int64_t kGatherRowNnz = 16;
 
 // Columns of the (features x batch) operand processed per pass: every sparse row gathers whole
 // rows of it, so a pass keeps about `hot_bytes` of it (features x chunk elements) in L2 instead of
@@ -233,9 +228,9 @@ void csr_linear(CpuTag, const CsrLinearParams& p) {
       if (batch == 1) {
 #if defined(HF_SPARSE_SIMD)
         if constexpr (std::is_same_v<I, std::int32_t>) {
-          // Vectorised mat-vec, a register of rows at a time, for rows of kGatherRowNnz nonzeros or
-          // more on average; shorter rows take the scalar loop below.
-          if (p.x_si == 1 && p.nnz >= kGatherRowNnz * out) {
+          // Vectorised mat-vec, a register of rows at a time, for rows of Simd<T>::gather_row_nnz
+          // nonzeros or more on average; shorter rows take the scalar loop below.
+          if (p.x_si == 1 && p.nnz >= cpu::Simd<T>::gather_row_nnz * out) {
             constexpr std::int64_t W = cpu::Simd<T>::W;
             const std::int64_t groups = (out + W - 1) / W;
 #pragma omp parallel for schedule(static, 8) if (par)

@@ -22,6 +22,9 @@ struct Simd<float> {
   using R = __m512;
   using M = __mmask16;
   static constexpr int W = 16;
+  // CSR mat-vec: rows averaging at least this many nonzeros take the gathers (csr_spmv_rows), shorter
+  // ones the scalar loop. Zen 4, 1024 rows: 10 a row 8.5 (gathers) vs 4.9 us (scalar), 20 a row 13.8 vs 13.2 us.
+  static constexpr int gather_row_nnz = 20;
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float v) { return _mm512_set1_ps(v); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
@@ -69,6 +72,7 @@ struct Simd<double> {
   using R = __m512d;
   using M = __mmask8;
   static constexpr int W = 8;
+  static constexpr int gather_row_nnz = 20;  // as for float (unmeasured)
   static R zero() { return _mm512_setzero_pd(); }
   static R set1(double v) { return _mm512_set1_pd(v); }
   static R load(const double* p) { return _mm512_loadu_pd(p); }
