@@ -30,6 +30,8 @@ def test_testing_gathers_every_reference_oracle():
     ("sparse", "score_mask", "prune.masked_ops"), ("sparse", "masked_matmul_reference", "testing"),
     ("sparse", "masked_matmul_grad_input_reference", "testing"),
     ("flow", "drift_integrate_reference", "testing"), ("flow", "euler_update_reference", "testing"),
+    ("sparse", "csr_spmm_reference", "testing"), ("sparse", "csr_linear_reference", "testing"),
+    ("sparse", "csr_conv2d_reference", "testing"),
 ])
 def test_names_off_the_surface_still_resolve(package, name, home):
     pkg = getattr(hf, package)
