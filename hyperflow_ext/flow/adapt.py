@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .adapted import AdaptedProtoNet
-from .align import align_to_reference, aligned_norms
+from .align import align_to_reference
 from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
@@ -151,7 +151,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
     features = {} if theta0_features is None else {"none": theta0_features}
     criterion = bool((torch.bincount(sy, minlength=way) >= 2).all())  # else the fallback is kept unscored
-    if criterion and flow.reference_means is not None and aligned_norms(backbone, flow.subset):
+    if criterion and flow.reference_means is not None:  # recorded only where a norm bias is adapted
         try:
             theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
             candidates["aligned"] = (theta, None)
