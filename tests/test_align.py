@@ -106,6 +106,11 @@ def test_no_adapted_norm_bias_means_no_reference_and_a_shared_norm_is_refused():
     subset = ParamSubset(twice, "bias")
     with pytest.raises(ValueError, match="runs twice"):
         reference_means(twice, subset, [torch.rand(2, 1, 16, 16)])
+    with pytest.raises(ValueError, match="no images"):
+        reference_means(model, ParamSubset(model, "bias"), [])
+    with pytest.raises(ValueError, match="no norm layer"):
+        align_to_reference(model, convs_only, convs_only.vector(model), torch.zeros(convs_only.numel),
+                           torch.rand(2, 1, 16, 16))
 
 
 def test_fused_adapt_offers_the_aligned_candidate_and_the_checkpoint_keeps_its_reference(tmp_path):
@@ -127,6 +132,12 @@ def test_fused_adapt_offers_the_aligned_candidate_and_the_checkpoint_keeps_its_r
     flow.save(path)
     loaded = HyperFlow.load(path, backbone)
     torch.testing.assert_close(loaded.reference_means, flow.reference_means, rtol=0, atol=0)
+    tensors, meta = flow.state()
+    tensors["reference_means"] = tensors["reference_means"][:-1]
+    from hyperflow_ext._io import save_tensors
+    save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match="reference_means of shape"):
+        HyperFlow.load(tmp_path / "bad.safetensors", backbone)
     again = fused_adapt(backbone, sx, sy, flow=loaded)
     assert again.selection["chosen"] == model.selection["chosen"]
 
