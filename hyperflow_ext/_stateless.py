@@ -35,13 +35,16 @@ def _substitutions(module: nn.Module, overrides: Mapping[str, torch.Tensor]) -> 
 
 
 def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.Module],
-          hooks: Mapping[int, Callable]) -> nn.Module:
+          hooks: Mapping[int, Callable], pre_hooks: Mapping[int, Callable]) -> nn.Module:
     if id(module) in memo:  # a submodule used twice stays one object in the view
         return memo[id(module)]
     state = module.__dict__.copy()
     if id(module) in hooks:  # the view's own hook dict: the user's module never sees the hook
         state["_forward_hooks"] = OrderedDict(module._forward_hooks)
         state["_forward_hooks"][-1 - len(state["_forward_hooks"])] = hooks[id(module)]
+    if id(module) in pre_hooks:
+        state["_forward_pre_hooks"] = OrderedDict(module._forward_pre_hooks)
+        state["_forward_pre_hooks"][-1 - len(state["_forward_pre_hooks"])] = pre_hooks[id(module)]
     view = module.__class__.__new__(module.__class__)
     object.__setattr__(view, "__dict__", state)  # bypass nn.Module.__setattr__: nothing is registered
     memo[id(module)] = view
@@ -55,13 +58,14 @@ def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.M
             v = v.clone()  # running statistics updated in place stay private to the call
         buffers[k] = v
     state["_buffers"] = buffers
-    state["_modules"] = {k: (_view(m, subs, memo, hooks) if m is not None else None)
+    state["_modules"] = {k: (_view(m, subs, memo, hooks, pre_hooks) if m is not None else None)
                          for k, m in module._modules.items()}
     return view
 
 
 def stateless_view(module: nn.Module, overrides: Optional[Mapping[str, torch.Tensor]] = None,
-                   forward_hooks: Optional[Mapping[str, Callable]] = None) -> nn.Module:
+                   forward_hooks: Optional[Mapping[str, Callable]] = None,
+                   forward_pre_hooks: Optional[Mapping[str, Callable]] = None) -> nn.Module:
     """A private shallow view of ``module`` with the named tensors replaced.
 
     The view shares every other parameter and buffer with ``module`` (no copy), except the
@@ -75,20 +79,24 @@ def stateless_view(module: nn.Module, overrides: Optional[Mapping[str, torch.Ten
             ``module.named_parameters()``; a tied parameter is replaced under every name.
         forward_hooks: ``{submodule name: hook(module, args, output)}`` that run in the view
             only (after the module's own forward hooks).
+        forward_pre_hooks: ``{submodule name: hook(module, args)}``, likewise, before the forward.
 
     Raises:
         ValueError: a name that is neither a parameter nor a buffer (or, for a hook, a
             submodule) of ``module``.
     """
     subs = _substitutions(module, overrides) if overrides else {}
-    hooks: Dict[int, Callable] = {}
-    if forward_hooks:
-        mods = dict(module.named_modules(remove_duplicate=False))
-        unknown = [n for n in forward_hooks if n not in mods]
-        if unknown:
-            raise ValueError(f"stateless_view: the module has no submodule {unknown[:3]}")
-        hooks = {id(mods[n]): fn for n, fn in forward_hooks.items()}
-    return _view(module, subs, {}, hooks)
+    return _view(module, subs, {}, _hooks_by_id(module, forward_hooks), _hooks_by_id(module, forward_pre_hooks))
+
+
+def _hooks_by_id(module: nn.Module, hooks: Optional[Mapping[str, Callable]]) -> Dict[int, Callable]:
+    if not hooks:
+        return {}
+    mods = dict(module.named_modules(remove_duplicate=False))
+    unknown = [n for n in hooks if n not in mods]
+    if unknown:
+        raise ValueError(f"stateless_view: the module has no submodule {unknown[:3]}")
+    return {id(mods[n]): fn for n, fn in hooks.items()}
 
 
 def call_with(module: nn.Module, overrides: Optional[Mapping[str, torch.Tensor]], *args: Any, **kwargs: Any) -> Any:

@@ -7,7 +7,8 @@ from torch import nn
 
 from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, fused_adapt, loo_scores
-from hyperflow_ext.flow.align import align_to_reference, aligned_norms, reference_means
+from hyperflow_ext._stateless import stateless_view
+from hyperflow_ext.flow.align import NormMeanProbe, align_to_reference, aligned_norms, norm_output_means, reference_means
 from hyperflow_ext.flow.params import ParamSubset
 from hyperflow_ext.flow.select import support_features
 from hyperflow_ext.models import Conv4
@@ -48,9 +49,12 @@ class TokenMixer(nn.Module):
         return self.norm2(self.mix(t)).mean(dim=1)
 
 
-@pytest.mark.parametrize("make", [lambda: Conv4(hidden=8, groups=2), lambda: Conv4(hidden=8, norm="batch"),
-                                  TokenMixer], ids=["groupnorm", "batchnorm", "layernorm"])
-def test_alignment_moves_every_channel_mean_to_the_reference(make):
+MODELS = [lambda: Conv4(hidden=8, groups=2), lambda: Conv4(hidden=8, norm="batch"), TokenMixer]
+MODEL_IDS = ["groupnorm", "batchnorm", "layernorm"]
+
+
+@pytest.mark.parametrize("make", MODELS, ids=MODEL_IDS)
+def test_alignment_moves_each_norm_bias_by_reference_minus_its_mean_at_theta0(make):
     torch.manual_seed(0)
     model = make().eval()
     subset = ParamSubset(model, "bias")
@@ -61,17 +65,57 @@ def test_alignment_moves_every_channel_mean_to_the_reference(make):
     ref = reference_means(model, subset, meta)
     support = 0.3 * torch.rand(6, 1, 16, 16) + 0.6  # a contrast shift away from the reference images
     theta0 = subset.vector(model)
-    theta, feats = align_to_reference(model, subset, theta0, ref, support)
+    theta = align_to_reference(model, subset, theta0, ref, support, parts=3)
+    at0 = _norm_means(model, subset, theta0, support)
     got = _norm_means(model, subset, theta, support)
-    for name, (offset, channels, _) in norms.items():  # sequential: each layer measured after the earlier shifts
-        torch.testing.assert_close(got[name], ref[offset:offset + channels].double(), atol=2e-5, rtol=0)
+    first = next(iter(norms))  # nothing before it moves: its mean lands exactly on the reference
+    for name, (offset, channels, _) in norms.items():
+        shift = (theta - theta0)[offset:offset + channels].double()
+        torch.testing.assert_close(shift, ref[offset:offset + channels].double() - at0[name], atol=2e-5, rtol=0)
+        if name == first:
+            torch.testing.assert_close(got[name], ref[offset:offset + channels].double(), atol=2e-5, rtol=0)
     other = torch.ones(subset.numel, dtype=torch.bool)
     for offset, channels, _ in norms.values():
         other[offset:offset + channels] = False
     assert torch.equal(theta[other], theta0[other]) and not torch.equal(theta, theta0)
-    torch.testing.assert_close(feats, support_features(model, subset, theta, support), atol=1e-4, rtol=1e-4)
     for k, v in model.state_dict().items():  # the user's model is read, never written
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 6), nn.GroupNorm(3, 6).train(), nn.BatchNorm2d(6).eval(),
+                                  nn.BatchNorm2d(6).train(), nn.BatchNorm1d(6).eval(),
+                                  nn.InstanceNorm2d(6, affine=True), nn.LayerNorm(6)],
+                         ids=["gn", "gn-train", "bn-eval", "bn-train", "bn1d-eval", "instancenorm", "layernorm"])
+def test_norm_output_means_match_the_output_without_computing_it(norm):
+    torch.manual_seed(2)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.normal_()
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+    shape = (5, 7, 6) if isinstance(norm, nn.LayerNorm) else (5, 6) if isinstance(norm, nn.BatchNorm1d) else (5, 6, 4, 3)
+    x = 3 * torch.randn(shape) + 1
+    x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    with torch.no_grad():
+        out = norm(x).double()
+    want = out.mean(dim=1) if isinstance(norm, nn.LayerNorm) else out.flatten(2).mean(-1) if out.dim() > 2 else out
+    torch.testing.assert_close(norm_output_means(norm, x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_probe_reads_conv4s_fused_groupnorm_kernel_as_the_module_would():
+    torch.manual_seed(3)
+    model = Conv4(hidden=8, groups=2).eval()
+    subset = ParamSubset(model, "bias")
+    x = torch.rand(6, 1, 16, 16)
+    fused, plain = NormMeanProbe(model, subset), NormMeanProbe(model, subset)
+    with torch.no_grad():  # no autograd: Conv4 normalises in place with its native kernel
+        stateless_view(model, forward_pre_hooks=fused.hooks)(x)
+    with torch.enable_grad():  # autograd on: the GroupNorm modules run
+        stateless_view(model, forward_pre_hooks=plain.hooks)(x)
+    torch.testing.assert_close(fused.means(6, tasks=2), plain.means(6, tasks=2), atol=1e-6, rtol=0)
+    assert not any(m._forward_pre_hooks for m in model.modules())  # the hooks lived in the views only
+    assert fused.means(6).abs().sum() > 0
 
 
 def test_reference_means_are_the_channel_means_at_theta0():
@@ -84,7 +128,7 @@ def test_reference_means_are_the_channel_means_at_theta0():
     for name, (offset, channels, _) in aligned_norms(model, subset).items():
         torch.testing.assert_close(ref[offset:offset + channels].double(), want[name], atol=1e-5, rtol=0)
     # aligning the reference images themselves leaves θ_0 where it is
-    theta, _ = align_to_reference(model, subset, subset.vector(model), ref, torch.cat(meta))
+    theta = align_to_reference(model, subset, subset.vector(model), ref, torch.cat(meta))
     torch.testing.assert_close(theta, subset.vector(model), atol=1e-5, rtol=0)
 
 
@@ -121,7 +165,7 @@ def test_fused_adapt_offers_the_aligned_candidate_and_the_checkpoint_keeps_its_r
     sx = 0.5 * sx + 0.4  # a contrast shift
     model = fused_adapt(backbone, sx, sy, flow=flow)
     scores = model.selection["scores"]
-    theta, _ = align_to_reference(backbone, flow.subset, flow.subset.vector(backbone), flow.reference_means, sx)
+    theta = align_to_reference(backbone, flow.subset, flow.subset.vector(backbone), flow.reference_means, sx)
     want = loo_scores(support_features(backbone, flow.subset, theta, sx), sy, 3, flow.metric, flow.scale)
     assert "aligned" in scores
     for got, exp in zip(scores["aligned"], want):

@@ -65,7 +65,7 @@ def test_encode_tasks_matches_one_task_at_a_time(flow):
     _, f = flow
     tasks = [_support(w, s, 20 + i) for i, (w, s) in enumerate(SHAPES)]
     ways = [w for w, _ in SHAPES]
-    z, feats = encode_tasks(f.encoder, [x for x, _ in tasks], [y for _, y in tasks], ways)
+    z, feats, _ = encode_tasks(f.encoder, [x for x, _ in tasks], [y for _, y in tasks], ways)
     ref = [f.encoder.encode(x, y, w) for (x, y), w in zip(tasks, ways)]
     assert z.shape == (len(tasks), f.encoder.dim)
     torch.testing.assert_close(z, torch.cat([r[0] for r in ref]), rtol=1e-4, atol=1e-5)

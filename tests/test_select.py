@@ -10,7 +10,8 @@ from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
 from hyperflow_ext.flow.baselines import batch_statistics, support_statistics
 from hyperflow_ext.flow.params import ParamSubset
-from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores, select_adapt,
+from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores,
+                                      loo_scores_many, select_adapt,
                                       selection_horizons)
 from hyperflow_ext.flow.adapt import MEAN_SCALES
 from hyperflow_ext.models import Conv4, proto_logits
@@ -52,6 +53,22 @@ def test_loo_scores_match_a_reference(metric, scale):
     assert cal <= loss + 1e-12  # the flow's own scale is among the calibration scales
     with pytest.raises(ValueError, match="at least 2"):
         loo_scores(feats[:-1], labels[:-1], metric=metric, scale=scale)
+
+
+@pytest.mark.parametrize("metric,scale", [("cosine", 10.0), ("euclidean", 0.3)])
+def test_batched_candidate_scores_equal_a_loop_over_candidates(metric, scale):
+    torch.manual_seed(4)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    feats = torch.randn(5, len(labels), 6, dtype=torch.float64) + labels[:, None].double()
+    feats[3] *= 40.0  # a candidate that spreads the features far apart: scored on its own terms
+    batched = loo_scores_many(feats, labels, metric=metric, scale=scale)
+    assert len(batched) == 5
+    for k in range(5):
+        ref_loss, ref_acc, ref_cal = _loo_reference(feats[k], labels, metric, scale)
+        loss, acc, cal = batched[k]
+        assert abs(loss - ref_loss) < 1e-10 and abs(acc - ref_acc) < 1e-9 and abs(cal - ref_cal) < 1e-10, k
+        single = loo_scores(feats[k], labels, metric=metric, scale=scale)
+        assert all(abs(a - b) < 1e-12 for a, b in zip(batched[k], single)), k
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_
   task-specific part of the drift does not transfer);
 * ``"aligned"`` — every adapted norm layer's bias shifted so that the support set's channel means
   match those the flow recorded on meta-training data (:mod:`~hyperflow_ext.flow.align`; closed
-  form, one support forward);
+  form, measured inside the task encoder's forward);
 * ``"support statistics"`` — on backbones with BatchNorm running statistics, those statistics
   re-estimated on the support set.
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .adapted import AdaptedProtoNet
-from .align import align_to_reference
+from .align import NormMeanProbe, align_to_reference, aligned_theta, probe_means
 from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
@@ -104,24 +104,32 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
         ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
-        z, feats = encode_tasks(flow.encoder, support_x, support_y, ways)  # same-shaped tasks in one batch
+        probe = (lambda: _probe(backbone, flow)) if select else None
+        # same-shaped tasks in one batch
+        z, feats, means = encode_tasks(flow.encoder, support_x, support_y, ways, probe)
         states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
         return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, True,
-                        _theta0_features(backbone, flow, feats[i]))
+                        _theta0_features(backbone, flow, feats[i]), means[i])
                 for i, (sx, sy, w) in enumerate(zip(support_x, support_y, ways))]
     way, batched = check_support(op, backbone, support_x, support_y, way)
-    z, feats = flow.encoder.encode(support_x, support_y, way)
+    probe = _probe(backbone, flow) if select else None
+    # support statistics need the whole set in one forward: then the encoder runs it whole as well
+    whole = select and not batched and _criterion(support_y, way) and has_batchnorm_stats(backbone)
+    z, feats = flow.encoder.encode(support_x, support_y, way, parts=1 if whole else None,
+                                   pre_hooks=probe.hooks if probe is not None else None)
+    means = probe_means(probe, support_y.numel(), z.shape[0])
     states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
     if not batched:
         return _finish(backbone, flow, {h: s[0] for h, s in states.items()}, horizon, support_x, support_y, way,
-                       select, True, _theta0_features(backbone, flow, feats[0]))
+                       select, True, _theta0_features(backbone, flow, feats[0]), means[0])
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], support_x, support_y, way, flow.metric,
                                 flow.scale)
         model.selection = None
         return model
     chosen = [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, support_x[i], support_y[i],
-                      way, True, False, _theta0_features(backbone, flow, feats[i])) for i in range(support_x.shape[0])]
+                      way, True, False, _theta0_features(backbone, flow, feats[i]), means[i])
+              for i in range(support_x.shape[0])]
     model = AdaptedProtoNet(backbone, flow.subset, torch.stack([m.theta for m in chosen]), support_x, support_y,
                             way, flow.metric, flow.scale)
     model.selection = [m.selection for m in chosen]
@@ -134,9 +142,23 @@ def _theta0_features(backbone: nn.Module, flow: HyperFlow, feats: torch.Tensor) 
     return feats if flow.encoder.encoder is backbone else None
 
 
+def _probe(backbone: nn.Module, flow: HyperFlow) -> Optional[NormMeanProbe]:
+    """A probe of the aligned norm layers for the task encoder's forward, when that forward runs the
+    backbone at ``θ_0`` and the flow has a reference to align to."""
+    if flow.reference_means is None or flow.encoder.encoder is not backbone:
+        return None
+    return NormMeanProbe(backbone, flow.subset)
+
+
+def _criterion(sy: torch.Tensor, way: int) -> bool:
+    """Whether every class has the 2 shots leave-one-out scoring needs."""
+    return bool((torch.bincount(sy.reshape(-1) if sy.dim() == 1 else sy[0], minlength=way) >= 2).all())
+
+
 def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tensor], horizon: float,
             sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool,
-            theta0_features: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
+            theta0_features: Optional[torch.Tensor] = None,
+            norm_means: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
     """One task's model: the state at ``horizon``, or the candidate its support set prefers."""
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], sx, sy, way, flow.metric, flow.scale)
@@ -150,17 +172,19 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
         for s in MEAN_SCALES:
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
     features = {} if theta0_features is None else {"none": theta0_features}
-    criterion = bool((torch.bincount(sy, minlength=way) >= 2).all())  # else the fallback is kept unscored
-    if criterion and flow.reference_means is not None:  # recorded only where a norm bias is adapted
-        try:
-            theta, features["aligned"] = align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx)
-            candidates["aligned"] = (theta, None)
-        except ValueError as err:  # e.g. a norm module the forward calls twice: the other candidates remain
+    criterion = _criterion(sy, way)  # else the fallback is kept unscored
+    if criterion and norm_means is not None:
+        candidates["aligned"] = (aligned_theta(theta0, flow.reference_means, norm_means), None)
+    elif criterion and flow.reference_means is not None and flow.encoder.encoder is not backbone:
+        try:  # the encoder ran another network: one probing forward of the backbone's own
+            candidates["aligned"] = (align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx),
+                                     None)
+        except ValueError as err:
             warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=3)
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
-                            fallback=f"flow@{horizon:g}", features=features, whole_batch="aligned" in features)
+                            fallback=f"flow@{horizon:g}", features=features)
 
 
 MEAN_SCALES = (0.25,)  # multiples of the mean meta-training displacement offered as candidates

@@ -8,23 +8,30 @@ integration that follows is one native call, or one kernel launch, over all task
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .align import probe_means
 from .task import TaskEncoder
 
 __all__ = ["encode_tasks"]
 
 
 def encode_tasks(encoder: TaskEncoder, support_x: Sequence[torch.Tensor], support_y: Sequence[torch.Tensor],
-                 ways: Sequence[int]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """Task embeddings of checked support sets, same-shaped tasks encoded together, and the
-    encoder's support features of each task (:meth:`TaskEncoder.encode`).
+                 ways: Sequence[int], probe: Optional[Callable[[], object]] = None
+                 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[Optional[torch.Tensor]]]:
+    """Task embeddings of checked support sets, same-shaped tasks encoded together, the
+    encoder's support features of each task (:meth:`TaskEncoder.encode`), and per task what a
+    norm-mean probe recorded in that forward.
+
+    Args:
+        probe: makes a fresh :class:`~hyperflow_ext.flow.align.NormMeanProbe` (or ``None``) per group.
 
     Shape:
         - support_x: per task ``(shots, C, H, W)``; support_y: per task ``(shots,)``.
-        - Returns: ``(tasks, task_dim)`` in the order given, and per task ``(shots, feature_dim)``.
+        - Returns: ``(tasks, task_dim)`` in the order given, per task ``(shots, feature_dim)``, and
+          per task ``(P,)`` means or ``None``.
 
     The embedding of a task does not depend on which tasks share its batch (every statistic is per
     task; the encoder is a frozen, eval-mode network), up to float rounding of the larger matmuls.
@@ -35,9 +42,13 @@ def encode_tasks(encoder: TaskEncoder, support_x: Sequence[torch.Tensor], suppor
         groups.setdefault(key, []).append(i)
     rows: List[torch.Tensor] = [None] * len(ways)  # type: ignore[list-item]
     feats: List[torch.Tensor] = [None] * len(ways)  # type: ignore[list-item]
+    means: List[Optional[torch.Tensor]] = [None] * len(ways)
     for key, members in groups.items():
-        z, raw = encoder.encode(torch.stack([support_x[i] for i in members]),
-                                torch.stack([support_y[i] for i in members]), key[-1])
+        p = probe() if probe is not None else None
+        sy = torch.stack([support_y[i] for i in members])
+        z, raw = encoder.encode(torch.stack([support_x[i] for i in members]), sy, key[-1],
+                                pre_hooks=p.hooks if p is not None else None)
+        found = probe_means(p, sy.numel(), len(members))
         for j, i in enumerate(members):
-            rows[i], feats[i] = z[j], raw[j]
-    return torch.stack(rows), feats
+            rows[i], feats[i], means[i] = z[j], raw[j], found[j]
+    return torch.stack(rows), feats, means

@@ -7,7 +7,7 @@ A gradient-free adapter may use the support set this way: it never sees a query.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from .adapted import AdaptedProtoNet
 from .baselines import batch_statistics
 from .params import ParamSubset
 
-__all__ = ["loo_scores", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
+__all__ = ["loo_scores", "loo_scores_many", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
            "CALIBRATION_SCALES", "SELECT_MARGIN"]
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
@@ -45,25 +45,38 @@ def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] 
     Raises:
         ValueError: a class has fewer than 2 support samples (leave-one-out is undefined).
     """
+    return loo_scores_many(features[None], labels, way, metric, scale)[0]
+
+
+def loo_scores_many(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] = None,
+                    metric: str = "cosine", scale: float = 10.0) -> List[Tuple[float, float, float]]:
+    """:func:`loo_scores` of several candidates' features of one support set, in one batched op.
+
+    Shape:
+        - features: ``(candidates, shots, d)``; labels: ``(shots,)``.
+    """
     way = int(labels.max()) + 1 if way is None else way
     counts = torch.bincount(labels, minlength=way)
     if bool((counts < 2).any()):
         raise ValueError("loo_scores: every class needs at least 2 support samples")
-    protos = prototypes(features, labels, way)
+    k = features.shape[0]
+    batch_labels = labels.expand(k, -1)
+    protos = prototypes(features, batch_labels, way)                    # (k, way, d)
     n = counts.to(features.dtype)[labels, None]
-    own = (protos[labels] * n - features) / (n - 1)           # each sample's class mean without it
-    logits = proto_logits(features, protos, metric, scale)
+    own = (protos[:, labels] * n - features) / (n - 1)                  # each sample's class mean without it
+    logits = proto_logits(features, protos, metric, scale)              # (k, shots, way)
     if metric == "cosine":
         own_logit = scale * (F.normalize(features, dim=-1, eps=1e-8) * F.normalize(own, dim=-1, eps=1e-8)).sum(-1)
     else:
         own_logit = -scale * ((features - own) ** 2).sum(-1)
-    logits = logits.scatter(1, labels[:, None], own_logit[:, None].to(logits.dtype))
+    logits = logits.scatter(2, batch_labels[..., None], own_logit[..., None].to(logits.dtype))
     factors = torch.tensor([1.0] + [s / scale if metric == "cosine" else s / 10.0 for s in CALIBRATION_SCALES],
                            dtype=logits.dtype, device=logits.device)
-    scaled = logits[None] * factors[:, None, None]                  # the logits and every rescaling at once
-    losses = F.cross_entropy(scaled.flatten(0, 1), labels.repeat(len(factors)), reduction="none")
-    losses = losses.view(len(factors), -1).mean(dim=1).tolist()
-    return losses[0], float((logits.argmax(-1) == labels).float().mean()), min(losses[1:])
+    scaled = logits[None] * factors[:, None, None, None]               # the logits and every rescaling at once
+    losses = F.cross_entropy(scaled.reshape(-1, way), labels.repeat(len(factors) * k), reduction="none")
+    losses = losses.view(len(factors), k, -1).mean(dim=2).T.tolist()   # (k, factors)
+    accuracy = (logits.argmax(-1) == labels).double().mean(dim=1).tolist()
+    return [(row[0], acc, min(row[1:])) for row, acc in zip(losses, accuracy)]
 
 
 def selection_horizons(horizon: float) -> Tuple[float, ...]:
@@ -117,23 +130,24 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         chosen.selection = {"chosen": name, "scores": {}}
         return chosen
     models = {name: model(name) for name in candidates}
-    scores: Dict[str, Tuple[float, float, float]] = {}
     # parts lower the peak only when no candidate needed the whole support set in one forward
     parts = 1 if any(isinstance(b, str) for _, b in candidates.values()) or whole_batch else SCORING_PARTS
     with torch.no_grad():
         for name, m in models.items():
-            feats = features[name] if name in features else support_features(backbone, subset, m.theta,
-                                                                                support_x, m.buffers, parts)
-            if not bool(torch.isfinite(feats).all()):
-                continue  # a candidate that breaks the features is never chosen
-            m._protos = prototypes(feats, support_y, way)  # the chosen model reuses this forward
-            scores[name] = loo_scores(feats, support_y, way, metric, scale)
-    if not scores:
-        raise FloatingPointError("choose_candidate: every candidate gives non-finite support features")
+            if name not in features:
+                features[name] = support_features(backbone, subset, m.theta, support_x, m.buffers, parts)
+        # a candidate that breaks the features is never chosen
+        finite = [name for name in models if bool(torch.isfinite(features[name]).all())]
+        if not finite:
+            raise FloatingPointError("choose_candidate: every candidate gives non-finite support features")
+        scored = loo_scores_many(torch.stack([features[n] for n in finite]), support_y, way, metric, scale)
+        scores: Dict[str, Tuple[float, float, float]] = dict(zip(finite, scored))
     name = min(scores, key=lambda k: scores[k][2])
     if name != reference and reference in scores and scores[name][2] > scores[reference][2] - margin:
         name = reference
     chosen = models[name]
+    with torch.no_grad():
+        chosen._protos = prototypes(features[name], support_y, way)  # the chosen model reuses its forward
     chosen.selection = {"chosen": name, "scores": scores}
     return chosen
 

@@ -1,7 +1,7 @@
 """The frozen task encoder: a support set → an order-invariant task embedding ``z``."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -154,7 +154,8 @@ class TaskEncoder(nn.Module):
         self.layer_dims = [int(stats[n].shape[-1]) for n in self.layers]
         return self.feature_dim
 
-    def _encode(self, chunks: Sequence[torch.Tensor], strict: bool = True):
+    def _encode(self, chunks: Sequence[torch.Tensor], strict: bool = True,
+                pre_hooks: Optional[Mapping[str, Callable]] = None):
         """Features ``(n, d)`` and per-image channel means ``(n, C_l)`` of the layers, one forward per
         chunk through one private view (a list in :attr:`layers` order; with ``strict=False`` a
         dict of the layers that ran in every chunk)."""
@@ -169,7 +170,8 @@ class TaskEncoder(nn.Module):
 
         # A private view: a user's module in training mode keeps its statistics, and the hooks
         # live in the view only.
-        view = stateless_view(self.encoder, forward_hooks={n: keep(n) for n in self.layers})
+        view = stateless_view(self.encoder, forward_hooks={n: keep(n) for n in self.layers},
+                              forward_pre_hooks=pre_hooks)
         outs = []
         for chunk in chunks:
             per_chunk.append({})
@@ -187,9 +189,16 @@ class TaskEncoder(nn.Module):
         return self.encode(support_x, support_y, way)[0]
 
     @torch.no_grad()
-    def encode(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None
+    def encode(self, support_x: torch.Tensor, support_y: torch.Tensor, way: Optional[int] = None,
+               parts: Optional[int] = None, pre_hooks: Optional[Mapping[str, Callable]] = None
                ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The task embeddings and the encoder's support features they were computed from.
+
+        Args:
+            parts: overrides :attr:`parts` (e.g. ``1`` when the caller holds the whole set in one
+                forward anyway).
+            pre_hooks: ``{submodule name: hook(module, args)}`` run in the encoder's private view
+                (probes that read the same forward; the encoder's own module is untouched).
 
         Shape:
             - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
@@ -201,8 +210,8 @@ class TaskEncoder(nn.Module):
         flat = support_x.flatten(0, 1)
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
-        chunks = flat.tensor_split(min(self.parts, flat.shape[0]))
-        raw, layer_means = self._encode(chunks)
+        chunks = flat.tensor_split(min(self.parts if parts is None else parts, flat.shape[0]))
+        raw, layer_means = self._encode(chunks, pre_hooks=pre_hooks)
         if raw.dim() != 2 or (self.feature_dim is not None and raw.shape[1] != self.feature_dim):
             raise ValueError(f"TaskEncoder: expected ({flat.shape[0]}, {self.feature_dim}) features from the "
                              f"backbone, got {tuple(raw.shape)}")

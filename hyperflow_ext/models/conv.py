@@ -65,14 +65,18 @@ def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Ten
     block's peak memory. This runs once per block on small batches, so the checks the kernel
     relies on are made here, directly, instead of through the public wrapper's full validation.
     Any other case runs the modules as usual, and so does a norm module with a forward hook marked
-    ``rewrites_output`` (channel alignment moves the output as it is computed).
+    ``rewrites_output`` or a forward pre-hook not marked ``reads_only``; pre-hooks marked so run
+    before the kernel, as the module call would run them.
     """
     if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
             and not any(getattr(h, "rewrites_output", False) for h in norm._forward_hooks.values())
+            and all(getattr(h, "reads_only", False) for h in norm._forward_pre_hooks.values())
             and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
             and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
             and (not norm.affine or all(p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
                                         and p.shape == (norm.num_channels,) for p in (norm.weight, norm.bias)))):
+        for hook in norm._forward_pre_hooks.values():  # read-only probes: what the module call would run first
+            hook(norm, (x,))
         return launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
                                   norm.bias if norm.affine else None, norm.eps, relu)
     y = norm(x)
