@@ -10,11 +10,11 @@ from _toy_tasks import episodes, tiny_flow
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, fused_adapt
 from hyperflow_ext.flow.baselines import batch_statistics, support_statistics
 from hyperflow_ext.flow.params import ParamSubset
-from hyperflow_ext.flow.select import (CALIBRATION_SCALES, SELECT_MARGIN, choose_candidate, loo_scores,
+from hyperflow_ext.flow.select import (CALIBRATION_SCALES, PSEUDO_MARGIN, SELECT_MARGIN, pseudo_shots, choose_candidate, loo_scores,
                                       loo_scores_many, select_adapt,
                                       selection_horizons)
 from hyperflow_ext.flow.adapt import MEAN_SCALES
-from hyperflow_ext.models import Conv4, proto_logits
+from hyperflow_ext.models import Conv4, proto_logits, prototypes
 
 
 def _episodes(n, way=3, shot=3, seed=0):
@@ -145,14 +145,38 @@ def test_fused_adapt_keeps_theta0_when_the_drift_is_uninformed(tiny):
         torch.testing.assert_close(model.theta, theta0)
 
 
-def test_one_shot_falls_back_to_the_state_at_the_horizon(tiny):
+def test_one_shot_scores_the_candidates_on_the_support_set_and_its_shifted_views(tiny):
     backbone, flow = tiny
     sx, sy = next(_episodes(1, shot=1, seed=3))
     model = fused_adapt(backbone, sx, sy, flow=flow)
-    assert model.selection == {"chosen": "flow@0.5", "scores": {}}
-    torch.testing.assert_close(model.theta, fused_adapt(backbone, sx, sy, flow=flow, select=False).theta)
+    sel = model.selection
+    thetas = _candidate_thetas(backbone, flow, sx, sy)
+    assert set(sel["scores"]) == set(thetas)
+    views, labels = torch.cat([sx, torch.roll(sx, (1, 1), (2, 3))]), torch.cat([sy, sy])
+    for name, theta in thetas.items():  # scored on the images and their one-pixel shifts, two shots per class
+        f = features_with(backbone, flow.subset, theta, views)
+        for got, want in zip(loo_scores(f, labels, metric=flow.metric, scale=flow.scale), sel["scores"][name]):
+            assert abs(got - want) < 1e-5, name
+    best = min(sel["scores"], key=lambda k: sel["scores"][k][2])
+    keep = best == "none" or sel["scores"][best][2] <= sel["scores"]["none"][2] - PSEUDO_MARGIN
+    assert sel["chosen"] == (best if keep else "none")
+    torch.testing.assert_close(model.theta, thetas[sel["chosen"]], rtol=1e-5, atol=1e-6)
+    # prototypes come from the real support set only
+    torch.testing.assert_close(model.prototypes(), prototypes(features_with(backbone, flow.subset, model.theta, sx),
+                                                              sy, 3))
     with pytest.raises(TypeError, match="select"):
         fused_adapt(backbone, sx, sy, flow=flow, select="yes")
+
+
+def test_one_shot_without_images_to_shift_keeps_the_state_at_the_horizon(tiny):
+    backbone, flow = tiny
+    sx, sy = next(_episodes(1, shot=1, seed=3))
+    assert pseudo_shots(sx[..., :3, :3]) is None and pseudo_shots(sx.flatten(1)) is None
+    cands = {"none": (flow.subset.vector(backbone), None), "flow@0.5": (flow.subset.vector(backbone) + 0.1, None)}
+    chosen = choose_candidate(backbone, flow.subset, cands, sx, sy, 3, flow.metric, flow.scale, fallback="flow@0.5")
+    assert chosen.selection == {"chosen": "flow@0.5", "scores": {}}
+    with pytest.raises(ValueError, match="pseudo_x must have"):
+        choose_candidate(backbone, flow.subset, cands, sx, sy, 3, pseudo_x=sx[:-1])
 
 
 def test_select_adapt_is_a_deprecated_alias(tiny):

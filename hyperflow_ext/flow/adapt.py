@@ -32,7 +32,7 @@ from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
 from .integrate import drift_integrate, drift_integrate_reference
-from .select import choose_candidate, has_batchnorm_stats, selection_horizons
+from .select import choose_candidate, has_batchnorm_stats, pseudo_shots, selection_horizons
 
 __all__ = ["fused_adapt", "flow_path", "SupportSet"]
 
@@ -50,8 +50,10 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     (the default) each task then keeps the candidate (module docstring) whose support features
     classify the support set best by calibrated leave-one-out prototypes, if it beats the unadapted
     model by :data:`~hyperflow_ext.flow.select.SELECT_MARGIN`: one support forward per candidate,
-    still no backward pass. A class with a single shot leaves the criterion undefined;
-    such a task gets the drift's state at the horizon.
+    still no backward pass. A class with a single shot gets a second view of each support image
+    (shifted by one pixel, :func:`~hyperflow_ext.flow.select.pseudo_shots`) for the criterion and a
+    stricter margin (:data:`~hyperflow_ext.flow.select.PSEUDO_MARGIN`); inputs that are not images
+    then get the drift's state at the horizon.
 
     Args:
         backbone: the backbone ``flow`` was trained for (left unmodified).
@@ -114,7 +116,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     way, batched = check_support(op, backbone, support_x, support_y, way)
     probe = _probe(backbone, flow) if select else None
     # support statistics need the whole set in one forward: then the encoder runs it whole as well
-    whole = select and not batched and _criterion(support_y, way) and has_batchnorm_stats(backbone)
+    whole = select and not batched and has_batchnorm_stats(backbone)
     z, feats = flow.encoder.encode(support_x, support_y, way, parts=1 if whole else None,
                                    pre_hooks=probe.hooks if probe is not None else None)
     means = probe_means(probe, support_y.numel(), z.shape[0])
@@ -150,11 +152,6 @@ def _probe(backbone: nn.Module, flow: HyperFlow) -> Optional[NormMeanProbe]:
     return NormMeanProbe(backbone, flow.subset)
 
 
-def _criterion(sy: torch.Tensor, way: int) -> bool:
-    """Whether every class has the 2 shots leave-one-out scoring needs."""
-    return bool((torch.bincount(sy.reshape(-1) if sy.dim() == 1 else sy[0], minlength=way) >= 2).all())
-
-
 def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tensor], horizon: float,
             sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool,
             theta0_features: Optional[torch.Tensor] = None,
@@ -172,7 +169,9 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
         for s in MEAN_SCALES:
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
     features = {} if theta0_features is None else {"none": theta0_features}
-    criterion = _criterion(sy, way)  # else the fallback is kept unscored
+    two_shots = bool((torch.bincount(sy, minlength=way) >= 2).all())
+    pseudo = None if two_shots else pseudo_shots(sx)  # one shot: each image and a shifted view of it
+    criterion = two_shots or pseudo is not None  # else the fallback is kept unscored
     if criterion and norm_means is not None:
         candidates["aligned"] = (aligned_theta(theta0, flow.reference_means, norm_means), None)
     elif criterion and flow.reference_means is not None and flow.encoder.encoder is not backbone:
@@ -184,7 +183,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     if buffers and has_batchnorm_stats(backbone):
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
-                            fallback=f"flow@{horizon:g}", features=features)
+                            fallback=f"flow@{horizon:g}", features=features, pseudo_x=pseudo)
 
 
 MEAN_SCALES = (0.25,)  # multiples of the mean meta-training displacement offered as candidates

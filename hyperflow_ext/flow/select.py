@@ -19,12 +19,13 @@ from .adapted import AdaptedProtoNet
 from .baselines import batch_statistics
 from .params import ParamSubset
 
-__all__ = ["loo_scores", "loo_scores_many", "choose_candidate", "support_features", "select_adapt", "selection_horizons", "has_batchnorm_stats",
-           "CALIBRATION_SCALES", "SELECT_MARGIN"]
+__all__ = ["loo_scores", "loo_scores_many", "choose_candidate", "support_features", "pseudo_shots", "select_adapt",
+           "selection_horizons", "has_batchnorm_stats", "CALIBRATION_SCALES", "SELECT_MARGIN", "PSEUDO_MARGIN"]
 
 CALIBRATION_SCALES = (2.5, 5.0, 10.0, 20.0, 40.0, 80.0)  # logit scales the calibrated loss minimises over
 SCORING_PARTS = 5  # each candidate's support forward runs in this many equal parts
 SELECT_MARGIN = 0.1  # nats of calibrated leave-one-out loss a candidate must gain over no adaptation
+PSEUDO_MARGIN = 0.2  # the same with pseudo-shots (half the real evidence): a stricter bar
 
 
 def loo_scores(features: torch.Tensor, labels: torch.Tensor, way: Optional[int] = None, metric: str = "cosine",
@@ -95,15 +96,16 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
                      support_y: torch.Tensor, way: int, metric: str = "cosine", scale: float = 10.0,
                      fallback: Optional[str] = None, reference: str = "none",
                      margin: float = SELECT_MARGIN, features: Optional[Dict[str, torch.Tensor]] = None,
-                     whole_batch: bool = False) -> AdaptedProtoNet:
+                     whole_batch: bool = False, pseudo_x: Optional[torch.Tensor] = None,
+                     pseudo_margin: float = PSEUDO_MARGIN) -> AdaptedProtoNet:
     """The candidate whose support features give the lowest calibrated leave-one-out loss, kept only
     when it beats ``reference`` (the unadapted model) by more than ``margin``; otherwise ``reference``.
 
     Args:
         candidates: ``{name: (theta (P,), buffers)}`` where ``buffers`` is ``None``, a ``{name:
             tensor}`` dict, or ``"support"`` for BatchNorm statistics re-estimated on the support set.
-        fallback: the candidate kept when some class has a single shot (no criterion then);
-            default the first.
+        fallback: the candidate kept when some class has a single shot and no ``pseudo_x`` is
+            given (no criterion then); default the first.
         reference: the candidate to keep unless another is clearly better (must be in ``candidates``).
         margin: how much lower (in nats) another candidate's calibrated loss must be: the support set
             is small, and a candidate that wins by less is as likely to hurt the queries as to help.
@@ -111,6 +113,10 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
             (e.g. by the forward that built them); the others get one support forward each.
         whole_batch: some candidate was built by a forward of the whole support set (so the
             others need not go through in parts to keep the peak memory down).
+        pseudo_x: when some class has a single shot, a second view of every support image
+            (labelled like it, e.g. :func:`pseudo_shots`): the criterion then runs on the support
+            set and these views together, with ``pseudo_margin``. The chosen model's prototypes
+            still come from ``support_x`` alone.
 
     Returns:
         The chosen :class:`AdaptedProtoNet` with ``selection = {"chosen": name, "scores": {name:
@@ -124,7 +130,11 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
             buffers, features[name] = batch_statistics(backbone, support_x)
         return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale, buffers=buffers)
 
-    if bool((torch.bincount(support_y, minlength=way) < 2).any()):
+    single = bool((torch.bincount(support_y, minlength=way) < 2).any())
+    if single and pseudo_x is not None and pseudo_x.shape != support_x.shape:
+        raise ValueError(f"choose_candidate: pseudo_x must have the support set's shape {tuple(support_x.shape)}, "
+                         f"got {tuple(pseudo_x.shape)}")
+    if single and pseudo_x is None:
         name = fallback if fallback in candidates else next(iter(candidates))
         chosen = model(name)
         chosen.selection = {"chosen": name, "scores": {}}
@@ -136,11 +146,17 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         for name, m in models.items():
             if name not in features:
                 features[name] = support_features(backbone, subset, m.theta, support_x, m.buffers, parts)
+        scoring, labels = features, support_y
+        if single:  # each image and its second view: two shots per class
+            scoring = {name: torch.cat([features[name], support_features(backbone, subset, m.theta, pseudo_x,
+                                                                          m.buffers, parts)])
+                       for name, m in models.items()}
+            labels, margin = torch.cat([support_y, support_y]), pseudo_margin
         # a candidate that breaks the features is never chosen
-        finite = [name for name in models if bool(torch.isfinite(features[name]).all())]
+        finite = [name for name in models if bool(torch.isfinite(scoring[name]).all())]
         if not finite:
             raise FloatingPointError("choose_candidate: every candidate gives non-finite support features")
-        scored = loo_scores_many(torch.stack([features[n] for n in finite]), support_y, way, metric, scale)
+        scored = loo_scores_many(torch.stack([scoring[n] for n in finite]), labels, way, metric, scale)
         scores: Dict[str, Tuple[float, float, float]] = dict(zip(finite, scored))
     name = min(scores, key=lambda k: scores[k][2])
     if name != reference and reference in scores and scores[name][2] > scores[reference][2] - margin:
@@ -150,6 +166,17 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
         chosen._protos = prototypes(features[name], support_y, way)  # the chosen model reuses its forward
     chosen.selection = {"chosen": name, "scores": scores}
     return chosen
+
+
+def pseudo_shots(support_x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A second view of every support image for the criterion at one shot per class: the image
+    shifted by one pixel down and right (wrapping round), a change a convolutional backbone should
+    not care about and a single-shot class cannot tell apart from its own variation. ``None`` for
+    inputs that are not ``(shots, C, H, W)`` images of at least 4x4.
+    """
+    if support_x.dim() != 4 or min(support_x.shape[-2:]) < 4:
+        return None
+    return torch.roll(support_x, shifts=(1, 1), dims=(-2, -1))
 
 
 def support_features(backbone: nn.Module, subset: ParamSubset, theta: torch.Tensor, support_x: torch.Tensor,
