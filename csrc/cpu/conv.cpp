@@ -464,17 +464,12 @@ void fill_offsets(const SparseConvParams& p, const Packing& k, const I* col, Off
 // synchronises afterwards (the network executor keeps one region across its layers).
 template <typename T, typename I, typename Off>
 void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool in_team = false) {
-  const I* rowptr = ptr<const I>(p.rowptr);
-  const I* col = ptr<const I>(p.col);
-  const T* val = ptr<const T>(p.val);
-  const T* x = ptr<const T>(p.x);
-  const T* bias = p.bias ? ptr<const T>(p.bias) : nullptr;
-  T* y = ptr<T>(p.y);
+  const CsrOperands<T, I> op = csr_operands<T, I>(p);
   const Packing k = plan(p, nb);
   const Off* off = p.off ? ptr<const Off>(p.off) : nullptr;
   if (!off) {
     Off* buf = scratch<Off>(1, p.nnz);
-    fill_offsets<I>(p, k, col, buf);
+    fill_offsets<I>(p, k, op.col, buf);
     off = buf;
   }
   const std::int64_t tile_rows = std::max<std::int64_t>(1, kTileLanes / (k.wq * nb));
@@ -502,13 +497,13 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
   // One group's packed input (into dst), serially: the caller's thread owns dst.
   auto pack = [&](std::int64_t gi, T* dst) {
 #if defined(HF_SPARSE_SIMD)
-    if (nhwc_in) return pack_group_nhwc(p, k, x, gi, dst);
+    if (nhwc_in) return pack_group_nhwc(p, k, op.x, gi, dst);
     if (nb == 1 && p.sh == 2 && p.sw == 2 && p.xs_w == 1) {
-      for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel_stride2(p, k, x, gi, c, dst);
+      for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel_stride2(p, k, op.x, gi, c, dst);
       return;
     }
 #endif
-    for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, x, gi, c, dst);
+    for (std::int64_t c = 0; c < p.in_c; ++c) pack_channel(p, k, op.x, gi, c, dst);
   };
   // Output rows [i0, i1) of group gi for output channels [o_begin, o_end), from its packed input.
   auto compute = [&](const T* packed_g, T* tile, std::int64_t gi, std::int64_t t, std::int64_t o_begin,
@@ -523,10 +518,10 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
       row_segments<T>(p, k, i0, len, nseg, segs);
       const T* res = p.res ? ptr<const T>(p.res) + gi * p.rs_n : nullptr;
       for (std::int64_t o = o_begin; o < o_end; ++o) {
-        const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-        const FusedStore<T> st{segs, nseg, y + gi * p.ys_n + o * p.ys_c, res ? res + o * p.rs_c : nullptr,
-                               cpu::Simd<T>::set1(bias ? bias[o] : T(0)), p.relu};
-        cpu::gather_row_emit(off + j0, val + j0, j1 - j0, src, 1, len, st);
+        const std::int64_t j0 = op.rowptr[o], j1 = op.rowptr[o + 1];
+        const FusedStore<T> st{segs, nseg, op.y + gi * p.ys_n + o * p.ys_c, res ? res + o * p.rs_c : nullptr,
+                               cpu::Simd<T>::set1(op.bias ? op.bias[o] : T(0)), p.relu};
+        cpu::gather_row_emit(off + j0, op.val + j0, j1 - j0, src, 1, len, st);
       }
       return;
     }
@@ -535,19 +530,19 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
       const std::int64_t no = std::min(W, o_end - o0);
       for (std::int64_t o = o0; o < o0 + no; ++o) {
         T* to = tile + (nhwc_out ? (o - o0) * ldt : 0);
-        const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-        gather_row(off + j0, val + j0, j1 - j0, src, 1, len, to);
-        epilogue_tile(to, len, bias, o, p.relu && !p.res);
-        if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, y);
+        const std::int64_t j0 = op.rowptr[o], j1 = op.rowptr[o + 1];
+        gather_row(off + j0, op.val + j0, j1 - j0, src, 1, len, to);
+        epilogue_tile(to, len, op.bias, o, p.relu && !p.res);
+        if (!nhwc_out) store_rows(p, k, to, gi, o, i0, i1, op.y);
       }
 #if defined(HF_SPARSE_SIMD)
-      if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, y);
+      if (nhwc_out) store_rows_nhwc(p, k, tile, ldt, gi, o0, no, i0, i1, op.y);
 #endif
     }
-    if (p.res) add_residual(p, k, gi, o_begin, o_end, i0, i1, y);
+    if (p.res) add_residual(p, k, gi, o_begin, o_end, i0, i1, op.y);
   };
   // A prepacked input (the network executor's, one group) is read in place.
-  const T* prepacked = p.prepacked ? x : nullptr;
+  const T* prepacked = p.prepacked ? op.x : nullptr;
   // A team's share: every thread packs all the (few, small) groups itself and takes a static share of
   // the (group, tile, channel block) items; no barrier (the region's end or the caller's).
   auto team_share = [&]() {
@@ -581,41 +576,32 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
 
 template <typename T, typename I>
 void conv_direct(const SparseConvParams& p) {
-  const I* rowptr = ptr<const I>(p.rowptr);
-  const I* col = ptr<const I>(p.col);
-  const T* val = ptr<const T>(p.val);
-  const T* x = ptr<const T>(p.x);
-  const T* bias = p.bias ? ptr<const T>(p.bias) : nullptr;
-  T* y = ptr<T>(p.y);
+  const CsrOperands<T, I> op = csr_operands<T, I>(p);
 #pragma omp parallel for collapse(2) schedule(static) if ((p.nnz + p.out_c) * p.n * p.ho * p.wo > kParallelWork)
   for (std::int64_t b = 0; b < p.n; ++b)
     for (std::int64_t o = 0; o < p.out_c; ++o)
       for (std::int64_t i = 0; i < p.ho; ++i)
         for (std::int64_t j = 0; j < p.wo; ++j)
-          y[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] =
-              conv_epilogue(sparse_conv_point(p, rowptr, col, val, x, b, o, i, j), bias, o, p.relu,
+          op.y[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] =
+              conv_epilogue(sparse_conv_point(p, op.rowptr, op.col, op.val, op.x, b, o, i, j), op.bias, o, p.relu,
                             conv_residual(p, ptr<const T>(p.res), b, o, i, j));
 }
 
 }  // namespace
 
 void sparse_conv2d(CpuTag, const SparseConvParams& p) {
-  check(p);
-  if (p.n == 0 || p.out_c == 0) return;
-  dispatch_float(p.dtype, "sparse_conv2d", [&](auto zero) {
+  checked_dispatch_index(p, "sparse_conv2d", [&](auto zero, auto izero) {
     using T = decltype(zero);
-    dispatch_index(p.itype, "sparse_conv2d", [&](auto izero) {
-      using I = decltype(izero);
-      if (p.algo == 1) return conv_direct<T, I>(p);
-      const std::int64_t nb = p.batch_block ? p.batch_block : auto_batch_block(p);
-      const Packing k = plan(p, nb);
-      if (k.gsize < (std::int64_t{1} << 31)) {
-        conv_packed<T, I, std::int32_t>(p, nb, max_threads());
-      } else {
-        require(p.off == 0, "sparse_conv2d: 64-bit offsets cannot be precomputed");
-        conv_packed<T, I, std::int64_t>(p, nb, max_threads());
-      }
-    });
+    using I = decltype(izero);
+    if (p.algo == 1) return conv_direct<T, I>(p);
+    const std::int64_t nb = p.batch_block ? p.batch_block : auto_batch_block(p);
+    const Packing k = plan(p, nb);
+    if (k.gsize < (std::int64_t{1} << 31)) {
+      conv_packed<T, I, std::int32_t>(p, nb, max_threads());
+    } else {
+      require(p.off == 0, "sparse_conv2d: 64-bit offsets cannot be precomputed");
+      conv_packed<T, I, std::int64_t>(p, nb, max_threads());
+    }
   });
 }
 

@@ -303,10 +303,8 @@ void sparse_conv_net(CpuTag, const ConvNetParams& p) {
   require(p.nslots <= 64, "sparse_conv_net: at most 64 activation slots");
   require(p.threads >= 0, "sparse_conv_net: threads must be >= 0");
   if (p.n == 0) return;
-  dispatch_float(p.dtype, "sparse_conv_net", [&](auto zero) {
-    using T = decltype(zero);
-    dispatch_index(p.itype, "sparse_conv_net", [&](auto izero) { run<T, decltype(izero)>(p); });
-  });
+  dispatch_float_index(p.dtype, p.itype, "sparse_conv_net",
+                       [&](auto zero, auto izero) { run<decltype(zero), decltype(izero)>(p); });
 }
 
 HF_ISA_END

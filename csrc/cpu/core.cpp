@@ -6,8 +6,7 @@ namespace hf {
 HF_ISA_BEGIN
 
 void euler_axpy(CpuTag, const EulerParams& p) {
-  check(p);
-  dispatch_float(p.dtype, "euler_axpy", [&](auto zero) {
+  checked_dispatch(p, "euler_axpy", [&](auto zero) {
     using T = decltype(zero);
     const T* theta = ptr<const T>(p.theta);
     const T* drift = ptr<const T>(p.drift);

@@ -15,50 +15,31 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HF_FLOW_AVX512 1
+#include "hf_simd_avx512.h"
 #endif
 
 namespace hf {
 HF_ISA_BEGIN
 
 #if HF_FLOW_AVX512
-// An AVX-512 register of T with the operators flow_step_elem uses.
+// An AVX-512 register of T with the operators flow_step_elem uses, over the Simd<T> traits.
 template <typename T>
-struct Vec;
-
-template <>
-struct Vec<float> {
-  static constexpr int W = 16;
-  using Mask = __mmask16;
-  __m512 r;
-  Vec(float s) : r(_mm512_set1_ps(s)) {}  // NOLINT: broadcast, implicit on purpose
-  explicit Vec(__m512 v) : r(v) {}
-  static Vec load(const float* p) { return Vec(_mm512_loadu_ps(p)); }
-  void store(float* p) const { _mm512_storeu_ps(p, r); }
-  friend Vec operator+(Vec a, Vec b) { return Vec(_mm512_add_ps(a.r, b.r)); }
-  friend Vec operator-(Vec a, Vec b) { return Vec(_mm512_sub_ps(a.r, b.r)); }
-  friend Vec operator*(Vec a, Vec b) { return Vec(_mm512_mul_ps(a.r, b.r)); }
-  friend Vec operator/(Vec a, Vec b) { return Vec(_mm512_div_ps(a.r, b.r)); }
-  friend Mask operator>=(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.r, b.r, _CMP_GE_OQ); }
-  friend Vec hf_select(Mask c, Vec a, Vec b) { return Vec(_mm512_mask_blend_ps(c, b.r, a.r)); }
-  friend Vec hf_sqrt(Vec a) { return Vec(_mm512_maskz_sqrt_ps(static_cast<__mmask16>(0xFFFF), a.r)); }
-};
-
-template <>
-struct Vec<double> {
-  static constexpr int W = 8;
-  using Mask = __mmask8;
-  __m512d r;
-  Vec(double s) : r(_mm512_set1_pd(s)) {}  // NOLINT
-  explicit Vec(__m512d v) : r(v) {}
-  static Vec load(const double* p) { return Vec(_mm512_loadu_pd(p)); }
-  void store(double* p) const { _mm512_storeu_pd(p, r); }
-  friend Vec operator+(Vec a, Vec b) { return Vec(_mm512_add_pd(a.r, b.r)); }
-  friend Vec operator-(Vec a, Vec b) { return Vec(_mm512_sub_pd(a.r, b.r)); }
-  friend Vec operator*(Vec a, Vec b) { return Vec(_mm512_mul_pd(a.r, b.r)); }
-  friend Vec operator/(Vec a, Vec b) { return Vec(_mm512_div_pd(a.r, b.r)); }
-  friend Mask operator>=(Vec a, Vec b) { return _mm512_cmp_pd_mask(a.r, b.r, _CMP_GE_OQ); }
-  friend Vec hf_select(Mask c, Vec a, Vec b) { return Vec(_mm512_mask_blend_pd(c, b.r, a.r)); }
-  friend Vec hf_sqrt(Vec a) { return Vec(_mm512_maskz_sqrt_pd(static_cast<__mmask8>(0xFF), a.r)); }
+struct Vec {
+  using S = cpu::Simd<T>;
+  using Mask = typename S::M;
+  static constexpr int W = S::W;
+  typename S::R r;
+  Vec(T s) : r(S::set1(s)) {}  // NOLINT: broadcast, implicit on purpose
+  explicit Vec(typename S::R v) : r(v) {}
+  static Vec load(const T* p) { return Vec(S::load(p)); }
+  void store(T* p) const { S::store(p, r); }
+  friend Vec operator+(Vec a, Vec b) { return Vec(S::add(a.r, b.r)); }
+  friend Vec operator-(Vec a, Vec b) { return Vec(S::sub(a.r, b.r)); }
+  friend Vec operator*(Vec a, Vec b) { return Vec(S::mul(a.r, b.r)); }
+  friend Vec operator/(Vec a, Vec b) { return Vec(S::div(a.r, b.r)); }
+  friend Mask operator>=(Vec a, Vec b) { return S::ge(a.r, b.r); }
+  friend Vec hf_select(Mask c, Vec a, Vec b) { return Vec(S::select(c, a.r, b.r)); }
+  friend Vec hf_sqrt(Vec a) { return Vec(S::sqrt(a.r)); }
 };
 
 inline void store_mask_bytes(std::uint8_t* p, __mmask16 k) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_maskz_set1_epi8(k, 1)); }
@@ -69,20 +50,11 @@ inline void store_mask_bytes(std::uint8_t* p, __mmask8 k) {
 
 namespace {
 
-// Elements [i0, i1) with the scalar element body.
+// Elements [i0, i1) with the scalar element body (the CUDA kernel's, one element a thread there).
 template <typename T>
 inline void flow_step_scalar(const T* w, const T* g, T* t, T* flow, T* m, T* v, T* gw, std::uint8_t* mask,
                              std::int64_t i0, std::int64_t i1, const FlowScalars<T>& s) {
-  for (std::int64_t i = i0; i < i1; ++i) {
-    T ti = t[i], fi = flow[i], mi = m[i], vi = v[i], gwi;
-    const bool keep = flow_step_elem(w[i], g[i], ti, fi, mi, vi, gwi, s);
-    t[i] = ti;
-    flow[i] = fi;
-    m[i] = mi;
-    v[i] = vi;
-    gw[i] = gwi;
-    mask[i] = keep ? 1 : 0;
-  }
+  for (std::int64_t i = i0; i < i1; ++i) flow_step_at(w, g, t, flow, m, v, gw, mask, i, s);
 }
 
 constexpr std::int64_t kParallelMin = 1 << 15;
@@ -103,9 +75,7 @@ int nonfinite_bits(const T* a, const T* b, std::int64_t n) {
 }  // namespace
 
 void flow_step(CpuTag, const FlowStepParams& p) {
-  check(p);
-  if (p.n == 0) return;
-  dispatch_float(p.dtype, "flow_step", [&](auto zero) {
+  checked_dispatch(p, "flow_step", [&](auto zero) {
     using T = decltype(zero);
     const T* w = ptr<const T>(p.weight);
     const T* g = ptr<const T>(p.grad_eff);

@@ -9,8 +9,7 @@ namespace hf {
 HF_ISA_BEGIN
 
 void group_norm_(CpuTag, const GroupNormParams& p) {
-  check(p);
-  dispatch_float(p.dtype, "group_norm_", [&](auto zero) {
+  checked_dispatch(p, "group_norm_", [&](auto zero) {
     using T = decltype(zero);
     T* x = ptr<T>(p.x);
     const T* weight = ptr<const T>(p.weight);

@@ -95,12 +95,40 @@ inline void store_tile(const T* tile, std::int64_t ld, std::int64_t nr, std::int
 #endif
 }
 
+// The x·Wᵀ skeleton shared by the three products: src (element (b, f) at src[b * s_b + f * s_f]) is
+// packed into panels; per (panel, tile of tile_rows output rows) fill_tile gathers the rows into the
+// tile buffer and store_tile transposes them into y (+ bias). make_filler runs once per thread in the
+// parallel region (so its scratch is per thread) and returns fill_tile(panel, ld, nc, r0, nr, tile,
+// ldt): rows [r0, r0 + nr), row r at tile + (r - r0) * ldt, over the panel's nc batch columns.
+// bias: const T*, or nullptr (a compile-time null: store_tile drops the add).
+template <typename T, typename Bias, typename MakeFiller>
+void product_by_panels(const T* src, std::int64_t batch, std::int64_t s_b, std::int64_t s_f, std::int64_t features,
+                       std::int64_t hot_bytes, std::int64_t rows, std::int64_t tile_rows, bool par, Bias bias,
+                       T* y, std::int64_t ldy, MakeFiller&& make_filler) {
+  const Panels<T> pn = plan_panels(src, batch, s_b, s_f, features, hot_bytes);
+  const std::int64_t tiles = (rows + tile_rows - 1) / tile_rows, cw = pn.cw, chunks = pn.chunks;
+#pragma omp parallel if (par)
+  {
+    if (pn.needs_copy) pack_panels(src, batch, s_b, s_f, features, pn);
+    const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
+    T* tile = scratch<T>(1, tile_rows * ldt);
+    auto fill_tile = make_filler();
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (std::int64_t ch = 0; ch < chunks; ++ch) {
+      for (std::int64_t t = 0; t < tiles; ++t) {
+        const std::int64_t c0 = ch * cw, nc = std::min(cw, batch - c0);
+        const std::int64_t r0 = t * tile_rows, nr = std::min(tile_rows, rows - r0);
+        fill_tile(pn.d + ch * pn.panel, pn.ld, nc, r0, nr, tile, ldt);
+        store_tile<T>(tile, ldt, nr, nc, bias, r0, y + c0 * ldy, ldy);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void masked_matmul(CpuTag, const MaskedMatmulParams& p) {
-  check(p);
-  if (p.batch == 0 || p.out == 0) return;
-  dispatch_float(p.dtype, "masked_matmul", [&](auto zero) {
+  checked_dispatch(p, "masked_matmul", [&](auto zero) {
     using T = decltype(zero);
     const T* x = ptr<const T>(p.x);
     const T* w = ptr<const T>(p.w);
@@ -124,36 +152,24 @@ void masked_matmul(CpuTag, const MaskedMatmulParams& p) {
         cpu::masked_matvec_rows(mask, w, p.ldw, xc, in, gi * W, std::min(W, out - gi * W), bias, y);
       return;
     }
-    const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in, kMaskedHotBytes);
-    const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
-#pragma omp parallel if (par)
-    {
-      if (xt.needs_copy) pack_panels(x, batch, p.x_sb, p.x_si, in, xt);
-      const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
-      T* tile = scratch<T>(1, kTile * ldt);
+    // Per output row: its active entries compacted into (idx, val), then gathered.
+    product_by_panels(x, batch, p.x_sb, p.x_si, in, kMaskedHotBytes, out, kTile, par, bias, y, p.ldy, [&]() {
       std::int32_t* idx = scratch<std::int32_t>(2, in);
       T* val = scratch<T>(3, in);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (std::int64_t ch = 0; ch < chunks; ++ch) {
-        for (std::int64_t t = 0; t < tiles; ++t) {
-          const std::int64_t c0 = ch * cw, nc = std::min(cw, batch - c0);
-          const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
-          for (std::int64_t r = 0; r < nr; ++r) {
-            const std::int64_t o = o0 + r;
-            const std::int64_t nnz = cpu::compact_mask_row(mask + o * in, w + o * p.ldw, in, idx, val);
-            gather_row(idx, val, nnz, xt.d + ch * xt.panel, xt.ld, nc, tile + r * ldt);
-          }
-          store_tile(tile, ldt, nr, nc, bias, o0, y + c0 * p.ldy, p.ldy);
+      return [=](const T* panel, std::int64_t ld, std::int64_t nc, std::int64_t o0, std::int64_t nr, T* tile,
+                 std::int64_t ldt) {
+        for (std::int64_t r = 0; r < nr; ++r) {
+          const std::int64_t o = o0 + r;
+          const std::int64_t nnz = cpu::compact_mask_row(mask + o * in, w + o * p.ldw, in, idx, val);
+          gather_row(idx, val, nnz, panel, ld, nc, tile + r * ldt);
         }
-      }
-    }
+      };
+    });
   });
 }
 
 void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
-  check(p);
-  if (p.batch == 0 || p.in == 0) return;
-  dispatch_float(p.dtype, "masked_matmul_grad_input", [&](auto zero) {
+  checked_dispatch(p, "masked_matmul_grad_input", [&](auto zero) {
     using T = decltype(zero);
     const T* g = ptr<const T>(p.g);
     const T* w = ptr<const T>(p.w);
@@ -175,21 +191,14 @@ void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
       }
       return;
     }
-    const Panels<T> gt = plan_panels(g, batch, p.g_sb, p.g_so, out, kMaskedHotBytes);
-    const std::int64_t blocks = (in + kColBlock - 1) / kColBlock, cw = gt.cw, chunks = gt.chunks;
-#pragma omp parallel if (par)
-    {
-      if (gt.needs_copy) pack_panels(g, batch, p.g_sb, p.g_so, out, gt);
-      const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
-      T* tile = scratch<T>(1, kColBlock * ldt);
-      // Per column of the block: the rows o where it is active, and W there (a CSC slice).
+    // The "rows" of gx are input columns, a block of kColBlock at a time: per column of the block,
+    // the rows o where it is active and W there (a CSC slice), then gathered.
+    product_by_panels(g, batch, p.g_sb, p.g_so, out, kMaskedHotBytes, in, kColBlock, par, nullptr, gx, p.ldgx,
+                      [&]() {
       std::int32_t* idx = scratch<std::int32_t>(2, kColBlock * out);
       T* val = scratch<T>(3, kColBlock * out);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (std::int64_t ch = 0; ch < chunks; ++ch)
-      for (std::int64_t blk = 0; blk < blocks; ++blk) {
-        const std::int64_t c0 = ch * cw, ncols = std::min(cw, batch - c0);
-        const std::int64_t i0 = blk * kColBlock, nc = std::min(kColBlock, in - i0);
+      return [=](const T* panel, std::int64_t ld, std::int64_t ncols, std::int64_t i0, std::int64_t nc, T* tile,
+                 std::int64_t ldt) {
         std::int64_t cnt[kColBlock] = {0};
         for (std::int64_t o = 0; o < out; ++o) {
           std::uint32_t bits = cpu::active_bits16(mask + o * in + i0, nc);
@@ -203,105 +212,80 @@ void masked_matmul_grad_input(CpuTag, const MaskedGradInputParams& p) {
           }
         }
         for (std::int64_t k = 0; k < nc; ++k)
-          gather_row(idx + k * out, val + k * out, cnt[k], gt.d + ch * gt.panel, gt.ld, ncols, tile + k * ldt);
-        store_tile(tile, ldt, nc, ncols, static_cast<const T*>(nullptr), i0, gx + c0 * p.ldgx, p.ldgx);
-      }
-    }
+          gather_row(idx + k * out, val + k * out, cnt[k], panel, ld, ncols, tile + k * ldt);
+      };
+    });
   });
 }
 
 void csr_linear(CpuTag, const CsrLinearParams& p) {
-  check(p);
-  if (p.batch == 0 || p.out == 0) return;
-  dispatch_float(p.dtype, "csr_linear", [&](auto zero) {
+  checked_dispatch_index(p, "csr_linear", [&](auto zero, auto izero) {
     using T = decltype(zero);
-    dispatch_index(p.itype, "csr_linear", [&](auto izero) {
-      using I = decltype(izero);
-      const I* rowptr = ptr<const I>(p.rowptr);
-      const I* col = ptr<const I>(p.col);
-      const T* val = ptr<const T>(p.val);
-      const T* x = ptr<const T>(p.x);
-      const T* bias = p.bias ? ptr<const T>(p.bias) : nullptr;
-      T* y = ptr<T>(p.y);
-      const std::int64_t batch = p.batch, in = p.in, out = p.out;
-      const bool par = (p.nnz + out) * batch > kParallelWork;
-      if (batch == 1) {
+    using I = decltype(izero);
+    const CsrOperands<T, I> op = csr_operands<T, I>(p);
+    const std::int64_t batch = p.batch, in = p.in, out = p.out;
+    const bool par = (p.nnz + out) * batch > kParallelWork;
+    if (batch == 1) {
 #if defined(HF_SPARSE_SIMD)
-        if constexpr (std::is_same_v<I, std::int32_t>) {
-          // Vectorised mat-vec, a register of rows at a time, for rows of Simd<T>::gather_row_nnz
-          // nonzeros or more on average; shorter rows take the scalar loop below.
-          if (p.x_si == 1 && p.nnz >= cpu::Simd<T>::gather_row_nnz * out) {
-            constexpr std::int64_t W = cpu::Simd<T>::W;
-            const std::int64_t groups = (out + W - 1) / W;
+      if constexpr (std::is_same_v<I, std::int32_t>) {
+        // Vectorised mat-vec, a register of rows at a time, for rows of Simd<T>::gather_row_nnz
+        // nonzeros or more on average; shorter rows take the scalar loop below.
+        if (p.x_si == 1 && p.nnz >= cpu::Simd<T>::gather_row_nnz * out) {
+          constexpr std::int64_t W = cpu::Simd<T>::W;
+          const std::int64_t groups = (out + W - 1) / W;
 #pragma omp parallel for schedule(static, 8) if (par)
-            for (std::int64_t gi = 0; gi < groups; ++gi)
-              cpu::csr_spmv_rows(rowptr, col, val, x, gi * W, std::min(W, out - gi * W), bias, y);
-            return;
-          }
+          for (std::int64_t gi = 0; gi < groups; ++gi)
+            cpu::csr_spmv_rows(op.rowptr, op.col, op.val, op.x, gi * W, std::min(W, out - gi * W), op.bias, op.y);
+          return;
         }
+      }
 #endif
-        // Sparse matrix-vector product: the shared element body, one row per iteration.
+      // Sparse matrix-vector product: the shared element body, one row per iteration.
 #pragma omp parallel for schedule(static, 64) if (par)
-        for (std::int64_t o = 0; o < out; ++o)
-          y[o] = csr_row_dot(rowptr, col, val, x, p.x_si, o) + (bias ? bias[o] : T(0));
-        return;
-      }
-      const Panels<T> xt = plan_panels(x, batch, p.x_sb, p.x_si, in, kCsrHotBytes);
-      const std::int64_t tiles = (out + kTile - 1) / kTile, cw = xt.cw, chunks = xt.chunks;
-#pragma omp parallel if (par)
-      {
-        if (xt.needs_copy) pack_panels(x, batch, p.x_sb, p.x_si, in, xt);
-        const std::int64_t ldt = round_up(std::min(cw, batch), vec_width<T>());
-        T* tile = scratch<T>(1, kTile * ldt);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-        for (std::int64_t ch = 0; ch < chunks; ++ch) {
-          for (std::int64_t t = 0; t < tiles; ++t) {
-            const std::int64_t c0 = ch * cw, nc = std::min(cw, batch - c0);
-            const std::int64_t o0 = t * kTile, nr = std::min(kTile, out - o0);
-            for (std::int64_t r = 0; r < nr; ++r) {
-              const std::int64_t o = o0 + r;
-              const std::int64_t j0 = rowptr[o], j1 = rowptr[o + 1];
-              gather_row(col + j0, val + j0, j1 - j0, xt.d + ch * xt.panel, xt.ld, nc, tile + r * ldt);
-            }
-            store_tile(tile, ldt, nr, nc, bias, o0, y + c0 * p.ldy, p.ldy);
-          }
+      for (std::int64_t o = 0; o < out; ++o)
+        op.y[o] = csr_row_dot(op.rowptr, op.col, op.val, op.x, p.x_si, o) + (op.bias ? op.bias[o] : T(0));
+      return;
+    }
+    // A CSR row is its own compacted (col, val) list: nothing to set up per thread.
+    product_by_panels(op.x, batch, p.x_sb, p.x_si, in, kCsrHotBytes, out, kTile, par, op.bias, op.y, p.ldy, [&]() {
+      return [=](const T* panel, std::int64_t ld, std::int64_t nc, std::int64_t o0, std::int64_t nr, T* tile,
+                 std::int64_t ldt) {
+        for (std::int64_t r = 0; r < nr; ++r) {
+          const std::int64_t j0 = op.rowptr[o0 + r], j1 = op.rowptr[o0 + r + 1];
+          gather_row(op.col + j0, op.val + j0, j1 - j0, panel, ld, nc, tile + r * ldt);
         }
-      }
+      };
     });
   });
 }
 
 void csr_spmm_batched(CpuTag, const CsrSpmmBatchedParams& p) {
-  check(p);
-  if (p.batch == 0 || p.rows == 0 || p.n == 0) return;
-  dispatch_float(p.dtype, "csr_spmm_batched", [&](auto zero) {
+  checked_dispatch_index(p, "csr_spmm_batched", [&](auto zero, auto izero) {
     using T = decltype(zero);
-    dispatch_index(p.itype, "csr_spmm_batched", [&](auto izero) {
-      using I = decltype(izero);
-      const I* rowptr = ptr<const I>(p.rowptr);
-      const I* col = ptr<const I>(p.col);
-      const T* val = ptr<const T>(p.val);
-      const T* b = ptr<const T>(p.b);
-      T* out = ptr<T>(p.out);
-      const std::int64_t tiles = (p.rows + kTile - 1) / kTile;
-      const std::int64_t cw = batch_chunk<T>(p.k, p.n, kMaskedHotBytes), chunks = (p.n + cw - 1) / cw;
-      const bool par = (p.nnz + p.rows) * p.n * p.batch > kParallelWork;
+    using I = decltype(izero);
+    const I* rowptr = ptr<const I>(p.rowptr);
+    const I* col = ptr<const I>(p.col);
+    const T* val = ptr<const T>(p.val);
+    const T* b = ptr<const T>(p.b);
+    T* out = ptr<T>(p.out);
+    const std::int64_t tiles = (p.rows + kTile - 1) / kTile;
+    const std::int64_t cw = batch_chunk<T>(p.k, p.n, kMaskedHotBytes), chunks = (p.n + cw - 1) / cw;
+    const bool par = (p.nnz + p.rows) * p.n * p.batch > kParallelWork;
 #pragma omp parallel for schedule(dynamic, 1) collapse(3) if (par)
-      for (std::int64_t s = 0; s < p.batch; ++s) {
-        for (std::int64_t ch = 0; ch < chunks; ++ch) {
-          for (std::int64_t t = 0; t < tiles; ++t) {
-            const std::int64_t c0 = ch * cw, nc = std::min(cw, p.n - c0);
-            const T* bs = b + s * p.b_bs + c0;
-            T* os = out + s * p.o_bs + c0;
-            const std::int64_t r1 = std::min(p.rows, (t + 1) * kTile);
-            for (std::int64_t r = t * kTile; r < r1; ++r) {
-              const std::int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
-              gather_row(col + j0, val + j0, j1 - j0, bs, p.ldb, nc, os + r * p.ldo);
-            }
+    for (std::int64_t s = 0; s < p.batch; ++s) {
+      for (std::int64_t ch = 0; ch < chunks; ++ch) {
+        for (std::int64_t t = 0; t < tiles; ++t) {
+          const std::int64_t c0 = ch * cw, nc = std::min(cw, p.n - c0);
+          const T* bs = b + s * p.b_bs + c0;
+          T* os = out + s * p.o_bs + c0;
+          const std::int64_t r1 = std::min(p.rows, (t + 1) * kTile);
+          for (std::int64_t r = t * kTile; r < r1; ++r) {
+            const std::int64_t j0 = rowptr[r], j1 = rowptr[r + 1];
+            gather_row(col + j0, val + j0, j1 - j0, bs, p.ldb, nc, os + r * p.ldo);
           }
         }
       }
-    });
+    }
   });
 }
 

@@ -19,27 +19,22 @@ __global__ void sparse_conv2d_kernel(SparseConvParams p) {
   const std::int64_t o = blockIdx.y, b = blockIdx.z;
   if (pix >= plane) return;
   const std::int64_t i = pix / p.wo, j = pix % p.wo;
-  const T acc = sparse_conv_point(p, reinterpret_cast<const I*>(p.rowptr), reinterpret_cast<const I*>(p.col),
-                                  reinterpret_cast<const T*>(p.val), reinterpret_cast<const T*>(p.x), b, o, i, j);
-  const T* bias = p.bias ? reinterpret_cast<const T*>(p.bias) : nullptr;
+  const CsrOperands<T, I> op = csr_operands<T, I>(p);
+  const T acc = sparse_conv_point(p, op.rowptr, op.col, op.val, op.x, b, o, i, j);
   const T r = conv_residual(p, reinterpret_cast<const T*>(p.res), b, o, i, j);
-  reinterpret_cast<T*>(p.y)[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] = conv_epilogue(acc, bias, o, p.relu, r);
+  op.y[b * p.ys_n + o * p.ys_c + i * p.ys_h + j * p.ys_w] = conv_epilogue(acc, op.bias, o, p.relu, r);
 }
 
 }  // namespace
 
 void sparse_conv2d(CudaTag, const SparseConvParams& p) {
   check(p);
-  if (p.n == 0 || p.out_c == 0) return;
+  if (nothing_to_do(p)) return;
   const std::int64_t blocks_x = (p.ho * p.wo + kThreads - 1) / kThreads;
   require(blocks_x < (1LL << 31) && p.out_c < 65536 && p.n < 65536, "sparse_conv2d: problem too large for one grid");
   const dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(p.out_c), static_cast<unsigned>(p.n));
-  dispatch_float(p.dtype, "sparse_conv2d", [&](auto zero) {
-    using T = decltype(zero);
-    dispatch_index(p.itype, "sparse_conv2d", [&](auto izero) {
-      using I = decltype(izero);
-      sparse_conv2d_kernel<T, I><<<grid, kThreads, 0, stream_of(p.stream)>>>(p);
-    });
+  dispatch_float_index(p.dtype, p.itype, "sparse_conv2d", [&](auto zero, auto izero) {
+    sparse_conv2d_kernel<decltype(zero), decltype(izero)><<<grid, kThreads, 0, stream_of(p.stream)>>>(p);
   });
   check_launch("sparse_conv2d");
 }

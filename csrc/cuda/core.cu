@@ -13,9 +13,7 @@ __global__ void euler_axpy_kernel(const T* __restrict__ theta, const T* __restri
 }
 
 void euler_axpy(CudaTag, const EulerParams& p) {
-  check(p);
-  if (p.n == 0) return;
-  dispatch_float(p.dtype, "euler_axpy", [&](auto zero) {
+  checked_dispatch(p, "euler_axpy", [&](auto zero) {
     using T = decltype(zero);
     const int threads = 256;
     const auto blocks = static_cast<unsigned>((p.n + threads - 1) / threads);

@@ -1,4 +1,4 @@
-// CUDA kernel for the fused flow step; the element body is flow_step_elem from hf_flowacc.h,
+// CUDA kernel for the fused flow step; the element body is flow_step_at from hf_flowacc.h,
 // shared with the CPU. The NaN/Inf scan runs in Python (torch) on CUDA tensors.
 #include "hf_cuda.h"
 #include "hf_flowacc.h"
@@ -11,22 +11,12 @@ __global__ void flow_step_kernel(const T* __restrict__ w, const T* __restrict__ 
                                  T* __restrict__ gw, std::uint8_t* __restrict__ mask, std::int64_t n,
                                  FlowScalars<T> s) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    T ti = t[i], fi = flow[i], mi = m[i], vi = v[i], gwi;
-    const bool keep = flow_step_elem(w[i], g[i], ti, fi, mi, vi, gwi, s);
-    t[i] = ti;
-    flow[i] = fi;
-    m[i] = mi;
-    v[i] = vi;
-    gw[i] = gwi;
-    mask[i] = keep ? 1 : 0;
-  }
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    flow_step_at(w, g, t, flow, m, v, gw, mask, i, s);
 }
 
 void flow_step(CudaTag, const FlowStepParams& p) {
-  check(p);
-  if (p.n == 0) return;
-  dispatch_float(p.dtype, "flow_step", [&](auto zero) {
+  checked_dispatch(p, "flow_step", [&](auto zero) {
     using T = decltype(zero);
     const int threads = 256;
     const std::int64_t want = (p.n + threads - 1) / threads;

@@ -47,9 +47,7 @@ __global__ void group_norm_kernel(T* __restrict__ x, const T* __restrict__ weigh
 }  // namespace
 
 void group_norm_(CudaTag, const GroupNormParams& p) {
-  check(p);
-  if (p.n == 0) return;
-  dispatch_float(p.dtype, "group_norm_", [&](auto zero) {
+  checked_dispatch(p, "group_norm_", [&](auto zero) {
     using T = decltype(zero);
     const dim3 blocks(static_cast<unsigned>(p.n), static_cast<unsigned>(p.groups));
     group_norm_kernel<T><<<blocks, kThreads, 0, stream_of(p.stream)>>>(

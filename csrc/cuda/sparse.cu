@@ -100,12 +100,21 @@ __global__ void score_mask_kernel(const T* __restrict__ t, std::uint8_t* __restr
 
 unsigned clamp_grid(std::int64_t v, std::int64_t hi) { return static_cast<unsigned>(v < hi ? (v > 0 ? v : 1) : hi); }
 
+// Threads of a block along `n` consecutive outputs (a warp when n is small) and the blocks covering n.
+struct Lanes {
+  int threads;
+  unsigned blocks;
+};
+
+Lanes lanes_for(std::int64_t n) {
+  const int threads = n >= 128 ? 128 : 32;
+  return {threads, clamp_grid((n + threads - 1) / threads, 1LL << 30)};
+}
+
 }  // namespace
 
 void masked_matmul(CudaTag, const MaskedMatmulParams& p) {
-  check(p);
-  if (p.batch == 0 || p.out == 0) return;
-  dispatch_float(p.dtype, "masked_matmul", [&](auto zero) {
+  checked_dispatch(p, "masked_matmul", [&](auto zero) {
     using T = decltype(zero);
     // rows = batch, k = in, cols = out; W[o, i] at o * ldw + i, mask at o * in + i.
     launch_masked_gemm<T, true>(ptr<const T>(p.x), p.x_sb, p.x_si, ptr<const T>(p.w), 1, p.ldw,
@@ -117,9 +126,7 @@ void masked_matmul(CudaTag, const MaskedMatmulParams& p) {
 }
 
 void masked_matmul_grad_input(CudaTag, const MaskedGradInputParams& p) {
-  check(p);
-  if (p.batch == 0 || p.in == 0) return;
-  dispatch_float(p.dtype, "masked_matmul_grad_input", [&](auto zero) {
+  checked_dispatch(p, "masked_matmul_grad_input", [&](auto zero) {
     using T = decltype(zero);
     // rows = batch, k = out, cols = in; W[o, i] at o * ldw + i, mask at o * in + i.
     launch_masked_gemm<T, false>(ptr<const T>(p.g), p.g_sb, p.g_so, ptr<const T>(p.w), p.ldw, 1,
@@ -131,36 +138,27 @@ void masked_matmul_grad_input(CudaTag, const MaskedGradInputParams& p) {
 }
 
 void csr_linear(CudaTag, const CsrLinearParams& p) {
-  check(p);
-  if (p.batch == 0 || p.out == 0) return;
-  dispatch_float(p.dtype, "csr_linear", [&](auto zero) {
+  checked_dispatch_index(p, "csr_linear", [&](auto zero, auto izero) {
     using T = decltype(zero);
-    dispatch_index(p.itype, "csr_linear", [&](auto izero) {
-      using I = decltype(izero);
-      const int threads = p.batch >= 128 ? 128 : 32;
-      dim3 grid(clamp_grid((p.batch + threads - 1) / threads, 1LL << 30), clamp_grid(p.out, 65535));
-      csr_linear_kernel<T, I><<<grid, threads, 0, stream_of(p.stream)>>>(
-          ptr<const I>(p.rowptr), ptr<const I>(p.col), ptr<const T>(p.val), ptr<const T>(p.x), p.x_sb, p.x_si,
-          p.bias ? ptr<const T>(p.bias) : nullptr, ptr<T>(p.y), p.ldy, p.batch, p.out);
-    });
+    using I = decltype(izero);
+    const CsrOperands<T, I> op = csr_operands<T, I>(p);
+    const Lanes lanes = lanes_for(p.batch);
+    const dim3 grid(lanes.blocks, clamp_grid(p.out, 65535));
+    csr_linear_kernel<T, I><<<grid, lanes.threads, 0, stream_of(p.stream)>>>(
+        op.rowptr, op.col, op.val, op.x, p.x_sb, p.x_si, op.bias, op.y, p.ldy, p.batch, p.out);
   });
   check_launch("csr_linear");
 }
 
 void csr_spmm_batched(CudaTag, const CsrSpmmBatchedParams& p) {
-  check(p);
-  if (p.batch == 0 || p.rows == 0 || p.n == 0) return;
-  dispatch_float(p.dtype, "csr_spmm_batched", [&](auto zero) {
+  checked_dispatch_index(p, "csr_spmm_batched", [&](auto zero, auto izero) {
     using T = decltype(zero);
-    dispatch_index(p.itype, "csr_spmm_batched", [&](auto izero) {
-      using I = decltype(izero);
-      const int threads = p.n >= 128 ? 128 : 32;
-      dim3 grid(clamp_grid((p.n + threads - 1) / threads, 1LL << 30), clamp_grid(p.rows, 65535),
-                clamp_grid(p.batch, 65535));
-      csr_spmm_batched_kernel<T, I><<<grid, threads, 0, stream_of(p.stream)>>>(
-          ptr<const I>(p.rowptr), ptr<const I>(p.col), ptr<const T>(p.val), ptr<const T>(p.b), p.b_bs, p.ldb,
-          ptr<T>(p.out), p.o_bs, p.ldo, p.batch, p.rows, p.n);
-    });
+    using I = decltype(izero);
+    const Lanes lanes = lanes_for(p.n);
+    const dim3 grid(lanes.blocks, clamp_grid(p.rows, 65535), clamp_grid(p.batch, 65535));
+    csr_spmm_batched_kernel<T, I><<<grid, lanes.threads, 0, stream_of(p.stream)>>>(
+        ptr<const I>(p.rowptr), ptr<const I>(p.col), ptr<const T>(p.val), ptr<const T>(p.b), p.b_bs, p.ldb,
+        ptr<T>(p.out), p.o_bs, p.ldo, p.batch, p.rows, p.n);
   });
   check_launch("csr_spmm_batched");
 }

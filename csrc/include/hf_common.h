@@ -62,5 +62,26 @@ inline void dispatch_index(int itype, const char* op, F&& f) {
   }
 }
 
+// Invoke `f(T{}, I{})` for a float dtype code and an index dtype code (CSR operands).
+template <typename F>
+inline void dispatch_float_index(int dtype, int itype, const char* op, F&& f) {
+  dispatch_float(dtype, op, [&](auto zero) { dispatch_index(itype, op, [&](auto izero) { f(zero, izero); }); });
+}
+
+// The common entry of a kernel on either back-end: validate the parameters (check(p)), return when
+// the op has no output to write (nothing_to_do(p)), else run `f` for p's dtype (and index dtype).
+// check / nothing_to_do are found by argument-dependent lookup next to each parameter struct.
+template <typename P, typename F>
+inline void checked_dispatch(const P& p, const char* op, F&& f) {
+  check(p);
+  if (!nothing_to_do(p)) dispatch_float(p.dtype, op, f);
+}
+
+template <typename P, typename F>
+inline void checked_dispatch_index(const P& p, const char* op, F&& f) {
+  check(p);
+  if (!nothing_to_do(p)) dispatch_float_index(p.dtype, p.itype, op, f);
+}
+
 HF_ISA_END
 }  // namespace hf

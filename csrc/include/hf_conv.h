@@ -59,15 +59,16 @@ HF_HD T conv_epilogue(T acc, const T* bias, std::int64_t o, bool relu, T res = T
   return relu && !(v > T(0)) && v == v ? T(0) : v;
 }
 
-// One output y[b, o, i, j] before the epilogue: the sum over row o's nonzeros of the weight times
-// the input tap, skipping taps that fall in the zero padding. The CUDA kernel runs this per output;
-// the CPU runs it with algo = 1 (the tests check it against F.conv2d there).
+// The residual added to output y[b, o, i, j] before the ReLU (zero for none).
 template <typename T>
 HF_HD T conv_residual(const SparseConvParams& p, const T* res, std::int64_t b, std::int64_t o, std::int64_t i,
                       std::int64_t j) {
   return res ? res[b * p.rs_n + o * p.rs_c + i * p.rs_h + j * p.rs_w] : T(0);
 }
 
+// One output y[b, o, i, j] before the epilogue: the sum over row o's nonzeros of the weight times
+// the input tap, skipping taps that fall in the zero padding. The CUDA kernel runs this per output;
+// the CPU runs it with algo = 1 (the tests check it against F.conv2d there).
 template <typename T, typename I>
 HF_HD T sparse_conv_point(const SparseConvParams& p, const I* rowptr, const I* col, const T* val, const T* x,
                           std::int64_t b, std::int64_t o, std::int64_t i, std::int64_t j) {
@@ -101,6 +102,9 @@ bool sparse_conv2d_team_pays(const SparseConvParams& p);
 // until its next convolution), so a following convolution of the same geometry can read it prepacked.
 template <typename T>
 const T* sparse_conv2d_packed_scratch(const SparseConvParams& p);
+
+// An empty batch or no output channels: nothing to write (both back-ends return first).
+inline bool nothing_to_do(const SparseConvParams& p) { return p.n == 0 || p.out_c == 0; }
 
 inline void check(const SparseConvParams& p) {
   require(p.n >= 0 && p.in_c > 0 && p.h > 0 && p.w > 0 && p.out_c >= 0 && p.nnz >= 0, "sparse_conv2d: bad size");

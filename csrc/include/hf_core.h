@@ -47,6 +47,25 @@ HF_HD T csr_dot(const I* rowptr, const I* col, const T* val, const T* b, std::in
   return acc;
 }
 
+// The typed arrays of an x·Wᵀ-shaped op with a CSR weight W, from a parameter struct with rowptr /
+// col / val / x / bias / y handles (CSR linear, sparse convolution); bias is null for none.
+template <typename T, typename I>
+struct CsrOperands {
+  const I* rowptr;
+  const I* col;
+  const T* val;
+  const T* x;
+  const T* bias;
+  T* y;
+};
+
+template <typename T, typename I, typename P>
+HF_HD CsrOperands<T, I> csr_operands(const P& p) {
+  return {reinterpret_cast<const I*>(p.rowptr), reinterpret_cast<const I*>(p.col), reinterpret_cast<const T*>(p.val),
+          reinterpret_cast<const T*>(p.x), p.bias ? reinterpret_cast<const T*>(p.bias) : nullptr,
+          reinterpret_cast<T*>(p.y)};
+}
+
 void euler_axpy(CpuTag, const EulerParams& p);
 void csr_spmm(CpuTag, const CsrSpmmParams& p);
 void euler_axpy(CudaTag, const EulerParams& p);
@@ -56,6 +75,9 @@ inline void check(const EulerParams& p) {
   require(p.n == 0 || (p.theta && p.drift && p.out), "euler_axpy: null pointer");  // empty tensors may have none
   require(p.n >= 0, "euler_axpy: negative size");
 }
+
+// Nothing to write for an empty tensor (both back-ends return before dispatching).
+inline bool nothing_to_do(const EulerParams& p) { return p.n == 0; }
 
 inline void check(const CsrSpmmParams& p) {
   require(p.rowptr && (p.out || p.rows * p.n == 0), "csr_spmm: null pointer");  // (rows x 0) has none

@@ -69,8 +69,25 @@ HF_HD auto flow_step_elem(V w, V g, V& t, V& flow, V& m, V& v, V& grad_w, const 
   return t >= zero;
 }
 
+// Element i of the step, read from and written back to the layer's arrays: the CUDA kernel's body
+// and the CPU's scalar loop (its tail, and all of it without AVX-512).
+template <typename T>
+HF_HD void flow_step_at(const T* w, const T* g, T* t, T* flow, T* m, T* v, T* gw, std::uint8_t* mask, std::int64_t i,
+                        const FlowScalars<T>& s) {
+  T ti = t[i], fi = flow[i], mi = m[i], vi = v[i], gwi;
+  const bool keep = flow_step_elem(w[i], g[i], ti, fi, mi, vi, gwi, s);
+  t[i] = ti;
+  flow[i] = fi;
+  m[i] = mi;
+  v[i] = vi;
+  gw[i] = gwi;
+  mask[i] = keep ? 1 : 0;
+}
+
 void flow_step(CpuTag, const FlowStepParams& p);
 void flow_step(CudaTag, const FlowStepParams& p);
+
+inline bool nothing_to_do(const FlowStepParams& p) { return p.n == 0; }
 
 inline void check(const FlowStepParams& p) {
   require(p.n >= 0, "flow_step: negative size");

@@ -47,5 +47,8 @@ inline void check(const GroupNormParams& p) {
   require(p.eps >= 0, "group_norm_: eps must be >= 0");
 }
 
+// An empty batch: nothing to normalise (both back-ends return before dispatching).
+inline bool nothing_to_do(const GroupNormParams& p) { return p.n == 0; }
+
 HF_ISA_END
 }  // namespace hf

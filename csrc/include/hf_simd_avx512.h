@@ -7,13 +7,25 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace hf {
 HF_ISA_BEGIN
 namespace cpu {
 
+// The W lanes of v added in lane order (not a tree): the sum a scalar loop over them gives.
+template <typename T, int W, typename R>
+inline T sum_in_lane_order(R v) {
+  static_assert(sizeof(R) == W * sizeof(T), "W lanes of T per register");
+  alignas(64) T t[W];
+  std::memcpy(t, &v, sizeof(t));
+  T a = T(0);
+  for (int i = 0; i < W; ++i) a += t[i];
+  return a;
+}
 
-// The few AVX-512 operations the kernels need, per scalar type.
+// The few AVX-512 operations the kernels need, per scalar type (the sparse kernels, and the flow
+// step's register type in csrc/cpu/flowacc.cpp).
 template <typename T>
 struct Simd;
 
@@ -32,6 +44,13 @@ struct Simd<float> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  // Element-wise arithmetic for the flow step's register type (csrc/cpu/flowacc.cpp).
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R sqrt(R a) { return _mm512_maskz_sqrt_ps(static_cast<M>(0xFFFF), a); }
+  static M ge(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }  // false where either is NaN
+  static R select(M m, R a, R b) { return _mm512_mask_blend_ps(m, b, a); }  // a in the lanes of m, else b
   // The even lanes of the 2W values a, b (a's lanes first): a stride-2 row de-interleaved.
   static R even(R a, R b) {
     return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
@@ -43,13 +62,7 @@ struct Simd<float> {
   static R expandz(M m, const float* p) { return _mm512_maskz_expandloadu_ps(m, p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static void store(M m, float* p, R v) { _mm512_mask_storeu_ps(p, m, v); }
-  static float sum(R v) {
-    alignas(64) float t[W];
-    _mm512_store_ps(t, v);
-    float a = 0.0f;
-    for (int i = 0; i < W; ++i) a += t[i];
-    return a;
-  }
+  static float sum(R v) { return sum_in_lane_order<float, W>(v); }
   static M tail(std::int64_t n) { return static_cast<M>((1u << n) - 1u); }  // n < W
   // Active lanes of W mask bytes (nonzero byte = active); `full` lanes valid, rest cleared.
   static M active(const std::uint8_t* m, M valid) {
@@ -80,18 +93,18 @@ struct Simd<double> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R div(R a, R b) { return _mm512_div_pd(a, b); }
+  static R sqrt(R a) { return _mm512_maskz_sqrt_pd(static_cast<M>(0xFF), a); }
+  static M ge(R a, R b) { return _mm512_cmp_pd_mask(a, b, _CMP_GE_OQ); }
+  static R select(M m, R a, R b) { return _mm512_mask_blend_pd(m, b, a); }
   static R even(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14), b); }
   static R odd(R a, R b) { return _mm512_permutex2var_pd(a, _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15), b); }
   static R expandz(M m, const double* p) { return _mm512_maskz_expandloadu_pd(m, p); }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static void store(M m, double* p, R v) { _mm512_mask_storeu_pd(p, m, v); }
-  static double sum(R v) {
-    alignas(64) double t[W];
-    _mm512_store_pd(t, v);
-    double a = 0.0;
-    for (int i = 0; i < W; ++i) a += t[i];
-    return a;
-  }
+  static double sum(R v) { return sum_in_lane_order<double, W>(v); }
   static M tail(std::int64_t n) { return static_cast<M>((1u << n) - 1u); }
   static M active(const std::uint8_t* m, M valid) {
     const __m128i v = _mm_maskz_loadu_epi8(static_cast<__mmask16>(valid), m);

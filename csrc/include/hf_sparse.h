@@ -141,6 +141,12 @@ inline void check(const CsrSpmmBatchedParams& p) {
   require(p.ldb >= p.n && p.ldo >= p.n, "csr_spmm_batched: leading dimension smaller than n");
 }
 
+// Empty products write nothing: both back-ends return before dispatching (checked_dispatch).
+inline bool nothing_to_do(const MaskedMatmulParams& p) { return p.batch == 0 || p.out == 0; }
+inline bool nothing_to_do(const MaskedGradInputParams& p) { return p.batch == 0 || p.in == 0; }
+inline bool nothing_to_do(const CsrLinearParams& p) { return p.batch == 0 || p.out == 0; }
+inline bool nothing_to_do(const CsrSpmmBatchedParams& p) { return p.batch == 0 || p.rows == 0 || p.n == 0; }
+
 inline void check(const ScoreMaskParams& p) {
   require(p.n >= 0, "score_mask: negative size");
   require(p.count && (p.n == 0 || (p.scores && p.mask)), "score_mask: null pointer");
