@@ -193,6 +193,12 @@ def test_stateless_view_replaces_tied_parameters_everywhere_and_rejects_unknown_
     torch.testing.assert_close(view(x), torch.relu(x @ w.T + shared.bias) @ w.T + shared.bias)
     with pytest.raises(ValueError, match="no parameter or buffer"):
         stateless_view(net, {"9.weight": w})
+    seen = []
+    hooked = stateless_view(net, forward_pre_hooks={"1": lambda m, args: seen.append(args[0].shape)})
+    hooked(x)
+    assert seen == [(2, 4)] and not net[1]._forward_pre_hooks  # the hook ran in the view only
+    with pytest.raises(ValueError, match="no submodule"):
+        stateless_view(net, forward_pre_hooks={"7": lambda m, args: None})
 
 
 def test_exported_sparse_model_from_16_threads():
