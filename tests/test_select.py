@@ -202,9 +202,16 @@ def test_support_statistics_are_a_candidate_on_batchnorm():
     f = features_with(backbone, flow.subset, stats.theta, sx, buffers=stats.buffers)
     want = loo_scores(f, sy, metric=flow.metric, scale=flow.scale)
     assert max(abs(a - b) for a, b in zip(model.selection["scores"]["support statistics"], want)) < 1e-5
+    assert "aligned" not in model.selection["scores"]  # no reference recorded: no aligned candidate
     # a stacked batch holds one set of buffers: parameter candidates only
     stacked = fused_adapt(backbone, sx[None], sy[None], flow=flow)
     assert "support statistics" not in stacked.selection[0]["scores"]
+    # with a reference, the BatchNorm biases are aligned only where support statistics are not offered
+    flow.record_reference(_episodes(4, seed=6))
+    single = fused_adapt(backbone, sx, sy, flow=flow).selection["scores"]
+    assert "support statistics" in single and "aligned" not in single
+    stacked = fused_adapt(backbone, sx[None], sy[None], flow=flow).selection[0]["scores"]
+    assert "aligned" in stacked and "support statistics" not in stacked
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -11,7 +11,8 @@ candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_
   task-specific part of the drift does not transfer);
 * ``"aligned"`` — every adapted norm layer's bias shifted so that the support set's channel means
   match those the flow recorded on meta-training data (:mod:`~hyperflow_ext.flow.align`; closed
-  form, measured inside the task encoder's forward);
+  form, measured inside the task encoder's forward; BatchNorm layers are left to support
+  statistics where those are a candidate);
 * ``"support statistics"`` — on backbones with BatchNorm running statistics, those statistics
   re-estimated on the support set.
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .adapted import AdaptedProtoNet
-from .align import NormMeanProbe, align_to_reference, aligned_theta, probe_means
+from .align import NormMeanProbe, align_to_reference, probe_shifts
 from .batched import encode_tasks
 from .checks import check_support
 from .hyperflow import HyperFlow
@@ -102,35 +103,37 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     if not isinstance(select, bool):
         raise TypeError(f"{op}: select must be True or False, got {select!r}")
     times = selection_horizons(horizon) if select else (horizon,)
+    stats = select and has_batchnorm_stats(backbone)  # support statistics are a candidate (one task at a time)
     if isinstance(support_x, (list, tuple)):
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
         ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
-        probe = (lambda: _probe(backbone, flow)) if select else None
+        probe = (lambda: _probe(backbone, flow, stats)) if select else None
         # same-shaped tasks in one batch
-        z, feats, means = encode_tasks(flow.encoder, support_x, support_y, ways, probe)
+        z, feats, shifts = encode_tasks(flow.encoder, support_x, support_y, ways, probe, flow.reference_means)
         states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
         return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, True,
-                        _theta0_features(backbone, flow, feats[i]), means[i])
+                        _theta0_features(backbone, flow, feats[i]), shifts[i])
                 for i, (sx, sy, w) in enumerate(zip(support_x, support_y, ways))]
     way, batched = check_support(op, backbone, support_x, support_y, way)
-    probe = _probe(backbone, flow) if select else None
-    # support statistics need the whole set in one forward: then the encoder runs it whole as well
-    whole = select and not batched and has_batchnorm_stats(backbone)
+    # support statistics (one task at a time) need the whole set in one forward: the encoder runs it
+    # whole as well, and the aligned biases leave the BatchNorm layers to them
+    whole = select and not batched and stats
+    probe = _probe(backbone, flow, whole) if select else None
     z, feats = flow.encoder.encode(support_x, support_y, way, parts=1 if whole else None,
                                    pre_hooks=probe.hooks if probe is not None else None)
-    means = probe_means(probe, support_y.numel(), z.shape[0])
+    shifts = probe_shifts(probe, flow.reference_means, support_y.numel(), z.shape[0])
     states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
     if not batched:
         return _finish(backbone, flow, {h: s[0] for h, s in states.items()}, horizon, support_x, support_y, way,
-                       select, True, _theta0_features(backbone, flow, feats[0]), means[0])
+                       select, True, _theta0_features(backbone, flow, feats[0]), shifts[0])
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], support_x, support_y, way, flow.metric,
                                 flow.scale)
         model.selection = None
         return model
     chosen = [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, support_x[i], support_y[i],
-                      way, True, False, _theta0_features(backbone, flow, feats[i]), means[i])
+                      way, True, False, _theta0_features(backbone, flow, feats[i]), shifts[i])
               for i in range(support_x.shape[0])]
     model = AdaptedProtoNet(backbone, flow.subset, torch.stack([m.theta for m in chosen]), support_x, support_y,
                             way, flow.metric, flow.scale)
@@ -144,18 +147,18 @@ def _theta0_features(backbone: nn.Module, flow: HyperFlow, feats: torch.Tensor) 
     return feats if flow.encoder.encoder is backbone else None
 
 
-def _probe(backbone: nn.Module, flow: HyperFlow) -> Optional[NormMeanProbe]:
+def _probe(backbone: nn.Module, flow: HyperFlow, skip_batchnorm: bool) -> Optional[NormMeanProbe]:
     """A probe of the aligned norm layers for the task encoder's forward, when that forward runs the
     backbone at ``θ_0`` and the flow has a reference to align to."""
     if flow.reference_means is None or flow.encoder.encoder is not backbone:
         return None
-    return NormMeanProbe(backbone, flow.subset)
+    return NormMeanProbe(backbone, flow.subset, skip_batchnorm)
 
 
 def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tensor], horizon: float,
             sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool,
             theta0_features: Optional[torch.Tensor] = None,
-            norm_means: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
+            aligned_shift: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
     """One task's model: the state at ``horizon``, or the candidate its support set prefers."""
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], sx, sy, way, flow.metric, flow.scale)
@@ -172,8 +175,8 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     two_shots = bool((torch.bincount(sy, minlength=way) >= 2).all())
     pseudo = None if two_shots else pseudo_shots(sx)  # one shot: each image and a shifted view of it
     criterion = two_shots or pseudo is not None  # else the fallback is kept unscored
-    if criterion and norm_means is not None:
-        candidates["aligned"] = (aligned_theta(theta0, flow.reference_means, norm_means), None)
+    if criterion and aligned_shift is not None:
+        candidates["aligned"] = (theta0 + aligned_shift.to(theta0), None)
     elif criterion and flow.reference_means is not None and flow.encoder.encoder is not backbone:
         try:  # the encoder ran another network: one probing forward of the backbone's own
             candidates["aligned"] = (align_to_reference(backbone, flow.subset, theta0, flow.reference_means, sx),

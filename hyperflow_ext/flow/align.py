@@ -33,7 +33,7 @@ from torch import nn
 from .._stateless import stateless_view
 from .params import ParamSubset
 
-__all__ = ["aligned_norms", "norm_output_means", "NormMeanProbe", "probe_means", "reference_means",
+__all__ = ["aligned_norms", "norm_output_means", "NormMeanProbe", "probe_shifts", "reference_means",
            "aligned_theta", "align_to_reference"]
 
 _CHANNELS_FIRST = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -118,14 +118,19 @@ class NormMeanProbe:
 
     Args:
         backbone, subset: as for :func:`aligned_norms`.
+        skip_batchnorm: leave BatchNorm layers out.
 
     Use :attr:`hooks` as ``forward_pre_hooks`` of a :func:`~hyperflow_ext._stateless.stateless_view`
     (the task encoder's :meth:`~hyperflow_ext.flow.task.TaskEncoder.encode` takes them), then
     :meth:`means` per task. The hooks only read; they never raise inside the forward.
     """
 
-    def __init__(self, backbone: nn.Module, subset: ParamSubset) -> None:
+    def __init__(self, backbone: nn.Module, subset: ParamSubset, skip_batchnorm: bool = False) -> None:
         self.norms = aligned_norms(backbone, subset)
+        if skip_batchnorm:  # where support statistics are a candidate of their own, they re-normalise these
+            kinds = dict(backbone.named_modules())
+            self.norms = {n: v for n, v in self.norms.items()
+                          if not isinstance(kinds[n], nn.modules.batchnorm._BatchNorm)}
         self.numel = subset.numel
         self._modules: Dict[str, nn.Module] = {}
         self._rows: Dict[str, List[Tuple[torch.Tensor, ...]]] = {n: [] for n in self.norms}
@@ -159,16 +164,22 @@ class NormMeanProbe:
         return out
 
 
-def probe_means(probe: Optional[NormMeanProbe], images: int, tasks: int) -> List[Optional[torch.Tensor]]:
-    """Per task the ``(P,)`` norm-output means a probe recorded, or ``None`` each (with a warning
-    when the backbone's norm layers cannot be aligned)."""
-    if probe is None:
+def probe_shifts(probe: Optional[NormMeanProbe], reference: Optional[torch.Tensor], images: int,
+                 tasks: int) -> List[Optional[torch.Tensor]]:
+    """Per task the ``(P,)`` float64 bias shifts ``reference − means`` in the slots of the layers the
+    probe read (zero elsewhere), or ``None`` each: no probe, or (with a warning) a backbone whose
+    norm layers cannot be aligned."""
+    if probe is None or reference is None or not probe.norms:
         return [None] * tasks
     try:
-        return list(probe.means(images, tasks))
+        means = probe.means(images, tasks)
     except ValueError as err:  # e.g. a norm module the forward calls twice: the other candidates remain
         warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=4)
         return [None] * tasks
+    mask = torch.zeros(probe.numel, dtype=torch.float64)
+    for offset, channels, _ in probe.norms.values():
+        mask[offset:offset + channels] = 1.0
+    return list((reference.double().cpu() - means) * mask)
 
 
 def _probe_forward(backbone: nn.Module, subset: ParamSubset, images: Iterable[torch.Tensor]) -> Tuple[torch.Tensor, int]:
