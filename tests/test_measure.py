@@ -1,5 +1,7 @@
-"""The timing helper the benchmarks report ratios with."""
+"""The timing helper the benchmarks report ratios with, and the few-shot benchmark's memory runs."""
 from collections import Counter
+
+import torch
 
 from hyperflow_ext.measure import interleaved_medians, interleaved_times
 
@@ -22,3 +24,29 @@ def test_interleaved_medians_runs_exactly_the_rounds_asked():
     medians = interleaved_medians([lambda: calls.append(0), lambda: calls.append(1)], rounds=5)
     assert len(medians) == 2 and all(m >= 0 for m in medians)
     assert len(calls) == 2 + 2 + 5 * 2
+
+
+def test_few_shot_benchmark_profiles_memory_once_per_method_shot_and_shape(monkeypatch):
+    from hyperflow_ext.data import ImageDataset
+    from hyperflow_ext.flow import evaluate as ev
+
+    def dataset(size, name):
+        labels = torch.arange(3).repeat_interleave(4)
+        return ImageDataset(torch.rand(12, 1, size, size), labels, ["a", "b", "c"], name)
+
+    calls = []
+
+    def fake_peak(fn):  # counts the profiled runs; the adapter's own forward still runs
+        calls.append(1)
+        return fn(), 1000 * len(calls)
+
+    monkeypatch.setattr(ev, "peak_memory", fake_peak)
+    head = torch.nn.Flatten()
+    adapter = lambda sx, sy: (lambda q: head(q)[:, :3])  # noqa: E731
+    domains = {"one": dataset(8, "one"), "two": dataset(8, "two"), "big": dataset(12, "big")}
+    out = ev.evaluate_few_shot({"m": adapter}, domains, shots=[2], way=3, query=1, episodes=3,
+                               memory_episodes=2, progress=False)
+    assert len(calls) == 4  # 2 runs for the 8x8 shape (shared by two domains) + 2 for 12x12
+    peaks = {r.domain: r.peak_bytes for r in out}
+    assert peaks["one"] == peaks["two"] == 2000 and peaks["big"] == 4000
+    assert all(len(r.accuracies) == 3 for r in out)

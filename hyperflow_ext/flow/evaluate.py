@@ -58,13 +58,16 @@ def evaluate_few_shot(methods: Mapping[str, Adapter], domains: Mapping[str, obje
         methods: ``name -> adapter(support_x, support_y) -> model``; ``model(query_x)`` gives logits.
         domains: ``name -> ImageDataset``.
         shots: shot counts to run.
-        memory_episodes: episodes per (method, domain, shot) whose adaptation runs under the memory
-            profiler (kept out of the timings).
+        memory_episodes: episodes per (method, shot, support shape) whose adaptation runs under the
+            memory profiler (kept out of the timings). Peak memory depends on the shapes, not on the
+            domain, so domains with the same image size share these runs.
 
     Returns:
         One :class:`FewShotResult` per (method, domain, shot).
     """
     results: Dict[tuple, FewShotResult] = {}
+    profiled: Dict[tuple, int] = {}  # (method, shot, support shape) -> peak bytes of its profiled runs
+    runs: Dict[tuple, int] = {}
     total = len(list(shots)) * len(domains) * episodes
     bar = tqdm(total=total, desc="few-shot benchmark", disable=not progress, unit="episode")
     for shot in shots:
@@ -73,9 +76,12 @@ def evaluate_few_shot(methods: Mapping[str, Adapter], domains: Mapping[str, obje
             for i, ep in enumerate(sampler.episodes(episodes)):
                 for mname, adapt in methods.items():
                     res = results.setdefault((mname, dname, shot), FewShotResult(mname, dname, shot))
-                    if i < memory_episodes:
+                    key = (mname, shot, tuple(ep.support_x.shape))
+                    if runs.get(key, 0) < memory_episodes:
                         _, peak = peak_memory(lambda: adapt(ep.support_x, ep.support_y))
-                        res.peak_bytes = max(res.peak_bytes, peak)
+                        runs[key] = runs.get(key, 0) + 1
+                        profiled[key] = max(profiled.get(key, 0), peak)
+                    res.peak_bytes = max(res.peak_bytes, profiled.get(key, 0))
                     model, secs = wall_time(lambda: adapt(ep.support_x, ep.support_y))
                     with torch.no_grad():
                         pred = model(ep.query_x).argmax(-1)
