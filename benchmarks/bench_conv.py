@@ -92,15 +92,7 @@ CASES = [pytest.param(arch, s, id=f"{arch}-s{int(round(100 * s))}")
 
 def _prune(model: nn.Module, sparsity: float, linear: bool) -> None:
     """Per-layer magnitude masks on every conv (and, when ``linear``, every linear) weight, as exact zeros."""
-    masks = magnitude_masks(model, sparsity)
-    if linear:
-        for name, m in model.named_modules():
-            if isinstance(m, nn.Linear):
-                w = m.weight.detach().abs().flatten()
-                drop = int(round(sparsity * w.numel()))
-                masks[name] = m.weight.detach().abs() > torch.kthvalue(w, drop).values if drop else \
-                    torch.ones_like(m.weight, dtype=torch.bool)
-    apply_masks(model, masks)
+    apply_masks(model, magnitude_masks(model, sparsity, kinds=(nn.Conv2d, nn.Linear) if linear else (nn.Conv2d,)))
 
 
 def _set_threads(n: int) -> None:

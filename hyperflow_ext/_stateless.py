@@ -39,12 +39,11 @@ def _view(module: nn.Module, subs: Dict[int, torch.Tensor], memo: Dict[int, nn.M
     if id(module) in memo:  # a submodule used twice stays one object in the view
         return memo[id(module)]
     state = module.__dict__.copy()
-    if id(module) in hooks:  # the view's own hook dict: the user's module never sees the hook
-        state["_forward_hooks"] = OrderedDict(module._forward_hooks)
-        state["_forward_hooks"][-1 - len(state["_forward_hooks"])] = hooks[id(module)]
-    if id(module) in pre_hooks:
-        state["_forward_pre_hooks"] = OrderedDict(module._forward_pre_hooks)
-        state["_forward_pre_hooks"][-1 - len(state["_forward_pre_hooks"])] = pre_hooks[id(module)]
+    for attr, extra in (("_forward_hooks", hooks), ("_forward_pre_hooks", pre_hooks)):
+        if id(module) in extra:  # the view's own hook dict: the user's module never sees the hook
+            own = OrderedDict(getattr(module, attr))
+            own[-1 - len(own)] = extra[id(module)]
+            state[attr] = own
     view = module.__class__.__new__(module.__class__)
     object.__setattr__(view, "__dict__", state)  # bypass nn.Module.__setattr__: nothing is registered
     memo[id(module)] = view

@@ -10,6 +10,7 @@ from torch import nn
 from hyperflow_ext.prune import (MaskedConv2d, MaskedLinear, PowerLaw, PressureScheduler, Pruner, fit_power_law,
                                  keep_trajectory, magnitude_prune)
 from hyperflow_ext.prune._loop import TensorLoader, evaluate, predict
+from hyperflow_ext.prune.cnns import magnitude_masks
 from hyperflow_ext.sparse import SparseConv2d, SparseLinear
 
 
@@ -436,3 +437,19 @@ def test_hyperflows_end_to_end_on_images_keeps_accuracy():
     p.fit(loader, epochs=6, regrowth_epochs=2, progress=False)
     assert evaluate(model, TensorLoader(x, y, 64)) > 0.9
     assert abs(p.sparsity()["overall"] - 0.7) <= 0.05
+
+
+def test_magnitude_masks_cover_the_layer_kinds_asked_for():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    convs = magnitude_masks(model, 0.75)
+    both = magnitude_masks(model, 0.75, kinds=(nn.Conv2d, nn.Linear))
+    assert set(convs) == {"0"} and set(both) == {"0", "2"}
+    assert torch.equal(both["0"], convs["0"])
+    w = model[2].weight.detach().abs()  # each layer keeps its own largest quarter
+    assert int(both["2"].sum()) == w.numel() - int(round(0.75 * w.numel()))
+    assert bool((w[both["2"]].min() > w[~both["2"]].max()))
+    with pytest.raises(ValueError, match="no Linear layer"):
+        magnitude_masks(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5, kinds=(nn.Linear,))
+    with pytest.raises(TypeError, match="kinds must be"):
+        magnitude_masks(model, 0.5, kinds=nn.Linear)

@@ -112,7 +112,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         # same-shaped tasks in one batch
         z, feats, shifts = encode_tasks(flow.encoder, support_x, support_y, ways, probe, flow.reference_means)
         states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
-        return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, True,
+        return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, stats,
                         _theta0_features(backbone, flow, feats[i]), shifts[i])
                 for i, (sx, sy, w) in enumerate(zip(support_x, support_y, ways))]
     way, batched = check_support(op, backbone, support_x, support_y, way)
@@ -126,7 +126,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     states = _integrate(backbone, flow, z, steps, solver, horizon, times, backend, guard, ood_radius)
     if not batched:
         return _finish(backbone, flow, {h: s[0] for h, s in states.items()}, horizon, support_x, support_y, way,
-                       select, True, _theta0_features(backbone, flow, feats[0]), shifts[0])
+                       select, stats, _theta0_features(backbone, flow, feats[0]), shifts[0])
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], support_x, support_y, way, flow.metric,
                                 flow.scale)
@@ -156,10 +156,11 @@ def _probe(backbone: nn.Module, flow: HyperFlow, skip_batchnorm: bool) -> Option
 
 
 def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tensor], horizon: float,
-            sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, buffers: bool,
+            sx: torch.Tensor, sy: torch.Tensor, way: int, select: bool, support_stats: bool,
             theta0_features: Optional[torch.Tensor] = None,
             aligned_shift: Optional[torch.Tensor] = None) -> AdaptedProtoNet:
-    """One task's model: the state at ``horizon``, or the candidate its support set prefers."""
+    """One task's model: the state at ``horizon``, or the candidate its support set prefers
+    (``support_stats``: BatchNorm statistics re-estimated on the support set are a candidate)."""
     if not select:
         model = AdaptedProtoNet(backbone, flow.subset, states[horizon], sx, sy, way, flow.metric, flow.scale)
         model.selection = None
@@ -183,7 +184,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
                                      None)
         except ValueError as err:
             warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=3)
-    if buffers and has_batchnorm_stats(backbone):
+    if support_stats:
         candidates["support statistics"] = (theta0, "support")
     return choose_candidate(backbone, flow.subset, candidates, sx, sy, way, flow.metric, flow.scale,
                             fallback=f"flow@{horizon:g}", features=features, pseudo_x=pseudo)

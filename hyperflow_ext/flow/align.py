@@ -11,7 +11,7 @@ puts the support set's channel means back where they were on meta-training data.
   images (:meth:`HyperFlow.fit` does this), as a ``(P,)`` vector in the flow's parameter layout.
 * :class:`NormMeanProbe` measures the same means on a support set at ``θ_0`` from inside any
   forward, in parts: :func:`fused_adapt` attaches it to the task encoder's own forward, so the
-  candidate costs no forward to build. :func:`aligned_theta` turns them into the candidate.
+  candidate costs no forward to build. :meth:`NormMeanProbe.shifts` turns them into the bias shifts.
 
 Every layer is measured at ``θ_0``, not after the shifts of the layers before it (which would need
 the whole support set in one forward, or one pass per layer): on the GroupNorm Conv4 study both
@@ -34,7 +34,7 @@ from .._stateless import stateless_view
 from .params import ParamSubset
 
 __all__ = ["aligned_norms", "norm_output_means", "NormMeanProbe", "probe_shifts", "reference_means",
-           "aligned_theta", "align_to_reference"]
+           "align_to_reference"]
 
 _CHANNELS_FIRST = (nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
@@ -163,6 +163,14 @@ class NormMeanProbe:
             out[:, offset:offset + channels] = rows.view(tasks, images // tasks, channels).mean(dim=1)
         return out
 
+    def shifts(self, reference: torch.Tensor, images: int, tasks: int = 1) -> torch.Tensor:
+        """``(tasks, P)`` float64 bias shifts ``reference − means`` in the slots of the layers this probe
+        read (zero elsewhere, whatever ``reference`` holds there). Raises like :meth:`means`."""
+        mask = torch.zeros(self.numel, dtype=torch.float64)
+        for offset, channels, _ in self.norms.values():
+            mask[offset:offset + channels] = 1.0
+        return (reference.double().cpu() - self.means(images, tasks)) * mask
+
 
 def probe_shifts(probe: Optional[NormMeanProbe], reference: Optional[torch.Tensor], images: int,
                  tasks: int) -> List[Optional[torch.Tensor]]:
@@ -172,18 +180,15 @@ def probe_shifts(probe: Optional[NormMeanProbe], reference: Optional[torch.Tenso
     if probe is None or reference is None or not probe.norms:
         return [None] * tasks
     try:
-        means = probe.means(images, tasks)
+        return list(probe.shifts(reference, images, tasks))
     except ValueError as err:  # e.g. a norm module the forward calls twice: the other candidates remain
         warnings.warn(f"fused_adapt: no aligned candidate for this backbone ({err})", RuntimeWarning, stacklevel=4)
         return [None] * tasks
-    mask = torch.zeros(probe.numel, dtype=torch.float64)
-    for offset, channels, _ in probe.norms.values():
-        mask[offset:offset + channels] = 1.0
-    return list((reference.double().cpu() - means) * mask)
 
 
-def _probe_forward(backbone: nn.Module, subset: ParamSubset, images: Iterable[torch.Tensor]) -> Tuple[torch.Tensor, int]:
-    """Image-weighted ``(P,)`` means over ``images`` batches at ``θ_0`` and the image count."""
+def _probe_forward(backbone: nn.Module, subset: ParamSubset, images: Iterable[torch.Tensor]) -> Tuple[NormMeanProbe, int]:
+    """A probe that read every aligned layer in forwards of the ``images`` batches at ``θ_0``, and the
+    image count."""
     probe = NormMeanProbe(backbone, subset)
     view = stateless_view(backbone, forward_pre_hooks=probe.hooks)
     count = 0
@@ -193,7 +198,7 @@ def _probe_forward(backbone: nn.Module, subset: ParamSubset, images: Iterable[to
             count += batch.shape[0]
     if count == 0:
         raise ValueError("reference_means: no images")
-    return probe.means(count)[0], count
+    return probe, count
 
 
 def reference_means(backbone: nn.Module, subset: ParamSubset, images: Iterable[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -209,18 +214,8 @@ def reference_means(backbone: nn.Module, subset: ParamSubset, images: Iterable[t
     """
     if not aligned_norms(backbone, subset):
         return None
-    means, _ = _probe_forward(backbone, subset, images)
-    return means.to(subset.vector(backbone).dtype)
-
-
-def aligned_theta(theta0: torch.Tensor, reference: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """``θ_0`` with every aligned bias moved by ``reference − means`` (both zero outside the aligned
-    slots, so nothing else moves).
-
-    Shape:
-        - theta0: ``(P,)``; reference: ``(P,)``; means: ``(P,)`` or ``(tasks, P)``; returns like ``means``.
-    """
-    return theta0 + (reference.double().to(means.device) - means).to(theta0)
+    probe, count = _probe_forward(backbone, subset, images)
+    return probe.means(count)[0].to(subset.vector(backbone).dtype)
 
 
 def align_to_reference(backbone: nn.Module, subset: ParamSubset, theta0: torch.Tensor, reference: torch.Tensor,
@@ -236,5 +231,5 @@ def align_to_reference(backbone: nn.Module, subset: ParamSubset, theta0: torch.T
     """
     if not aligned_norms(backbone, subset):
         raise ValueError("align_to_reference: no norm layer's bias is among the adapted parameters")
-    means, _ = _probe_forward(backbone, subset, support_x.tensor_split(max(1, min(parts, support_x.shape[0]))))
-    return aligned_theta(theta0, reference, means)
+    probe, count = _probe_forward(backbone, subset, support_x.tensor_split(max(1, min(parts, support_x.shape[0]))))
+    return theta0 + probe.shifts(reference, count)[0].to(theta0)

@@ -66,8 +66,7 @@ def evaluate_few_shot(methods: Mapping[str, Adapter], domains: Mapping[str, obje
         One :class:`FewShotResult` per (method, domain, shot).
     """
     results: Dict[tuple, FewShotResult] = {}
-    profiled: Dict[tuple, int] = {}  # (method, shot, support shape) -> peak bytes of its profiled runs
-    runs: Dict[tuple, int] = {}
+    profiled: Dict[tuple, List[int]] = {}  # (method, shot, support shape) -> [profiled runs, peak bytes]
     total = len(list(shots)) * len(domains) * episodes
     bar = tqdm(total=total, desc="few-shot benchmark", disable=not progress, unit="episode")
     for shot in shots:
@@ -76,12 +75,11 @@ def evaluate_few_shot(methods: Mapping[str, Adapter], domains: Mapping[str, obje
             for i, ep in enumerate(sampler.episodes(episodes)):
                 for mname, adapt in methods.items():
                     res = results.setdefault((mname, dname, shot), FewShotResult(mname, dname, shot))
-                    key = (mname, shot, tuple(ep.support_x.shape))
-                    if runs.get(key, 0) < memory_episodes:
+                    seen = profiled.setdefault((mname, shot, tuple(ep.support_x.shape)), [0, 0])
+                    if seen[0] < memory_episodes:
                         _, peak = peak_memory(lambda: adapt(ep.support_x, ep.support_y))
-                        runs[key] = runs.get(key, 0) + 1
-                        profiled[key] = max(profiled.get(key, 0), peak)
-                    res.peak_bytes = max(res.peak_bytes, profiled.get(key, 0))
+                        seen[0], seen[1] = seen[0] + 1, max(seen[1], peak)
+                    res.peak_bytes = max(res.peak_bytes, seen[1])
                     model, secs = wall_time(lambda: adapt(ep.support_x, ep.support_y))
                     with torch.no_grad():
                         pred = model(ep.query_x).argmax(-1)

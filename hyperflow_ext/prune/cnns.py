@@ -93,8 +93,10 @@ class ResNetStyle(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "layer") -> Dict[str, torch.Tensor]:
-    """Magnitude masks (``True`` = kept) over every ``Conv2d`` weight of ``model``.
+def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "layer",
+                    kinds: Tuple[type, ...] = (nn.Conv2d,)) -> Dict[str, torch.Tensor]:
+    """Magnitude masks (``True`` = kept) over every ``Conv2d`` weight of ``model`` (every weight of the
+    module types in ``kinds``).
 
     Args:
         model: the network.
@@ -103,20 +105,25 @@ def magnitude_masks(model: nn.Module, sparsity: float, scope: str = "layer") -> 
             ``"global"``: one threshold across all layers. On untrained (initialised) weights the global
             rule empties the wide layers, whose weights scale as ``1/√fan_in``, so speed benchmarks use
             ``"layer"``.
+        kinds: the module types whose weights are masked, e.g. ``(nn.Conv2d, nn.Linear)``.
 
     Returns:
-        ``{conv name: bool mask shaped like its weight}``.
+        ``{layer name: bool mask shaped like its weight}``.
 
     Raises:
-        ValueError: ``sparsity`` outside ``[0, 1]``, an unknown scope, or no ``Conv2d`` in the model.
+        ValueError: ``sparsity`` outside ``[0, 1]``, an unknown scope, or no layer of ``kinds`` in the model.
+        TypeError: ``kinds`` is not a tuple of module classes.
     """
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"magnitude_masks: sparsity must be in [0, 1], got {sparsity!r}")
     if scope not in ("layer", "global"):
         raise ValueError(f"magnitude_masks: scope must be 'layer' or 'global', got {scope!r}")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if not (isinstance(kinds, tuple) and kinds
+            and all(isinstance(k, type) and issubclass(k, nn.Module) for k in kinds)):
+        raise TypeError(f"magnitude_masks: kinds must be a non-empty tuple of nn.Module classes, got {kinds!r}")
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
     if not convs:
-        raise ValueError("magnitude_masks: the model has no Conv2d layer")
+        raise ValueError(f"magnitude_masks: the model has no {' or '.join(k.__name__ for k in kinds)} layer")
     groups = [list(convs)] if scope == "global" else [[n] for n in convs]
     masks: Dict[str, torch.Tensor] = {}
     for names in groups:
