@@ -292,6 +292,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         cfg.episodes = args.episodes
     if args.shots:
         cfg.shots = args.shots
+    if args.full_finetune:
+        cfg.full_finetune = True
     report = run_demo(Path(args.out or "hyperflow-report"), cfg, cache_dir=args.cache_dir, progress=not args.quiet,
                       command="hyperflow " + " ".join(sys.argv[1:]))
     print(f"report -> {report}")
@@ -322,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (about 2 minutes on 2 cores)")
     p.add_argument("--episodes", type=int, default=None, help="few-shot episodes per domain and shot count")
     p.add_argument("--shots", type=int, nargs="+", default=None, help="shot counts to evaluate (default: 1 5)")
+    p.add_argument("--full-finetune", action="store_true",
+                   help="also evaluate full fine-tuning (an upper reference that costs as much as bias tuning again)")
 
     for name, fn, text in (("pretrain", cmd_pretrain, "pretrain (or load the cached) backbone on the source scripts"),
                            ("meta-train", cmd_meta_train, "record fine-tuning trajectories and train a drift network"),

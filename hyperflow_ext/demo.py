@@ -24,7 +24,7 @@ from . import __version__, native
 from ._io import atomic_path, cache_dir as resolve_cache_dir
 from .data import EpisodeSampler, fewshot_benchmark
 from .flow import DriftTrainConfig, HyperFlow, flow_path, fused_adapt
-from .flow.baselines import LR_GRID, direct_transfer, finetune_adapt, tune_lr
+from .flow.baselines import direct_transfer, finetune_adapt, tune_lr
 from .flow.evaluate import FewShotResult, evaluate_few_shot, summarise
 from .flow.functional import features_with, finetune, support_loss
 from .models import load_pretrained
@@ -51,15 +51,15 @@ class DemoConfig:
     traj_query: int = 5              # queries per class in trajectory episodes
     traj_shots: List[int] = field(default_factory=lambda: [1, 5])
     perturbations: int = 2
-    finetune_lr: Optional[float] = None   # None: tuned on held-out meta-training episodes (tune_lr)
-    full_finetune_lr: Optional[float] = None
-    lr_tasks: int = 20                    # meta-training episodes that score the learning-rate grids
-    lr_grid: Optional[List[float]] = None  # None: hf.flow.baselines.LR_GRID
+    finetune_lr: Optional[float] = None   # None: the rate fit's recipe chose on meta-training episodes
+    full_finetune: bool = False           # also evaluate full fine-tuning (as costly as bias tuning again)
+    full_finetune_lr: Optional[float] = None  # None: tuned on held-out meta-training episodes (tune_lr)
+    lr_tasks: int = 20                    # meta-training episodes that score full fine-tuning's grid
     drift_iters: int = 600
     horizons: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     horizon_tasks: int = 60          # held-out meta-training episodes that pick the horizon
     adapt_steps: int = 50
-    episodes: int = 40
+    episodes: int = 30
     shots: List[int] = field(default_factory=lambda: [1, 5])
     domains: Optional[List[str]] = None  # None: every target of fewshot_benchmark
     loss_curve_episodes: int = 10
@@ -72,8 +72,8 @@ class DemoConfig:
     def quick(cls, seed: int = 0) -> "DemoConfig":
         return cls(seed=seed, pretrain_epochs=1, traj_tasks=8, traj_steps=20,
                    traj_query=2, perturbations=1, drift_iters=100,
-                   horizons=[0.5, 1.0], horizon_tasks=4, lr_tasks=4, lr_grid=[3e-3, 1e-2, 3e-2],
-                   full_finetune_lr=1e-3, adapt_steps=20, episodes=4, domains=["Lao~contrast", "digits"],
+                   horizons=[0.5, 1.0], horizon_tasks=4, lr_tasks=4,
+                   full_finetune=True, full_finetune_lr=1e-3, adapt_steps=20, episodes=4, domains=["Lao~contrast", "digits"],
                    loss_curve_episodes=2, prune_quick=True, power_law_gammas=[0.1, 0.3, 1.0, 3.0, 10.0],
                    kernel_sparsities=[0.9, 0.98])
 
@@ -108,19 +108,23 @@ def held_out_episodes(domains, seed: int):
 FULL_FINETUNE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
-def _tuned_lrs(backbone, meta, cfg: DemoConfig, progress: bool) -> Dict[str, dict]:
-    """Fine-tuning learning rates for bias tuning (also the recipe HyperFlow emulates) and full
-    fine-tuning, each chosen on held-out meta-training episodes unless the config fixes it."""
-    out: Dict[str, dict] = {}
-    for key, params, grid, fixed in (("bias", "bias", cfg.lr_grid or LR_GRID, cfg.finetune_lr),
-                                     ("all", "all", FULL_FINETUNE_GRID, cfg.full_finetune_lr)):
-        if fixed is not None:
-            out[key] = {"lr": fixed, "chosen_by": "config"}
-            continue
-        choice = tune_lr(backbone, held_out_episodes(meta, cfg.seed), params, grid, cfg.lr_tasks, cfg.adapt_steps,
-                         progress=progress)
-        out[key] = {"chosen_by": "tune_lr", **choice.as_dict()}
-    return out
+def _full_finetune_lr(backbone, meta, cfg: DemoConfig, progress: bool) -> dict:
+    """Full fine-tuning's learning rate, chosen on held-out meta-training episodes unless the config fixes it."""
+    if cfg.full_finetune_lr is not None:
+        return {"lr": cfg.full_finetune_lr, "chosen_by": "config"}
+    choice = tune_lr(backbone, held_out_episodes(meta, cfg.seed), "all", FULL_FINETUNE_GRID, cfg.lr_tasks,
+                     cfg.adapt_steps, progress=progress)
+    return {"chosen_by": "tune_lr", **choice.as_dict()}
+
+
+def _bias_lr(cfg: DemoConfig, flow: HyperFlow) -> dict:
+    """Bias tuning's learning rate: the config's, else the one fit's recipe chose on (shifted)
+    meta-training episodes, i.e. the fine-tuning HyperFlow emulates before its reach."""
+    if cfg.finetune_lr is not None:
+        return {"lr": cfg.finetune_lr, "chosen_by": "config"}
+    recipe = flow.recipe
+    keep = ("lr", "chosen_by", "accuracy", "unadapted", "loss_drop", "tasks")
+    return {k: recipe[k] for k in keep if k in recipe}
 
 
 def _loss_curves(backbone, flows: Dict[str, HyperFlow], domains, cfg: DemoConfig,
@@ -203,10 +207,10 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
     backbone = st.run("pretrain", lambda: load_pretrained("conv4-glyphs", cache_dir=cache_dir, progress=progress,
                                                           datasets=pre_data, seed=cfg.seed, **train_kw),
                       lambda b: f"conv4 backbone, {sum(p.numel() for p in b.parameters())} parameters")
-    lrs = st.run("learning rates", lambda: _tuned_lrs(backbone, meta, cfg, progress),
-                 lambda r: f"bias tuning lr {r['bias']['lr']:g}, full fine-tuning lr {r['all']['lr']:g} "
-                           f"(on held-out meta-training episodes)")
-    bias_lr, full_lr = lrs["bias"]["lr"], lrs["all"]["lr"]
+    lrs: Dict[str, dict] = {}
+    if cfg.full_finetune:
+        lrs["all"] = st.run("learning rates", lambda: _full_finetune_lr(backbone, meta, cfg, progress),
+                            lambda r: f"full fine-tuning lr {r['lr']:g} (on held-out meta-training episodes)")
     store = resolve_cache_dir(cache_dir) / "trajectories"
     flows: Dict[str, HyperFlow] = {}
     horizon_scores: Dict[str, Dict[str, float]] = {}
@@ -233,9 +237,13 @@ def run_demo(out: Path, cfg: DemoConfig, cache_dir: Optional[Path] = None, progr
                                         f"horizon {f.horizon:g}")
         flows[label].save(out / f"drift-{interp}.safetensors")
 
+    lrs = {"bias": _bias_lr(cfg, flows["HyperFlow-C"]), **lrs}
+    bias_lr = lrs["bias"]["lr"]
     methods = {"direct transfer": lambda sx, sy: direct_transfer(backbone, sx, sy),
-               "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", cfg.adapt_steps, bias_lr),
-               "full fine-tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "all", cfg.adapt_steps, full_lr)}
+               "bias tuning": lambda sx, sy: finetune_adapt(backbone, sx, sy, "bias", cfg.adapt_steps, bias_lr)}
+    if cfg.full_finetune:
+        methods["full fine-tuning"] = lambda sx, sy: finetune_adapt(backbone, sx, sy, "all", cfg.adapt_steps,
+                                                                    lrs["all"]["lr"])
     # the headline: fused_adapt at its defaults (per-task choice); beside it the paper's plain integrations
     methods[DEFAULT_LABEL] = lambda sx, sy: fused_adapt(backbone, sx, sy, flow=flows["HyperFlow-C"],
                                                         steps=cfg.adapt_steps)

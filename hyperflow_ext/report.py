@@ -178,7 +178,8 @@ def write_report(out: Path, data: Dict[str, Any]) -> Path:
     horizons = _md_table(["method", "chosen horizon"] + [k for k in next(iter(hz.values()), {}).get("meta_val_accuracy", {})],
                          [[label, f"{h['chosen']:g}"] + [f"{100 * v:.2f}" for v in h["meta_val_accuracy"].values()]
                           for label, h in hz.items()]) if hz else "(not recorded)"
-    lr_rows = [[{"bias": "bias tuning (and HyperFlow's recorded fine-tuning)", "all": "full fine-tuning"}.get(k, k),
+    lr_rows = [[{"bias": "bias tuning (fit's recipe, which HyperFlow records at reach x this rate)",
+                 "all": "full fine-tuning"}.get(k, k),
                 f"{v['lr']:g}", v["chosen_by"],
                 ", ".join(f"{g}: {100 * a:.1f}" for g, a in v.get("accuracy", {}).items()) or "-"]
                for k, v in data.get("learning_rates", {}).items()]

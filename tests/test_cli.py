@@ -64,6 +64,13 @@ def test_demo_quick_writes_report_and_every_plot(demo_report):
         data = (demo_report / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     assert "HyperFlow-C" in text and "direct transfer" in text
+    data = json.loads((demo_report / "results.json").read_text())
+    from hyperflow_ext._io import load_tensors
+
+    _, meta = load_tensors(demo_report / "drift-cubic.safetensors")
+    # bias tuning runs at the rate fit's recipe chose; --quick opts in to full fine-tuning
+    assert data["learning_rates"]["bias"]["lr"] == meta["recipe"]["lr"]
+    assert {r["method"] for r in data["fewshot"]} >= {"bias tuning", "full fine-tuning"}
 
 
 def _glyph_folders(root: Path, cache: Path, n_classes=3, per_class=4):
@@ -142,3 +149,13 @@ def test_meta_train_refuses_a_checkpoint_of_another_run(cache, tmp_path):
 def test_bench_missing_folder(tmp_path):
     res = run("bench", "--path", tmp_path / "nowhere")
     assert res.returncode == 1 and "not found" in res.stderr
+
+
+def test_demo_full_finetune_is_opt_in():
+    from hyperflow_ext.cli import build_parser
+    from hyperflow_ext.demo import DemoConfig
+
+    assert not DemoConfig().full_finetune and DemoConfig.quick().full_finetune
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--full-finetune"]).full_finetune
+    assert not parser.parse_args(["demo"]).full_finetune
