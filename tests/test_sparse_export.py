@@ -56,7 +56,9 @@ def test_sparsify_folds_fuses_and_matches(cls):
         mod = sparse.get_submodule(r["name"])
         sparse_kind = isinstance(mod, (SparseConv2d, SparseLinear))
         assert sparse_kind == (r["kind"] == "sparse")
-        assert (r["kind"] == "dense") == (r["dense_ms"] < r["sparse_ms"])  # the documented rule
+        # the documented rule: the faster alone, except a layer kept sparse for the depth-first program
+        kept_for_program = r["kind"] == "sparse" and r["depth_first"] and "kept sparse" in r["reason"]
+        assert (r["kind"] == "dense") == (r["dense_ms"] < r["sparse_ms"]) or kept_for_program, r
 
 
 def test_sparsify_without_example_input_makes_everything_sparse_and_keeps_the_original():

@@ -15,7 +15,8 @@ from hyperflow_ext import native
 from hyperflow_ext.prune.cnns import ResNetStyle, VGGStyle
 from hyperflow_ext.sparse import export, load, save, sparsify
 from hyperflow_ext.sparse.fx_passes import fuse_network
-from hyperflow_ext.sparse.network import STEP_COLUMN, STEP_FIELDS, SparseConvNet
+from hyperflow_ext.sparse import SparseConv2d
+from hyperflow_ext.sparse.network import CONV, STEP_COLUMN, STEP_FIELDS, SparseConvNet
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native extension not built")
 
@@ -47,9 +48,23 @@ def test_fused_chain_matches_dense_and_layer_by_layer(cls, dtype, threads, nativ
             got = fused(x)
             torch.testing.assert_close(got, want, **TOL[dtype])
             torch.testing.assert_close(got, layered(x), **TOL[dtype])
+    prog = next(iter(fused.sparse_net._programs.values()))
     if cls is ResNetStyle:  # each 1x1 stride-2 shortcut reads what its block's first convolution packed
-        prog = next(iter(fused.sparse_net._programs.values()))
         assert int((prog.steps[:, STEP_COLUMN["prepacked"]] == 2).sum()) == 3
+    # every convolution writes rows whose pitch is its packed row width (whole-register stores): the
+    # stride-2 ones through a lane pitch one past their natural width
+    border = prog.slot_size[1].tolist()
+    steps = [dict(zip(STEP_FIELDS, row)) for row in prog.steps.tolist()]
+    widened = 0
+    for t, st in enumerate(steps):
+        if st["kind"] != CONV:
+            continue
+        natural = (st["w"] + 2 * st["pw"] + st["sw"] - 1) // st["sw"]
+        assert st["lane_pitch"] == 0 or st["lane_pitch"] > natural
+        widened += st["lane_pitch"] > 0
+        if t < len(steps) - 1:
+            assert st["ow"] + 2 * border[st["out"]] == (st["lane_pitch"] or natural), st
+    assert widened == (6 if cls is ResNetStyle else 0)  # 3 stride-2 convolutions and their shortcuts
 
 
 class _Odd(nn.Module):
@@ -221,7 +236,7 @@ HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "hf_conv_net
 
 
 def test_step_fields_mirror_the_native_struct():
-    assert len(STEP_FIELDS) == native.cpu_module().conv_net_step_fields == 26
+    assert len(STEP_FIELDS) == native.cpu_module().conv_net_step_fields == 27
     if not HEADER.exists():
         pytest.skip("no csrc/ beside the tests")
     body = re.search(r"struct ConvNetStep \{(.*?)\};", HEADER.read_text(encoding="utf-8"), re.S).group(1)
@@ -250,6 +265,22 @@ def test_native_program_checks():
     steps[0, STEP_COLUMN["kind"]] = 7
     with pytest.raises(ValueError, match="unknown step kind"):
         mod.sparse_conv_net(*args)
+
+
+def test_lane_pitch_is_checked():
+    mod = native.cpu_module()
+    conv = SparseConv2d.from_conv2d(nn.Conv2d(4, 8, 3, stride=2, padding=1))
+    csr = conv.csr()
+    off = torch.empty(csr.nnz, dtype=torch.int32)
+    geometry = dict(rowptr=csr.crow_indices.data_ptr(), col=csr.col_indices.data_ptr(), val=csr.values.data_ptr(),
+                    x=1, bias=0, y=1, n=1, in_c=4, h=10, w=10, out_c=8, ho=5, wo=5, kh=3, kw=3, sh=2, sw=2, ph=1,
+                    pw=1, dh=1, dw=1, nnz=csr.nnz, xs_n=0, xs_c=100, xs_h=10, xs_w=1, ys_n=0, ys_c=25, ys_h=5,
+                    ys_w=1, res=0, rs_n=0, rs_c=0, rs_h=0, rs_w=0, batch_block=1, off=off.data_ptr(), algo=0,
+                    relu=False, dtype=0, itype=0, stream=0)
+    assert mod.sparse_conv2d_offsets(**geometry, lane_pitch=7)  # natural width 6
+    for bad in (5, 1000, -1):
+        with pytest.raises(ValueError, match="lane_pitch"):
+            mod.sparse_conv2d_offsets(**geometry, lane_pitch=bad)
 
 
 def test_dense_and_sparse_heads_run_inside_the_program():

@@ -44,9 +44,16 @@ void bind_conv(pybind11::module_& m) {
   if constexpr (std::is_same_v<Tag, CpuTag>) {
     m.def("sparse_conv2d_batch_block", [](HF_CONV_SIG) { return sparse_conv2d_batch_block(HF_CONV_PARAMS); },
           HF_CONV_PY_ARGS, "Samples per packed group that sparse_conv2d picks for batch_block = 0.");
-    m.def("sparse_conv2d_offsets", [](HF_CONV_SIG) { return sparse_conv2d_offsets(HF_CONV_PARAMS); }, HF_CONV_PY_ARGS,
-          py::call_guard<py::gil_scoped_release>(),
-          "Fill off (nnz int32) with the tap offsets for this geometry and batch_block; False if 64-bit are needed.");
+    m.def(
+        "sparse_conv2d_offsets",
+        [](HF_CONV_SIG, i64 lane_pitch) {
+          SparseConvParams p = HF_CONV_PARAMS;
+          p.lane_pitch = lane_pitch;
+          return sparse_conv2d_offsets(p);
+        },
+        HF_CONV_PY_ARGS, py::arg("lane_pitch") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Fill off (nnz int32) with the tap offsets for this geometry, batch_block and lane_pitch (the network "
+        "executor's packed row width, 0: the natural one); False if 64-bit are needed.");
   }
 }
 

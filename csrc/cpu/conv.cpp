@@ -75,13 +75,25 @@ inline void copy_row_stride2(T* __restrict d, const T* __restrict s, std::int64_
 #endif
 }
 
+#if defined(HF_SPARSE_SIMD)
+// The last, partial register of a row (lanes [i, n) of d): a whole store when the lanes past n are
+// among the `spill` cells after the row that are rewritten later, else a masked one (a microcoded
+// instruction on AMD's AVX2).
 template <typename T>
-inline void zero_row(T* __restrict d, std::int64_t n) {
+inline void store_row_tail(T* __restrict d, std::int64_t i, std::int64_t n, std::int64_t spill,
+                           typename cpu::Simd<T>::R v) {
+  using S = cpu::Simd<T>;
+  if (i + S::W - n <= spill) S::store(d + i, v); else S::store(S::tail(n - i), d + i, v);
+}
+#endif
+
+template <typename T>
+inline void zero_row(T* __restrict d, std::int64_t n, std::int64_t spill = 0) {
 #if defined(HF_SPARSE_SIMD)
   using S = cpu::Simd<T>;
   std::int64_t i = 0;
   for (; i + S::W <= n; i += S::W) S::store(d + i, S::zero());
-  if (i < n) S::store(S::tail(n - i), d + i, S::zero());
+  if (i < n) store_row_tail(d, i, n, spill, S::zero());
 #else
   std::fill(d, d + n, T(0));
 #endif
@@ -99,7 +111,7 @@ Packing plan(const SparseConvParams& p, std::int64_t nb) {
   k.groups = (p.n + nb - 1) / nb;
   k.phases = p.sh * p.sw;
   k.hq = (p.h + 2 * p.ph + p.sh - 1) / p.sh;
-  k.wq = (p.w + 2 * p.pw + p.sw - 1) / p.sw;
+  k.wq = std::max(packed_row_width(p), p.lane_pitch);
   k.plane = k.hq * k.wq * nb;
   k.gsize = p.in_c * k.phases * k.plane;
   k.grid = ((p.ho - 1) * k.wq + p.wo) * nb;
@@ -218,22 +230,22 @@ void pack_channel_stride2(const SparseConvParams& p, const Packing& k, const T* 
     for (std::int64_t r = 0; r < k.hq; ++r) {
       T* __restrict even_row = even_plane + r * k.wq;
       T* __restrict odd_row = odd_plane + r * k.wq;
+      const std::int64_t spill = (k.hq - 1 - r) * k.wq;  // the plane's later rows, written after this one
       const std::int64_t yy = 2 * r + py - p.ph;
       if (yy < 0 || yy >= p.h) {
-        if (even_used) zero_row(even_row, k.wq);
-        if (odd_used) zero_row(odd_row, k.wq);
+        if (even_used) zero_row(even_row, k.wq, spill);
+        if (odd_used) zero_row(odd_row, k.wq, spill);
         continue;
       }
       const T* __restrict s = x + gi * p.xs_n + c * p.xs_c + yy * p.xs_h;
       for (std::int64_t q0 = 0; q0 < k.wq; q0 += W) {  // padded columns 2 q0 .. 2 q0 + 2W, source - pw
         const typename S::R a = padded_lanes(s, 2 * q0 - p.pw, p.w), b = padded_lanes(s, 2 * q0 + W - p.pw, p.w);
-        const std::int64_t m = std::min(W, k.wq - q0);
-        if (m == W) {
+        if (q0 + W <= k.wq) {
           if (even_used) S::store(even_row + q0, S::even(a, b));
           if (odd_used) S::store(odd_row + q0, S::odd(a, b));
         } else {
-          if (even_used) S::store(S::tail(m), even_row + q0, S::even(a, b));
-          if (odd_used) S::store(S::tail(m), odd_row + q0, S::odd(a, b));
+          if (even_used) store_row_tail(even_row, q0, k.wq, spill, S::even(a, b));
+          if (odd_used) store_row_tail(odd_row, q0, k.wq, spill, S::odd(a, b));
         }
       }
     }
@@ -369,28 +381,56 @@ void row_segments(const SparseConvParams& p, const Packing& k, std::int64_t i0, 
   }
 }
 
-// emit for gather_row_emit: act(acc + bias[o] + residual) of output channel o stored through the runs.
+// emit for gather_row_emit: act(acc + bias[o] + residual) of output channel o. Two ways out:
+// * keep (y rows at the lane pitch, see SparseConvParams::y_gaps_zero): yo is the tile's lane 0 and
+//   each register is one whole store, its gap lanes (columns past wo) zeroed by keep[register]; a masked
+//   store only for the tile's last, partial register. AVX2's masked store is microcoded on AMD (about
+//   a third of a 98 %-sparse ResNet's time went to the run stores), hence this path.
+// * otherwise through the runs of segs: yo is (sample, channel o) and each run a masked store.
+// The residual comes the same two ways: ro at the tile's lane 0 when res_pitch, else through the runs.
 template <typename T>
 struct FusedStore {
   using S = cpu::Simd<T>;
   const RowSeg<T>* segs;
   std::int64_t nseg;
-  T* yo;        // y of (sample, channel o)
-  const T* ro;  // residual of (sample, channel o), or null
+  const typename S::M* keep;  // per register: lanes of real output columns; null: store through the runs
+  T* yo;
+  const T* ro;  // residual, or null
+  bool res_pitch;
   typename S::R bias;
   bool relu;
-  inline __attribute__((always_inline)) void operator()(std::int64_t c, typename S::R a, typename S::M) const {
-    const RowSeg<T>* sr = segs + (c / S::W) * nseg;
+  inline __attribute__((always_inline)) void operator()(std::int64_t c, typename S::R a, typename S::M m) const {
+    const RowSeg<T>* sr = segs ? segs + (c / S::W) * nseg : nullptr;
     typename S::R v = S::add(a, bias);
-    if (ro) {
+    if (ro && res_pitch) {
+      v = S::add(v, m ? S::loadz(m, ro + c) : S::load(ro + c));  // m == 0: a full register
+    } else if (ro) {
       typename S::R add = S::zero();
       for (std::int64_t s = 0; s < nseg; ++s) add = S::add(add, S::loadz(sr[s].mask, ro + sr[s].roff));
       v = S::add(v, add);
     }
     if (relu) v = S::max(S::zero(), v);  // NaN stays NaN (max returns its second operand then)
+    if (keep) {
+      v = S::zero_unless(keep[c / S::W], v);
+      if (m) S::store(m, yo + c, v); else S::store(yo + c, v);
+      return;
+    }
     for (std::int64_t s = 0; s < nseg; ++s) S::store(sr[s].mask, yo + sr[s].yoff, v);
   }
 };
+
+// keep[r]: the lanes of register r (of a tile of len lanes from an output row start) whose column
+// (lane % wq) is a real output column (< wo).
+template <typename T>
+void column_masks(std::int64_t wq, std::int64_t wo, std::int64_t len, typename cpu::Simd<T>::M* keep) {
+  using M = typename cpu::Simd<T>::M;
+  constexpr std::int64_t W = cpu::Simd<T>::W;
+  for (std::int64_t r = 0; r * W < len; ++r) {
+    std::uint32_t bits = 0;
+    for (std::int64_t l = 0; l < W; ++l) bits |= static_cast<std::uint32_t>((r * W + l) % wq < wo) << l;
+    keep[r] = static_cast<M>(bits);
+  }
+}
 #endif
 
 // bias + ReLU over one output channel's tile (contiguous, vectorised).
@@ -513,13 +553,21 @@ void conv_packed(const SparseConvParams& p, std::int64_t nb, int threads, bool i
     const T* src = packed_g + g0;
 #if defined(HF_SPARSE_SIMD)
     if (fused) {
-      const std::int64_t nseg = max_runs(k.wq, W);
-      RowSeg<T>* segs = scratch<RowSeg<T>>(3, (len + W - 1) / W * nseg);
-      row_segments<T>(p, k, i0, len, nseg, segs);
-      const T* res = p.res ? ptr<const T>(p.res) + gi * p.rs_n : nullptr;
+      using M = typename cpu::Simd<T>::M;
+      const std::int64_t nreg = (len + W - 1) / W;
+      // lane l of the tile is y's cell i0 * ys_h + l when rows sit at the lane pitch
+      const bool y_pitch = p.ys_h == k.wq && (p.wo == k.wq || p.y_gaps_zero);
+      const bool res_pitch = p.res && p.rs_h == k.wq;
+      const std::int64_t nseg = y_pitch && (!p.res || res_pitch) ? 0 : max_runs(k.wq, W);
+      RowSeg<T>* segs = nseg ? scratch<RowSeg<T>>(3, nreg * nseg) : nullptr;
+      if (segs) row_segments<T>(p, k, i0, len, nseg, segs);
+      M* keep = y_pitch ? scratch<M>(5, nreg) : nullptr;
+      if (keep) column_masks<T>(k.wq, p.wo, len, keep);
+      const T* res = p.res ? ptr<const T>(p.res) + gi * p.rs_n + (res_pitch ? i0 * p.rs_h : 0) : nullptr;
+      T* y = op.y + gi * p.ys_n + (y_pitch ? i0 * p.ys_h : 0);
       for (std::int64_t o = o_begin; o < o_end; ++o) {
         const std::int64_t j0 = op.rowptr[o], j1 = op.rowptr[o + 1];
-        const FusedStore<T> st{segs, nseg, op.y + gi * p.ys_n + o * p.ys_c, res ? res + o * p.rs_c : nullptr,
+        const FusedStore<T> st{segs, nseg, keep, y + o * p.ys_c, res ? res + o * p.rs_c : nullptr, res_pitch,
                                cpu::Simd<T>::set1(op.bias ? op.bias[o] : T(0)), p.relu};
         cpu::gather_row_emit(off + j0, op.val + j0, j1 - j0, src, 1, len, st);
       }

@@ -115,6 +115,7 @@ SparseConvParams conv_params(const ConvNetStep& s, int dtype, int itype) {
   q.out_c = s.oc; q.ho = s.oh; q.wo = s.ow;
   q.kh = s.kh; q.kw = s.kw; q.sh = s.sh; q.sw = s.sw; q.ph = s.ph; q.pw = s.pw; q.dh = s.dh; q.dw = s.dw;
   q.nnz = s.nnz;
+  q.lane_pitch = s.lane_pitch;
   q.batch_block = 1;
   q.algo = 0;
   q.relu = s.relu != 0;
@@ -153,7 +154,7 @@ void check_program(const ConvNetParams& p) {
       const ConvNetStep* a = t > 0 ? &steps[t - 1] : nullptr;
       need(a && s.kind == kNetConv && a->kind == kNetConv && !a->prepacked && a->in == s.in && a->c == s.c &&
                a->h == s.h && a->w == s.w && a->kh == s.kh && a->kw == s.kw && a->sh == s.sh && a->sw == s.sw &&
-               a->ph == s.ph && a->pw == s.pw && a->dh == s.dh && a->dw == s.dw,
+               a->ph == s.ph && a->pw == s.pw && a->dh == s.dh && a->dw == s.dw && a->lane_pitch == s.lane_pitch,
            "a reused packed input needs the previous step to be a convolution of the same geometry");
     }
     need(s.prepacked >= 0 && s.prepacked <= 2, "bad prepacked mode");
@@ -229,6 +230,9 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
       }
       q.y = reinterpret_cast<std::uintptr_t>(out.p);
       q.ys_c = out.sc; q.ys_h = out.sh; q.ys_w = 1;
+      // the border between rows is zero (clear_border) and may be rewritten with zeros; not in a team,
+      // where clear_border runs beside the convolution
+      q.y_gaps_zero = !team && !last && border[s.out] > 0;
       if (s.res > 0) {
         const MapView<T> r = view(s.res, s.oh, s.ow);
         q.res = reinterpret_cast<std::uintptr_t>(r.p);

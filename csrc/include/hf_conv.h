@@ -34,6 +34,13 @@ struct SparseConvParams {
   // CPU, set only by the network executor (never by the bindings): x is already the packed buffer of
   // one sample (stride 1, planes of (h + 2 ph) x (w + 2 pw) with a zero border, xs_* their strides).
   bool prepacked = false;
+  // CPU, network executor only: the cells between y's rows (each row's ys_h - wo cells past wo) are a
+  // zero border this call may write zeros to, so rows laid out with the packed lane pitch (ys_h == the
+  // packed row width) take whole-register stores instead of one masked store per row run.
+  bool y_gaps_zero = false;
+  // CPU, network executor and sparse_conv2d_offsets only: packed rows of at least this many lanes (0: the
+  // geometry's own width, packed_row_width), so that output rows with this pitch take those stores.
+  std::int64_t lane_pitch = 0;
 };
 
 HF_ISA_BEGIN
@@ -103,6 +110,9 @@ bool sparse_conv2d_team_pays(const SparseConvParams& p);
 template <typename T>
 const T* sparse_conv2d_packed_scratch(const SparseConvParams& p);
 
+// Lanes of one packed input row of one sample before lane_pitch: the padded width over the column stride.
+inline std::int64_t packed_row_width(const SparseConvParams& p) { return (p.w + 2 * p.pw + p.sw - 1) / p.sw; }
+
 // An empty batch or no output channels: nothing to write (both back-ends return first).
 inline bool nothing_to_do(const SparseConvParams& p) { return p.n == 0 || p.out_c == 0; }
 
@@ -117,10 +127,12 @@ inline void check(const SparseConvParams& p) {
   require(p.nnz == 0 || (p.col && p.val && (p.x || p.n == 0)), "sparse_conv2d: null pointer");
   require(p.batch_block >= 0 && (p.algo == 0 || p.algo == 1), "sparse_conv2d: bad batch_block or algo");
   require(p.off == 0 || p.batch_block > 0, "sparse_conv2d: precomputed offsets need an explicit batch_block");
+  require(p.lane_pitch == 0 || (p.lane_pitch >= packed_row_width(p) && p.lane_pitch <= 2 * packed_row_width(p) + 16),
+          "sparse_conv2d: lane_pitch must be 0 or at least the packed row width (and not far past it)");
   // Stride 1: the executor's zero-bordered planes, described by xs_*; otherwise the phase-split buffer
   // sparse_conv2d_packed_scratch gives (what the previous call of the same geometry packed).
   require(!p.prepacked || (p.n == 1 && p.batch_block == 1 && p.algo == 0 &&
-                           (p.sh * p.sw > 1 || (p.xs_w == 1 && p.xs_h == p.w + 2 * p.pw &&
+                           (p.sh * p.sw > 1 || (p.lane_pitch == 0 && p.xs_w == 1 && p.xs_h == p.w + 2 * p.pw &&
                                                 p.xs_c == (p.h + 2 * p.ph) * p.xs_h))),
           "sparse_conv2d: a prepacked input must be one sample's packed buffer");
 }

@@ -32,9 +32,11 @@ struct ConvNetStep {
                                              // linear (c x 1 x 1 -> oc x 1 x 1): val the oc x c row-major weight, bias
   std::int64_t prepacked;        // convolutions: 0 pack the input; 1 read the input slot in place (stride 1,
                                  // padding = its border); 2 read what the previous step (same geometry) packed
+  std::int64_t lane_pitch;       // convolutions: packed row width (SparseConvParams::lane_pitch; 0: natural),
+                                 // the output slot's row pitch where that saves masked stores; off matches it
 };
-constexpr std::int64_t kConvNetStepFields = 26;
-static_assert(sizeof(ConvNetStep) == kConvNetStepFields * sizeof(std::int64_t), "ConvNetStep must be 26 int64");
+constexpr std::int64_t kConvNetStepFields = 27;
+static_assert(sizeof(ConvNetStep) == kConvNetStepFields * sizeof(std::int64_t), "ConvNetStep must be 27 int64");
 
 struct ConvNetParams {
   std::uintptr_t steps;      // nsteps ConvNetStep

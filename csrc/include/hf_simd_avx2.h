@@ -63,6 +63,7 @@ struct Simd<float> {
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  static R zero_unless(M m, R v) { return _mm256_and_ps(v, _mm256_castsi256_ps(vmask(m))); }  // +0 outside m
   // The even / odd lanes of the 2W values a, b (a's first): shuffle in 128-bit halves, then order
   // the 64-bit pairs.
   static R even(R a, R b) {
@@ -125,6 +126,7 @@ struct Simd<double> {
   static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm256_add_pd(a, b); }
   static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static R zero_unless(M m, R v) { return _mm256_and_pd(v, _mm256_castsi256_pd(vmask(m))); }
   static R even(R a, R b) { return _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xD8); }
   static R odd(R a, R b) { return _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), 0xD8); }
   static R expandz(M m, const double* p) {

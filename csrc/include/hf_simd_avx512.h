@@ -44,6 +44,7 @@ struct Simd<float> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  static R zero_unless(M m, R v) { return _mm512_maskz_mov_ps(m, v); }  // +0 outside m
   // Element-wise arithmetic for the flow step's register type (csrc/cpu/flowacc.cpp).
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
@@ -93,6 +94,7 @@ struct Simd<double> {
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R max(R a, R b) { return _mm512_max_pd(a, b); }  // b where either is NaN
+  static R zero_unless(M m, R v) { return _mm512_maskz_mov_pd(m, v); }
   static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
   static R div(R a, R b) { return _mm512_div_pd(a, b); }

@@ -41,7 +41,7 @@ CONV, MAX_POOL, AVG_POOL, LINEAR = 0, 1, 2, 3
 #: output map of one sample; kernel, stride, padding, dilation; then the convolution's nonzeros, ReLU, CSR
 #: arrays, bias and tap offsets (a dense head's weight goes in ``val``), and how it gets its packed input.
 STEP_FIELDS = ("kind", "in", "res", "out", "c", "h", "w", "oc", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw",
-               "dh", "dw", "nnz", "relu", "rowptr", "col", "val", "bias", "off", "prepacked")
+               "dh", "dw", "nnz", "relu", "rowptr", "col", "val", "bias", "off", "prepacked", "lane_pitch")
 #: field name -> its column in a program's ``steps`` tensor
 STEP_COLUMN = {name: i for i, name in enumerate(STEP_FIELDS)}
 _GEOMETRY = ("kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")
@@ -202,6 +202,36 @@ class SparseConvNet(nn.Module):
                 return False
         return True
 
+    def _borders(self, modules: Sequence[nn.Module]) -> Dict[int, int]:
+        """The zero border of each map slot, in order of precedence:
+
+        1. read by a stride-1 convolution with square padding p: p, so that convolution reads the slot in place
+           as its packed input (the first such reader decides);
+        2. read as the residual of a convolution with square padding p: p, the border its output gets by rule 3,
+           so the residual's rows have the pitch of the output's;
+        3. read or written by a convolution with square padding p (any stride): p. A 3x3/p1 layer then writes
+           rows whose pitch is its packed row width, and stores whole registers instead of masked row runs.
+        Borders only place the maps; the results are the same under any choice.
+        """
+        def square_padding(s) -> Optional[int]:
+            conv = modules[s.module]
+            return int(conv.padding[0]) if conv.padding[0] == conv.padding[1] else None
+
+        convs = [s for s in self.steps if s.kind == CONV]
+        border: Dict[int, int] = {}
+        for s in convs:
+            if s.inp > 0 and s.inp not in border and tuple(modules[s.module].stride) == (1, 1) \
+                    and square_padding(s) is not None:
+                border[s.inp] = square_padding(s)
+        for s in convs:
+            if s.res > 0 and square_padding(s) is not None:
+                border.setdefault(s.res, square_padding(s))
+        for s in convs:
+            for v in (s.inp, s.out):
+                if v > 0 and square_padding(s) is not None:
+                    border.setdefault(v, square_padding(s))
+        return border
+
     def _build(self, x: torch.Tensor, modules: Sequence[nn.Module]) -> Optional[_Program]:
         kinds = {s.module: s.kind for s in self.steps if s.module >= 0}
         allowed = {CONV: (SparseConv2d,), LINEAR: (nn.Linear, SparseLinear)}
@@ -213,14 +243,7 @@ class SparseConvNet(nn.Module):
             last_use[s.inp] = i
             if s.res >= 0:
                 last_use[s.res] = i
-        # A map read by a stride-1 convolution with square padding p is stored with a zero border of p, so
-        # that convolution reads it in place as its packed input (the first such reader decides).
-        border: Dict[int, int] = {}
-        for s in self.steps:
-            if s.kind == CONV and s.inp > 0 and s.inp not in border:
-                conv = modules[s.module]
-                if tuple(conv.stride) == (1, 1) and conv.padding[0] == conv.padding[1]:
-                    border[s.inp] = int(conv.padding[0])
+        border = self._borders(modules)
         built: List[Dict[str, int]] = []  # one {field: value} per step
         keep: List[torch.Tensor] = []
         codes = set()
@@ -267,22 +290,30 @@ class SparseConvNet(nn.Module):
                     reuse = True
                 else:
                     reuse = False
+                prepacked = 2 if reuse else int(s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1))
+                # Packed rows as wide as the output slot's rows (a stride-2 layer's natural width is one short
+                # of them): the convolution then stores whole registers. A prepacked slot fixes its own width.
+                natural = (w + 2 * pw + sw - 1) // sw
+                pitch = ow + 2 * border.get(s.out, 0)
+                lane_pitch = (prev["lane_pitch"] if reuse
+                              else pitch if prepacked == 0 and natural < pitch <= natural + 2 else 0)
                 off = torch.empty(max(1, csr.nnz), dtype=torch.int32)
                 geometry = dict(rowptr=csr.crow_indices.data_ptr(), col=col.data_ptr(),
                                 val=csr.values.data_ptr(), x=1, bias=0, y=1, n=1, in_c=c, h=h, w=w, out_c=oc, ho=oh,
                                 wo=ow, kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, xs_n=0,
                                 xs_c=h * w, xs_h=w, xs_w=1, ys_n=0, ys_c=oh * ow, ys_h=ow, ys_w=1, res=0, rs_n=0,
                                 rs_c=0, rs_h=0, rs_w=0, batch_block=1, off=off.data_ptr(), algo=0, relu=relu,
-                                dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[csr.crow_indices.dtype], stream=0)
+                                dtype=FLOAT_CODES[x.dtype], itype=INDEX_CODES[csr.crow_indices.dtype], stream=0,
+                                lane_pitch=lane_pitch)
                 if not mod.sparse_conv2d_offsets(**geometry):
                     return None
                 keep += [off, col, csr.crow_indices, csr.col_indices, csr.values] + ([bias] if bias is not None else [])
                 codes.add((FLOAT_CODES[x.dtype], INDEX_CODES[csr.crow_indices.dtype]))
                 multiply_adds += csr.nnz * oh * ow
-                prepacked = 2 if reuse else int(s.inp > 0 and (sh, sw) == (1, 1) and ph == pw == border.get(s.inp, -1))
                 step.update(kh=kh, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, dh=dh, dw=dw, nnz=csr.nnz, relu=int(relu),
                             rowptr=csr.crow_indices.data_ptr(), col=col.data_ptr(), val=csr.values.data_ptr(),
-                            bias=0 if bias is None else bias.data_ptr(), off=off.data_ptr(), prepacked=prepacked)
+                            bias=0 if bias is None else bias.data_ptr(), off=off.data_ptr(), prepacked=prepacked,
+                            lane_pitch=lane_pitch)
             elif s.kind == MAX_POOL:
                 kh, kw, sh, sw = s.pool
                 if h < kh or w < kw:
