@@ -230,9 +230,9 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
       }
       q.y = reinterpret_cast<std::uintptr_t>(out.p);
       q.ys_c = out.sc; q.ys_h = out.sh; q.ys_w = 1;
-      // the border between rows is zero (clear_border) and may be rewritten with zeros; not in a team,
-      // where clear_border runs beside the convolution
-      q.y_gaps_zero = !team && !last && border[s.out] > 0;
+      // the border between rows is zero (clear_border, done before the convolution starts) and may be
+      // rewritten with zeros
+      q.y_gaps_zero = !last && border[s.out] > 0;
       if (s.res > 0) {
         const MapView<T> r = view(s.res, s.oh, s.ow);
         q.res = reinterpret_cast<std::uintptr_t>(r.p);
@@ -258,7 +258,7 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
 #pragma omp barrier
         master_ran = false;
       }
-#pragma omp single nowait
+#pragma omp single  // (its barrier: the convolution may write zeros over the border too)
       clear_border();
       sparse_conv2d_on<T, I>(q, threads, true);
 #pragma omp barrier
