@@ -6,13 +6,13 @@
   both layouts. The fastest of these is returned, so the result is never slower than dense torch on
   that input (within timing noise); when a dense candidate wins, every layer record says so and why.
 * **Without one** (:func:`dense_above`): a layer whose density is above its ISA path's threshold stays
-  dense. The thresholds are break-even densities read off whole-model measurements of
-  benchmarks/bench_conv.py (VGG / ResNet, batch 32, 2 threads, against dense torch at the same ISA), the
-  sparse time taken as proportional to density: AVX-512 2.05-2.51x at 10 % density (README, quiet
-  machine) -> about 0.2, kept at 0.15; AVX2 0.67x at 10 %, 0.95x at 5 %, 2.13x at 2 % (issue 25, an AVX2
-  EPYC, before the AVX2 path existed) -> about 0.045, kept at 0.04. The baseline path was not measured
-  against dense torch: 0.02 is a conservative guess, as is 0.01 for the torch fallback. Per-layer
-  measurements on AVX2 hardware should replace these.
+  dense. The thresholds come from whole-model break-even points: ``sparsify(model, dense_above=None)``
+  (every layer sparse) against the same masked model run dense by torch in its better layout, interleaved,
+  batch 32, 2 threads, the four CNNs of benchmarks/bench_conv.py at 50-95 % per-layer magnitude sparsity
+  (2026-12-07, AMD EPYC, torch capped to the same ISA; the host also ran two low-priority studies).
+  Worst model per density: AVX-512 0.72x at 0.3, 1.08x at 0.2, 1.40x at 0.15 -> 0.15; AVX2 0.92x at 0.3,
+  1.37x at 0.2 -> 0.2; baseline (torch at SSE4.1) 0.68x at 0.3, 0.82x at 0.2, 1.09x at 0.15, 1.55x at
+  0.1 -> 0.1. The torch fallback (no extension) keeps a conservative 0.01.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 # Highest density at which a layer is made sparse when nothing is timed, per ISA path of the native
 # kernels (hyperflow_ext.native.isa()); "torch" when the extension is missing (torch's CSR fallback).
-DENSITY_THRESHOLDS: Dict[str, float] = {"avx512": 0.15, "avx2": 0.04, "baseline": 0.02, "torch": 0.01}
+DENSITY_THRESHOLDS: Dict[str, float] = {"avx512": 0.15, "avx2": 0.2, "baseline": 0.1, "torch": 0.01}
 
 
 def dense_above(setting: Any) -> Optional[float]:
