@@ -203,13 +203,14 @@ void pack_channel(const SparseConvParams& p, const Packing& k, const T* __restri
 }
 
 #if defined(HF_SPARSE_SIMD)
-// Lanes [begin, begin + W) of a row of w elements, zero outside [0, w): reads only s[0, w).
+// Lanes [begin, begin + W) of a row of w elements, zero outside [0, w): reads only s[0, w), or, when the
+// row has a zero border of `border` cells on each side, one plain load wherever that covers the lanes.
 template <typename T>
-inline typename cpu::Simd<T>::R padded_lanes(const T* s, std::int64_t begin, std::int64_t w) {
+inline typename cpu::Simd<T>::R padded_lanes(const T* s, std::int64_t begin, std::int64_t w, std::int64_t border) {
   using S = cpu::Simd<T>;
+  if (begin >= -border && begin + S::W <= w + border) return S::load(s + begin);
   const std::int64_t lo = std::max<std::int64_t>(0, -begin), hi = std::min<std::int64_t>(S::W, w - begin);
   if (hi <= lo) return S::zero();
-  if (lo == 0 && hi == S::W) return S::load(s + begin);
   const auto m = static_cast<typename S::M>(((std::uint32_t{1} << hi) - 1u) & ~((std::uint32_t{1} << lo) - 1u));
   return S::expandz(m, s + begin + lo);
 }
@@ -239,7 +240,8 @@ void pack_channel_stride2(const SparseConvParams& p, const Packing& k, const T* 
       }
       const T* __restrict s = x + gi * p.xs_n + c * p.xs_c + yy * p.xs_h;
       for (std::int64_t q0 = 0; q0 < k.wq; q0 += W) {  // padded columns 2 q0 .. 2 q0 + 2W, source - pw
-        const typename S::R a = padded_lanes(s, 2 * q0 - p.pw, p.w), b = padded_lanes(s, 2 * q0 + W - p.pw, p.w);
+        const typename S::R a = padded_lanes(s, 2 * q0 - p.pw, p.w, p.x_border);
+        const typename S::R b = padded_lanes(s, 2 * q0 + W - p.pw, p.w, p.x_border);
         if (q0 + W <= k.wq) {
           if (even_used) S::store(even_row + q0, S::even(a, b));
           if (odd_used) S::store(odd_row + q0, S::odd(a, b));

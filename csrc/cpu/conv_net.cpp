@@ -227,6 +227,7 @@ void run_sample(const ConvNetParams& p, std::int64_t b, T* acts, const std::int6
       } else {  // (in a team the previous step may have packed on another thread: pack again)
         q.x = reinterpret_cast<std::uintptr_t>(in.p);
         q.xs_c = in.sc; q.xs_h = in.sh; q.xs_w = in.sw;
+        q.x_border = s.in > 0 ? border[s.in] : 0;
       }
       q.y = reinterpret_cast<std::uintptr_t>(out.p);
       q.ys_c = out.sc; q.ys_h = out.sh; q.ys_w = 1;

@@ -41,6 +41,9 @@ struct SparseConvParams {
   // CPU, network executor and sparse_conv2d_offsets only: packed rows of at least this many lanes (0: the
   // geometry's own width, packed_row_width), so that output rows with this pitch take those stores.
   std::int64_t lane_pitch = 0;
+  // CPU, network executor only: every plane of x has a zero border of this many cells around its h x w
+  // interior (x points at the interior), which packing may read instead of masking.
+  std::int64_t x_border = 0;
 };
 
 HF_ISA_BEGIN
