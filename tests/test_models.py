@@ -488,3 +488,31 @@ def test_batchnorm_conv4_and_resnet8_run_in_eval_mode():
         with torch.no_grad():
             one, full = net(x[:1]), net(x)
         torch.testing.assert_close(one, full[:1])  # eval mode: running statistics, no batch coupling
+
+
+def test_conv4_runs_forward_hooks_on_its_norms_without_autograd():
+    """The in-place GroupNorm kernel path must not skip a user's hooks: a norm with a forward hook (on the
+    module or global) runs through the module, with the same output."""
+    torch.manual_seed(0)
+    net = build_backbone("conv4").eval()
+    norm = next(m for m in net.modules() if isinstance(m, nn.GroupNorm))
+    x = torch.randn(2, net.in_channels, 32, 32)
+    with torch.no_grad():
+        plain = net(x)
+    seen = []
+    handle = norm.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        with torch.no_grad():
+            hooked = net(x)
+    finally:
+        handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(hooked, plain)
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: seen.append(type(m)) if m is norm else None)
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    assert seen[-1] is nn.GroupNorm

@@ -20,6 +20,7 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module  # global hooks: the fused path must not skip them
 
 from .. import native
 from .._checks import FLOAT_CODES, check_int
@@ -64,12 +65,13 @@ def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Ten
     place by the native kernel behind :func:`~.norm.group_norm_`: no second full-size map, half the
     block's peak memory. This runs once per block on small batches, so the checks the kernel
     relies on are made here, directly, instead of through the public wrapper's full validation.
-    Any other case runs the modules as usual, and so does a norm module with a forward hook marked
-    ``rewrites_output`` or a forward pre-hook not marked ``reads_only``; pre-hooks marked so run
+    Any other case runs the modules as usual, and so does a norm module with a forward hook (the
+    kernel would skip it) or a forward pre-hook not marked ``reads_only``; pre-hooks marked so run
     before the kernel, as the module call would run them.
     """
     if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
-            and not any(getattr(h, "rewrites_output", False) for h in norm._forward_hooks.values())
+            and not norm._forward_hooks and not _torch_module._global_forward_hooks
+            and not _torch_module._global_forward_pre_hooks
             and all(getattr(h, "reads_only", False) for h in norm._forward_pre_hooks.values())
             and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
             and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
