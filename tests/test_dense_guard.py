@@ -33,31 +33,32 @@ def _fake_times(winner):
     return fake
 
 
-def test_whole_model_kept_dense_when_dense_is_faster(monkeypatch):
-    model, x = _model(0.5), torch.randn(2, 3, 32, 32)
-    monkeypatch.setattr(_dense_guard, "interleaved_times", _fake_times(4))  # "folded", NCHW
+def _guarded(monkeypatch, sparsity, winner):
+    """sparsify with an example input under timings that make candidate `winner` fastest; the model, input,
+    export and report, after checking the export computes what the model does."""
+    model, x = _model(sparsity), torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(_dense_guard, "interleaved_times", _fake_times(winner))
     out, report = sparsify(model, x, time_budget_s=0.01)
+    with torch.inference_mode():
+        torch.testing.assert_close(out(x), model(x), atol=1e-4, rtol=1e-4)
+    return model, out, report
+
+
+def test_whole_model_kept_dense_when_dense_is_faster(monkeypatch):
+    _, out, report = _guarded(monkeypatch, 0.5, winner=4)  # "folded", NCHW
     assert not any(isinstance(m, SparseConv2d) for m in out.modules())
     assert any(isinstance(m, DenseConv2d) for m in out.modules())  # folded and fused, every layer dense
     assert all(r["kind"] == "dense" and r["reason"].startswith("whole model faster dense") for r in report)
-    with torch.inference_mode():
-        torch.testing.assert_close(out(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_dense_original_in_channels_last_when_that_wins(monkeypatch):
-    model, x = _model(0.5), torch.randn(2, 3, 32, 32)
-    monkeypatch.setattr(_dense_guard, "interleaved_times", _fake_times(2))  # "dense_channels_last"
-    out, report = sparsify(model, x, time_budget_s=0.01)
+    model, out, report = _guarded(monkeypatch, 0.5, winner=2)  # "dense_channels_last"
     assert out is not model and out.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert "kept dense_channels_last" in report[0]["reason"]
-    with torch.inference_mode():
-        torch.testing.assert_close(out(x), model(x), atol=1e-4, rtol=1e-4)
 
 
 def test_export_kept_when_it_is_faster(monkeypatch):
-    model, x = _model(0.95), torch.randn(2, 3, 32, 32)
-    monkeypatch.setattr(_dense_guard, "interleaved_times", _fake_times(0))  # "export"
-    out, report = sparsify(model, x, time_budget_s=0.01)
+    _, out, report = _guarded(monkeypatch, 0.95, winner=0)  # "export"
     assert any(isinstance(m, SparseConv2d) for m in out.modules()) or any(
         "depth_first" in r and r["depth_first"] for r in report)
     assert all(r["reason"].startswith(("timed alone", "faster dense alone")) for r in report)
