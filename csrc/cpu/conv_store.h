@@ -148,9 +148,13 @@ template <typename T>
 void column_masks(std::int64_t wq, std::int64_t wo, std::int64_t len, typename cpu::Simd<T>::M* keep) {
   using M = typename cpu::Simd<T>::M;
   constexpr std::int64_t W = cpu::Simd<T>::W;
+  std::int64_t j = 0;  // column of the current lane, stepped (no division per lane: this runs per tile)
   for (std::int64_t r = 0; r * W < len; ++r) {
     std::uint32_t bits = 0;
-    for (std::int64_t l = 0; l < W; ++l) bits |= static_cast<std::uint32_t>((r * W + l) % wq < wo) << l;
+    for (std::int64_t l = 0; l < W; ++l) {
+      bits |= static_cast<std::uint32_t>(j < wo) << l;
+      if (++j == wq) j = 0;
+    }
     keep[r] = static_cast<M>(bits);
   }
 }
