@@ -1,7 +1,8 @@
 """Few-shot adaptation: HyperFlow's fused_adapt vs autograd fine-tuning, time and peak memory.
 
-A 5-way 1-shot and a 5-way 5-shot task on a Conv4 backbone (28x28 inputs), 50 steps for every
-method. The drift network is fitted on a handful of synthetic trajectories: its speed does not
+A 5-way 1-shot and a 5-way 5-shot task on a Conv4 backbone with GroupNorm and with BatchNorm
+(28x28 inputs), 50 steps for every method (``fused_adapt_low_memory``: ``low_memory=True``, which
+changes only the BatchNorm case). The drift network is fitted on a handful of synthetic trajectories: its speed does not
 depend on how well it was trained. Each test records, from the same run:
 
 * ``speedup_vs_bias_tuning`` — median time of bias tuning / median time of this method, timed
@@ -22,12 +23,14 @@ STEPS, SHOTS = 50, (1, 5)
 WAY = 5  # as in conftest.trained
 
 
-@pytest.fixture(params=SHOTS, ids=lambda shot: f"{shot}shot")
-def setup(request, trained):
-    backbone, flow = trained
-    gen = torch.Generator().manual_seed(request.param)
-    sx = torch.rand(WAY * request.param, 1, 28, 28, generator=gen)
-    sy = torch.arange(WAY).repeat_interleave(request.param)
+@pytest.fixture(params=[(shot, norm) for norm in ("group", "batch") for shot in SHOTS],
+                ids=lambda p: f"{p[0]}shot-{p[1]}norm")
+def setup(request):
+    shot, norm = request.param
+    backbone, flow = request.getfixturevalue("trained" if norm == "group" else "trained_batchnorm")
+    gen = torch.Generator().manual_seed(shot)
+    sx = torch.rand(WAY * shot, 1, 28, 28, generator=gen)
+    sy = torch.arange(WAY).repeat_interleave(shot)
     return backbone, sx, sy, flow
 
 
@@ -36,6 +39,7 @@ METHODS = {
     "full_finetuning": lambda b, sx, sy, f: finetune_adapt(b, sx, sy, "all", STEPS, 1e-3),
     "fused_adapt_native": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="native"),
     "fused_adapt_torch": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="torch"),
+    "fused_adapt_low_memory": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, low_memory=True),
 }
 
 

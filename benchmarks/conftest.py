@@ -27,8 +27,19 @@ WAY = 5  # classes per task of the adaptation benchmarks
 def trained():
     """A Conv4 backbone (random weights) and a HyperFlow fitted on four tiny 5-way tasks: timing
     fixtures for the adaptation benchmarks (the drift's accuracy is not what they measure)."""
+    return fitted_flow("group")
+
+
+@pytest.fixture(scope="module")
+def trained_batchnorm():
+    """:func:`trained` on a BatchNorm Conv4 (support statistics are then a candidate)."""
+    return fitted_flow("batch")
+
+
+def fitted_flow(norm: str):
+    """``(backbone, flow)``: a Conv4 with ``norm`` and a flow fitted on four tiny 5-way tasks."""
     torch.manual_seed(0)
-    backbone = Conv4().eval()
+    backbone = Conv4(norm=norm).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     sx = torch.rand(WAY * 5, 1, 28, 28)

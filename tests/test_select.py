@@ -226,3 +226,88 @@ def test_batch_statistics_give_the_features_of_their_own_forward():
     torch.testing.assert_close(again, feats, atol=1e-5, rtol=1e-5)  # eval mode with them = that forward
     first = next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert not torch.equal(stats["features.1.running_mean"], first.running_mean)
+
+
+class _Residual(torch.nn.Module):
+    """BatchNorm in a residual branch and after the sum; one BatchNorm layer never runs."""
+
+    def __init__(self, shared: bool = False, running: bool = True):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        self.branch = torch.nn.Sequential(torch.nn.Conv2d(6, 6, 3, padding=1),
+                                          torch.nn.BatchNorm2d(6, track_running_stats=running))
+        self.post = self.stem[1] if shared else torch.nn.BatchNorm2d(6)
+        self.unused = torch.nn.BatchNorm2d(6)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(24, 10),
+                                        torch.nn.BatchNorm1d(10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(self.post(h + self.branch(h))))
+
+
+def _randomised(backbone):
+    for m in backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return backbone.eval()
+
+
+@pytest.mark.parametrize("make", [lambda: Conv4(hidden=8, norm="batch"), _Residual],
+                         ids=["conv4", "residual"])
+@pytest.mark.parametrize("parts", [2, 5, 9])
+def test_batch_statistics_in_parts_are_those_of_the_whole_batch(make, parts):
+    torch.manual_seed(3)
+    backbone = _randomised(make())
+    x = torch.rand(9, 1, 16, 16) * 2 + 0.5  # means far from zero: the pooled variance must not cancel
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    whole, feats = batch_statistics(backbone, x)
+    split, split_feats = batch_statistics(backbone, x, parts=parts)
+    assert split.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], atol=1e-5, rtol=1e-5, msg=k)
+    torch.testing.assert_close(split_feats, feats, atol=1e-4, rtol=1e-4)
+    if make is _Residual:  # a layer the forward never reaches keeps the fresh buffers, as in one forward
+        assert torch.equal(split["unused.running_mean"], torch.zeros(6))
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kind", ["shared", "no running statistics"])
+def test_batch_statistics_in_parts_fall_back_to_one_forward(kind):
+    """A BatchNorm called twice, or one normalising each batch by itself, has no exact statistics
+    from parts: the whole batch runs instead, with the same result."""
+    torch.manual_seed(4)
+    backbone = _randomised(_Residual(shared=kind == "shared", running=kind != "shared"))
+    x = torch.rand(8, 1, 8, 8) + 0.5
+    whole, feats = batch_statistics(backbone, x)
+    split, split_feats = batch_statistics(backbone, x, parts=4)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], msg=k)
+    torch.testing.assert_close(split_feats, feats)
+
+
+@pytest.mark.parametrize("parts", [0, -1, 1.5, True])
+def test_batch_statistics_reject_bad_parts(parts):
+    with pytest.raises(ValueError, match="parts"):
+        batch_statistics(Conv4(hidden=4, norm="batch").eval(), torch.rand(4, 1, 8, 8), parts=parts)
+
+
+def test_low_memory_adaptation_chooses_and_scores_like_the_default():
+    torch.manual_seed(0)
+    backbone = Conv4(hidden=8, norm="batch").eval()
+    flow = HyperFlow(backbone, params="bias", hidden=16)
+    ts = flow.record(_episodes(6), tasks=6, trajectory_steps=4, progress=False, lr=5e-2)
+    flow.fit(trajectories=ts, train_config=DriftTrainConfig(iters=10, eval_every=5), progress=False)
+    flow.record_reference(_episodes(4, seed=6))
+    for sx, sy in _episodes(3, seed=7):
+        fast = fused_adapt(backbone, sx, sy, flow=flow)
+        lean = fused_adapt(backbone, sx, sy, flow=flow, low_memory=True)
+        assert lean.selection["chosen"] == fast.selection["chosen"]
+        assert lean.selection["scores"].keys() == fast.selection["scores"].keys()
+        for name, score in fast.selection["scores"].items():
+            assert max(abs(a - b) for a, b in zip(lean.selection["scores"][name], score)) < 1e-4, name
+        torch.testing.assert_close(lean(sx), fast(sx), atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="low_memory"):
+        fused_adapt(backbone, sx, sy, flow=flow, low_memory="yes")

@@ -7,7 +7,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -55,23 +55,46 @@ def support_statistics(backbone: nn.Module, support_x: torch.Tensor, support_y: 
                            buffers=stats)
 
 
-def batch_statistics(backbone: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """Every BatchNorm layer's statistics of ``x`` (one forward, no gradients), and the features of
-    that forward.
+def batch_statistics(backbone: nn.Module, x: torch.Tensor,
+                     parts: int = 1) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """Every BatchNorm layer's statistics of ``x`` (no gradients), and the features at them.
 
     The variances are the ones BatchNorm normalises with in training mode (biased), so the
     backbone in eval mode with these buffers gives exactly the returned features.
+
+    With ``parts > 1`` no forward holds more than ``1/parts`` of ``x``: the statistics stay exact
+    (the same as one whole-batch forward, up to float rounding), at the price of one forward of
+    the parts per BatchNorm layer, each stopping at that layer (:func:`_statistics_in_parts`).
+
+    Shape:
+        - x: ``(n, ...)`` a batch the backbone takes; features ``(n, d)``.
 
     Returns:
         ``({"<layer>.running_mean" / ".running_var": tensor}, features (n, d))``.
 
     Raises:
-        ValueError: the backbone has no BatchNorm layer with running statistics.
+        ValueError: the backbone has no BatchNorm layer with running statistics, or a bad ``parts``.
     """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"batch_statistics: parts must be a positive int, got {parts!r}")
     norms = {n: m for n, m in backbone.named_modules()
              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
     if not norms:
         raise ValueError("support_statistics: the backbone has no BatchNorm layer with running statistics")
+    chunks = x.tensor_split(max(1, min(parts, x.shape[0])))
+    # a BatchNorm without running statistics normalises each part by its own: only the whole batch is exact
+    per_batch = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+                    for m in backbone.modules())
+    if len(chunks) > 1 and not per_batch:
+        found = _statistics_in_parts(backbone, norms, chunks)
+        if found is not None:
+            return found
+    return _statistics_whole(backbone, norms, x)
+
+
+def _statistics_whole(backbone: nn.Module, norms: Dict[str, nn.Module],
+                      x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`batch_statistics` in one forward: the view's BatchNorm layers in training mode."""
     fresh: Dict[str, torch.Tensor] = {}
     for n, m in norms.items():
         fresh[f"{n}.running_mean"] = torch.zeros_like(m.running_mean)
@@ -93,6 +116,76 @@ def batch_statistics(backbone: nn.Module, x: torch.Tensor) -> Tuple[Dict[str, to
         for n, size in sizes.items():  # running_var holds the unbiased variance; normalising used the biased
             fresh[f"{n}.running_var"].mul_((size - 1) / size if size > 1 else 1.0)
     return {k: v for k, v in fresh.items() if not k.endswith("num_batches_tracked")}, feats
+
+
+class _ReachedUnknown(BaseException):
+    """Raised by a BatchNorm layer's pre-hook to end a forward once its input has been measured
+    (a ``BaseException``, so a backbone's own ``except Exception`` cannot swallow it)."""
+
+
+def _statistics_in_parts(backbone: nn.Module, norms: Dict[str, nn.Module],
+                         chunks: Sequence[torch.Tensor]) -> Optional[Tuple[Dict[str, torch.Tensor], torch.Tensor]]:
+    """Exact BatchNorm statistics from forwards of ``chunks`` only.
+
+    A layer's statistics depend on those of every layer before it, so each round runs the chunks
+    up to the first layer not yet measured (in eval mode at the statistics found so far), pools
+    the channel means and variances of its input over the chunks (combined in float64), and stops there.
+    The last round, with every layer known, gives the features. ``None`` when the forward does
+    not allow it (a layer called twice, or the chunks reaching different layers first); the
+    caller then runs the whole batch.
+    """
+    known: Dict[str, torch.Tensor] = {}
+    moments: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, sum of squared deviations)
+    reached: List[str] = []
+    calls: Dict[str, int] = {}
+
+    def pre_hook(name: str):
+        def hook(module, args):
+            calls[name] = calls.get(name, 0) + 1
+            if f"{name}.running_mean" in known:
+                return None
+            inp = args[0].detach()
+            dims = [d for d in range(inp.dim()) if d != 1]
+            var, mean = torch.var_mean(inp, dim=dims, unbiased=False)
+            count = inp.numel() // inp.shape[1]
+            moments.append((count, mean.double(), var.double() * count))
+            reached.append(name)
+            raise _ReachedUnknown
+        return hook
+
+    pending = dict(norms)
+    with torch.no_grad():
+        while True:
+            moments.clear(), reached.clear()
+            view = stateless_view(backbone, known, forward_pre_hooks={n: pre_hook(n) for n in norms})
+            for n, m in view.named_modules():
+                if n in norms:
+                    m.training = False  # known layers normalise with the statistics found so far
+            feats = []
+            for chunk in chunks:
+                calls.clear()
+                try:
+                    feats.append(view(chunk))
+                except _ReachedUnknown:
+                    pass
+                if any(c > 1 for c in calls.values()):
+                    return None
+            if not reached:
+                for n, m in pending.items():  # never ran: the fresh buffers, as one forward leaves them
+                    known[f"{n}.running_mean"] = torch.zeros_like(m.running_mean)
+                    known[f"{n}.running_var"] = torch.ones_like(m.running_var)
+                return known, torch.cat(feats)
+            name = reached[0]
+            if len(reached) != len(chunks) or any(r != name for r in reached):
+                return None
+            count, mean, m2 = moments[0]
+            for c, mu, s in moments[1:]:  # pooled moments (Chan et al.)
+                delta = mu - mean
+                total = count + c
+                mean, m2, count = mean + delta * (c / total), m2 + s + delta * delta * (count * c / total), total
+            module = pending.pop(name)
+            known[f"{name}.running_mean"] = mean.to(module.running_mean)
+            known[f"{name}.running_var"] = (m2 / count).to(module.running_var)
 
 
 def finetune_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,

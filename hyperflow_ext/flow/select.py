@@ -111,8 +111,9 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
             is small, and a candidate that wins by less is as likely to hurt the queries as to help.
         features: ``{name: (shots, d)}`` support features already computed for some candidates
             (e.g. by the forward that built them); the others get one support forward each.
-        whole_batch: some candidate was built by a forward of the whole support set (so the
-            others need not go through in parts to keep the peak memory down).
+        whole_batch: run every support forward on the whole support set at once (faster; the
+            default runs :data:`SCORING_PARTS` equal parts, for a fraction of the peak memory, and
+            re-estimates BatchNorm statistics from one forward of the parts per layer).
         pseudo_x: when some class has a single shot, a second view of every support image
             (labelled like it, e.g. :func:`pseudo_shots`): the criterion then runs on the support
             set and these views together, with ``pseudo_margin``. The chosen model's prototypes
@@ -126,22 +127,22 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
 
     def model(name: str) -> AdaptedProtoNet:
         theta, buffers = candidates[name]
-        if isinstance(buffers, str):  # statistics and the features at them from one forward
-            buffers, features[name] = batch_statistics(backbone, support_x)
+        if isinstance(buffers, str):  # statistics and the features at them, from forwards of the parts
+            buffers, features[name] = batch_statistics(backbone, support_x, parts)
         return AdaptedProtoNet(backbone, subset, theta, support_x, support_y, way, metric, scale, buffers=buffers)
 
     single = bool((torch.bincount(support_y, minlength=way) < 2).any())
     if single and pseudo_x is not None and pseudo_x.shape != support_x.shape:
         raise ValueError(f"choose_candidate: pseudo_x must have the support set's shape {tuple(support_x.shape)}, "
                          f"got {tuple(pseudo_x.shape)}")
+    # parts lower the peak only when no candidate needed the whole support set in one forward
+    parts = 1 if whole_batch else SCORING_PARTS
     if single and pseudo_x is None:
         name = fallback if fallback in candidates else next(iter(candidates))
         chosen = model(name)
         chosen.selection = {"chosen": name, "scores": {}}
         return chosen
     models = {name: model(name) for name in candidates}
-    # parts lower the peak only when no candidate needed the whole support set in one forward
-    parts = 1 if any(isinstance(b, str) for _, b in candidates.values()) or whole_batch else SCORING_PARTS
     with torch.no_grad():
         for name, m in models.items():
             if name not in features:
