@@ -17,7 +17,7 @@ tuning's, measured in the same run.
 Usage::
 
     python studies/fewshot_study.py --norm batch --tasks 200 1000 [--episodes 100] [--shots 5]
-        [--no-augment] [--threads 1] [--out docs/fewshot-study/curve-batch.json]
+        [--no-augment] [--perturbations 0] [--threads 1] [--out docs/fewshot-study/curve-batch.json]
 """
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ def held_out(meta, seed: int):
 def fit_flow(backbone, meta, tasks: int, args) -> HyperFlow:
     """The README's path: fit at its defaults (recipe, augmentation, reach), then tune_horizon."""
     flow = HyperFlow(backbone, params="bias", seed=args.seed)
+    recording = {} if args.perturbations is None else {"perturbations": args.perturbations}
     flow.fit(meta_episodes(meta, args.seed), tasks=tasks, store=Path(hf.cache_dir()) / "trajectories",
-             recipe_episodes=held_out(meta, args.seed), augment=not args.no_augment, progress=args.progress)
+             recipe_episodes=held_out(meta, args.seed), augment=not args.no_augment, progress=args.progress,
+             **recording)
     flow.tune_horizon(held_out(meta, args.seed + 1), augment=not args.no_augment, progress=False)
     return flow
 
@@ -132,6 +134,8 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", default=None)
     ap.add_argument("--norm", default=None, help="backbone normalisation (batch: a BatchNorm Conv4; default GroupNorm)")
     ap.add_argument("--no-augment", action="store_true", help="fit and tune_horizon with augment=False")
+    ap.add_argument("--perturbations", type=int, default=None,
+                    help="perturbed runs recorded per task besides the plain one (default: fit's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")

@@ -516,3 +516,34 @@ def test_conv4_runs_forward_hooks_on_its_norms_without_autograd():
     finally:
         handle.remove()
     assert seen[-1] is nn.GroupNorm
+
+
+def test_conv4_fused_norm_runs_output_readers_before_the_relu(monkeypatch):
+    """A forward hook marked ``reads_output`` keeps the in-place GroupNorm kernel path and sees the
+    norm's output (before the ReLU), as the module call would show it."""
+    import hyperflow_ext.models.conv as conv
+
+    torch.manual_seed(1)
+    net = build_backbone("conv4").eval()
+    norm = next(m for m in net.modules() if isinstance(m, nn.GroupNorm))
+    x = torch.randn(3, net.in_channels, 32, 32)
+    seen = {}
+
+    def reader(_module, _args, out):
+        seen.setdefault("out", []).append(out.clone())
+
+    reader.reads_output = True
+    with torch.no_grad():
+        handle = norm.register_forward_hook(lambda m, args, out: seen.setdefault("want", []).append(out.clone()))
+        plain = net(x)  # an unmarked hook: the module path
+        handle.remove()
+        calls = []
+        fused = conv.launch_group_norm_
+        monkeypatch.setattr(conv, "launch_group_norm_", lambda *a: calls.append(a[-1]) or fused(*a))
+        handle = norm.register_forward_hook(reader)
+        hooked = net(x)
+        handle.remove()
+    assert calls and calls[0] is False  # the kernel ran, with the ReLU left until after the hook
+    assert len(seen["out"]) == 1 and seen["out"][0].min() < 0  # before the ReLU
+    torch.testing.assert_close(seen["out"][0], seen["want"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)

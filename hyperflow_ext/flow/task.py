@@ -166,6 +166,7 @@ class TaskEncoder(nn.Module):
                 means = _channel_means(output)
                 if means is not None:
                     per_chunk[-1][name] = means
+            hook.reads_output = True  # a fused in-place norm kernel may run it (Conv4's GroupNorm)
             return hook
 
         # A private view: a user's module in training mode keeps its statistics, and the hooks

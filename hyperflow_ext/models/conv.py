@@ -65,12 +65,16 @@ def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Ten
     place by the native kernel behind :func:`~.norm.group_norm_`: no second full-size map, half the
     block's peak memory. This runs once per block on small batches, so the checks the kernel
     relies on are made here, directly, instead of through the public wrapper's full validation.
-    Any other case runs the modules as usual, and so does a norm module with a forward hook (the
-    kernel would skip it) or a forward pre-hook not marked ``reads_only``; pre-hooks marked so run
-    before the kernel, as the module call would run them.
+    Any other case runs the modules as usual, and so does a norm module with a forward pre-hook not
+    marked ``reads_only`` or a forward hook not marked ``reads_output`` (the kernel would skip it).
+    Pre-hooks marked so run before the kernel, as the module call would run them; forward hooks
+    marked so (they read the output only: the input is overwritten) run after it, before the ReLU.
     """
+    hooks = norm._forward_hooks
     if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
-            and not norm._forward_hooks and not _torch_module._global_forward_hooks
+            and all(getattr(h, "reads_output", False) and k not in norm._forward_hooks_with_kwargs
+                    for k, h in hooks.items())
+            and not _torch_module._global_forward_hooks
             and not _torch_module._global_forward_pre_hooks
             and all(getattr(h, "reads_only", False) for h in norm._forward_pre_hooks.values())
             and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
@@ -79,8 +83,11 @@ def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Ten
                                         and p.shape == (norm.num_channels,) for p in (norm.weight, norm.bias)))):
         for hook in norm._forward_pre_hooks.values():  # read-only probes: what the module call would run first
             hook(norm, (x,))
-        return launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
-                                  norm.bias if norm.affine else None, norm.eps, relu)
+        y = launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
+                               norm.bias if norm.affine else None, norm.eps, relu and not hooks)
+        for hook in list(hooks.values()):  # output readers see the norm's output, as after the module call
+            hook(norm, (y,), y)
+        return y.relu_() if relu and hooks else y
     y = norm(x)
     return F.relu(y, inplace=True) if relu else y
 
