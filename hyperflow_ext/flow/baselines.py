@@ -156,7 +156,8 @@ def _statistics_in_parts(backbone: nn.Module, norms: Dict[str, nn.Module],
     pending = dict(norms)
     with torch.no_grad():
         while True:
-            moments.clear(), reached.clear()
+            moments.clear()
+            reached.clear()
             view = stateless_view(backbone, known, forward_pre_hooks={n: pre_hook(n) for n in norms})
             for n, m in view.named_modules():
                 if n in norms:

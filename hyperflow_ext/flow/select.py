@@ -135,8 +135,7 @@ def choose_candidate(backbone: nn.Module, subset: ParamSubset,
     if single and pseudo_x is not None and pseudo_x.shape != support_x.shape:
         raise ValueError(f"choose_candidate: pseudo_x must have the support set's shape {tuple(support_x.shape)}, "
                          f"got {tuple(pseudo_x.shape)}")
-    # parts lower the peak only when no candidate needed the whole support set in one forward
-    parts = 1 if whole_batch else SCORING_PARTS
+    parts = 1 if whole_batch else SCORING_PARTS  # parts: a fraction of the peak, at some speed
     if single and pseudo_x is None:
         name = fallback if fallback in candidates else next(iter(candidates))
         chosen = model(name)
