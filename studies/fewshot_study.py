@@ -17,7 +17,8 @@ tuning's, measured in the same run.
 Usage::
 
     python studies/fewshot_study.py --norm batch --tasks 200 1000 [--episodes 100] [--shots 5]
-        [--no-augment] [--perturbations 0] [--threads 1] [--out docs/fewshot-study/curve-batch.json]
+        [--no-augment] [--perturbations 0] [--reach 1] [--rates 0.01 0.03 0.1 0.3] [--threads 1]
+        [--out docs/fewshot-study/curve-batch.json]
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def fit_flow(backbone, meta, tasks: int, args) -> HyperFlow:
     """The README's path: fit at its defaults (recipe, augmentation, reach), then tune_horizon."""
     flow = HyperFlow(backbone, params="bias", seed=args.seed)
     recording = {} if args.perturbations is None else {"perturbations": args.perturbations}
+    if args.reach is not None:
+        recording["reach"] = args.reach
     flow.fit(meta_episodes(meta, args.seed), tasks=tasks, store=Path(hf.cache_dir()) / "trajectories",
              recipe_episodes=held_out(meta, args.seed), augment=not args.no_augment, progress=args.progress,
              **recording)
@@ -78,6 +81,8 @@ def evaluate(backbone, flow: HyperFlow, targets, args) -> dict:
                "fused_adapt(select=False)": lambda sx, sy: fused_adapt(backbone, sx, sy, flow=flow, select=False)}
     if has_batchnorm_stats(backbone):
         methods["support statistics"] = lambda sx, sy: support_statistics(backbone, sx, sy)
+    for rate in args.rates:  # bias tuning at other rates: the share against the best rate on the targets
+        methods[f"bias tuning @{rate:g}"] = lambda sx, sy, rate=rate: finetune_adapt(backbone, sx, sy, "bias", 50, rate)
     results = evaluate_few_shot(methods, targets, shots=args.shots, episodes=args.episodes, seed=args.seed + 17,
                                 progress=args.progress)
     table: Dict[str, Dict[str, dict]] = {}
@@ -106,13 +111,21 @@ def report(res: dict) -> dict:
         gain = sum(r["bias tuning"]["mean"] - r["direct transfer"]["mean"] for r in rows) / len(rows)
         bt_time = sum(r["bias tuning"]["seconds"] for r in rows) / len(rows)
         bt_mem = max(r["bias tuning"]["peak_bytes"] for r in rows) or float("nan")
-        for n in names[2:]:
+        rated = [n for n in names if n.startswith("bias tuning @")]
+        best = max(rated + ["bias tuning"], key=lambda n: sum(r[n]["mean"] for r in rows)) if rated else None
+        best_gain = sum(r[best]["mean"] - r["direct transfer"]["mean"] for r in rows) / len(rows) if best else None
+        for n in (n for n in names[2:] if n not in rated):
             g = sum(r[n]["mean"] - r["direct transfer"]["mean"] for r in rows) / len(rows)
             worst = min((r[n]["mean"] - r["direct transfer"]["mean"]) / max(r[n]["ci95"], 1e-9) for r in rows)
             cost = sum(r[n]["seconds"] for r in rows) / len(rows) / bt_time
             mem = max(r[n]["peak_bytes"] for r in rows) / bt_mem
             shares[f"{n} {shot}"] = {"gain": g, "share": g / gain if gain else float("nan"), "worst_in_ci": worst,
                                      "time_share": cost, "memory_share": mem}
+            if best is not None:
+                best_share = g / best_gain if best_gain else float("nan")
+                shares[f"{n} {shot}"].update(best_rate=best, best_rate_share=best_share)
+                print(f"{shot} {n}: {100 * best_share:.0f} % of the best rate's gain on the targets ({best}, "
+                      f"{100 * best_gain:+.2f} points)")
             print(f"{shot} {n}: {100 * g:+.2f} points vs bias tuning's {100 * gain:+.2f} ({100 * g / gain:.0f} %); "
                   f"worst target {worst:+.2f} intervals; time {100 * cost:.1f} %, memory {100 * mem:.1f} % "
                   f"of bias tuning's")
@@ -136,6 +149,10 @@ def main() -> None:
     ap.add_argument("--no-augment", action="store_true", help="fit and tune_horizon with augment=False")
     ap.add_argument("--perturbations", type=int, default=None,
                     help="perturbed runs recorded per task besides the plain one (default: fit's)")
+    ap.add_argument("--reach", type=float, default=None,
+                    help="record trajectories at this multiple of the chosen rate (default: fit's)")
+    ap.add_argument("--rates", type=float, nargs="*", default=[],
+                    help="bias tuning at these rates too; shares are then also reported against the best of them")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true")
