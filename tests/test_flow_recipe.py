@@ -8,7 +8,7 @@ from torch import nn
 
 from hyperflow_ext.flow import DriftTrainConfig, HyperFlow, features_with, flow_path, fused_adapt, loo_scores
 from hyperflow_ext.flow.baselines import direct_transfer, finetune_adapt, split_support, support_statistics, tune_lr
-from hyperflow_ext.flow.hyperflow import DEFAULT_REACH
+from hyperflow_ext.flow.hyperflow import DEFAULT_REACH, recorded_rate
 from hyperflow_ext.flow.select import SELECT_MARGIN
 
 
@@ -56,8 +56,10 @@ def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     backbone, eps, flow = fitted
     assert flow.encoder.feature_dim == 24 and flow.task_stats == "layers"
     assert flow.net.task_dim == 5 * 24 + 1 + 2 * (8 + 8 + 16 + 16 + 24)
-    # recorded at DEFAULT_REACH times the chosen rate; the per-task choice decides how far each task goes
-    assert flow.trajectory_config.lr == pytest.approx(DEFAULT_REACH * flow.recipe["lr"]) == flow.recipe["recorded_lr"]
+    # recorded at up to DEFAULT_REACH times the chosen rate; the per-task choice decides how far each task goes
+    recorded = recorded_rate(flow.recipe, DEFAULT_REACH)
+    assert flow.trajectory_config.lr == pytest.approx(recorded) == flow.recipe["recorded_lr"]
+    assert flow.recipe["lr"] <= recorded <= DEFAULT_REACH * flow.recipe["lr"]
     assert "augment" not in flow.recipe
     sx, sy, qx, qy = eps[0]
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
@@ -65,6 +67,21 @@ def test_fit_on_a_short_list_of_a_plain_batchnorm_sequential(fitted):
     logits = model(qx)
     assert logits.shape == (9, 3) and torch.isfinite(logits).all()
     assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
+
+
+def test_recorded_rate_reaches_past_the_chosen_rate_but_not_into_rates_that_hurt():
+    # the grid scores of the BatchNorm Conv4's recipe: 0.01 still beats no adaptation, so 3x 0.003 stands
+    bn = {"lr": 0.003, "accuracy": {"0.001": .901, "0.003": .914, "0.01": .886, "0.03": .834}, "unadapted": .869}
+    assert recorded_rate(bn, 3.0) == pytest.approx(0.009)
+    # the GroupNorm Conv4's: 0.1 scores below no adaptation, so the chosen rate is the cap (0.3 lies past the gap)
+    gn = {"lr": 0.03, "accuracy": {"0.01": .915, "0.03": .925, "0.1": .852, "0.3": .95}, "unadapted": .895}
+    assert recorded_rate(gn, 3.0) == pytest.approx(0.03)
+    helps = {"lr": 0.03, "accuracy": {"0.1": .9}, "unadapted": .895}
+    assert recorded_rate(helps, 3.0) == pytest.approx(0.09)
+    assert recorded_rate(helps, 10.0) == pytest.approx(0.3)  # no rate seen to hurt: as asked
+    assert recorded_rate({**helps, "accuracy": {"0.1": .9, "0.3": .5}}, 10.0) == pytest.approx(0.1)
+    assert recorded_rate({"lr": 0.03}, 3.0) == pytest.approx(0.09)  # nothing scored: as asked
+    assert recorded_rate(gn, 0.5) == pytest.approx(0.015)  # a reach below 1 is taken as asked
 
 
 def test_record_takes_every_episode_and_fit_draws_more_tasks_from_few(fitted, caplog):

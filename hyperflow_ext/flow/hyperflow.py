@@ -29,7 +29,7 @@ from .task import TaskEncoder
 from .train import DriftTrainConfig, fit_normalisation, train_drift
 from .trajectories import TrajectoryConfig, TrajectorySet, record_trajectories
 
-__all__ = ["HyperFlow", "DEFAULT_TASKS", "DEFAULT_REACH"]
+__all__ = ["HyperFlow", "DEFAULT_TASKS", "DEFAULT_REACH", "recorded_rate"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,30 @@ def _resplit(episode: tuple, gen: torch.Generator) -> tuple:
         ys.append(torch.full((shots,), c, dtype=sy.dtype))
         yq.append(torch.full((pool.shape[0] - shots,), c, dtype=qy.dtype))
     return (torch.cat(xs), torch.cat(ys), torch.cat(xq), torch.cat(yq)) + tuple(episode[4:])
+
+
+def recorded_rate(recipe: Dict[str, object], reach: float) -> float:
+    """The learning rate trajectories are recorded at: ``reach`` times the chosen rate, but below the
+    first rate of the scored grid above the chosen one whose fine-tuning scored below no adaptation
+    on the recipe episodes (capped at the last rate before it). Paths recorded where fine-tuning
+    hurts the queries teach the drift moves that hurt (measured on the GroupNorm Conv4,
+    docs/measurements.md).
+
+    Args:
+        recipe: :meth:`HyperFlow.choose_recipe`'s record (``lr``, ``accuracy`` per rate, ``unadapted``).
+        reach: the multiple of the chosen rate asked for.
+    """
+    lr = float(recipe["lr"])
+    unadapted = float(recipe.get("unadapted", float("nan")))
+    cap, below = math.inf, lr
+    for rate, accuracy in sorted((float(k), float(v)) for k, v in dict(recipe.get("accuracy") or {}).items()):
+        if rate <= lr:
+            continue
+        if accuracy < unadapted:
+            cap = below
+            break
+        below = rate
+    return min(lr * reach, cap)
 
 
 TASK_STATS = ("final", "layers")
@@ -255,7 +279,8 @@ class HyperFlow:
                 3 of 4 episodes), ``False``, shift names, or an :class:`EpisodeAugmenter`. Shifted
                 tasks are ones on which fine-tuning pays, so the drift learns moves worth making.
             reach: trajectories are recorded at ``reach`` times the chosen learning rate, so the
-                recorded paths go past where the average meta-training task stops;
+                recorded paths go past where the average meta-training task stops, but never at a
+                rate whose fine-tuning scored below no adaptation (:func:`recorded_rate`);
                 :func:`fused_adapt`'s per-task choice among horizons decides how far each task goes.
                 A user-given ``lr`` is recorded as given.
             trajectory_config: extra :class:`TrajectoryConfig` fields (``lr``, ``optimizer``, ...).
@@ -288,8 +313,12 @@ class HyperFlow:
             elif scoring and all(has_queries(ep) or _splittable(ep) for ep in scoring):
                 recipe = self.choose_recipe(scoring, trajectory_steps,
                                             optimizer=trajectory_config.get("optimizer", "adam"), progress=progress)
-                trajectory_config["lr"] = recipe["lr"] * reach
+                trajectory_config["lr"] = recorded_rate(recipe, reach)
                 self.recipe.update(reach=float(reach), recorded_lr=trajectory_config["lr"])
+                if trajectory_config["lr"] < recipe["lr"] * reach:
+                    logger.info("HyperFlow.fit: recording at lr %g, not %g x %g: fine-tuning at the larger rates of "
+                                "the grid scores below no adaptation on the recipe episodes", trajectory_config["lr"],
+                                reach, recipe["lr"])
             else:
                 self.recipe = {"chosen_by": "default", "lr": TrajectoryConfig.lr}
                 logger.warning("HyperFlow.fit: the episodes have neither queries nor 2 shots per class to tune "
