@@ -97,8 +97,7 @@ class CoordinateDrift(nn.Module):
         nn.init.zeros_(self.out.weight)  # start from zero drift, like DriftNetwork
         nn.init.zeros_(self.out.bias)
 
-    def task_distance(self, z: torch.Tensor) -> torch.Tensor:
-        return ((z.to(self.task_mean) - self.task_mean) / self.task_scale).pow(2).mean(dim=-1).sqrt()
+    task_distance = DriftNetwork.task_distance  # the same normalisation buffers (fused_adapt's distance guard)
 
     def task_term(self, z: torch.Tensor) -> torch.Tensor:
         """The state-free part of the first layer: ``(tasks, P, hidden)``."""

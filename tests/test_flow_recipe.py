@@ -82,6 +82,12 @@ def test_recorded_rate_reaches_past_the_chosen_rate_but_not_into_rates_that_hurt
     assert recorded_rate({**helps, "accuracy": {"0.1": .9, "0.3": .5}}, 10.0) == pytest.approx(0.1)
     assert recorded_rate({"lr": 0.03}, 3.0) == pytest.approx(0.09)  # nothing scored: as asked
     assert recorded_rate(gn, 0.5) == pytest.approx(0.015)  # a reach below 1 is taken as asked
+    for reach in (0.0, -1.0, math.inf, math.nan, "3"):
+        with pytest.raises(ValueError, match="reach must be finite and > 0"):
+            recorded_rate(gn, reach)
+    for recipe in ({}, {"lr": 0.0}, {"lr": math.nan}, {"lr": "0.03"}, None):
+        with pytest.raises(ValueError, match="learning rate 'lr' > 0"):
+            recorded_rate(recipe, 3.0)
 
 
 def test_record_takes_every_episode_and_fit_draws_more_tasks_from_few(fitted, caplog):

@@ -94,8 +94,16 @@ def recorded_rate(recipe: Dict[str, object], reach: float) -> float:
     Args:
         recipe: :meth:`HyperFlow.choose_recipe`'s record (``lr``, ``accuracy`` per rate, ``unadapted``).
         reach: the multiple of the chosen rate asked for.
+
+    Raises:
+        ValueError: ``reach`` is not finite and > 0, or ``recipe`` has no ``lr`` > 0.
     """
-    lr = float(recipe["lr"])
+    if not (isinstance(reach, (int, float)) and math.isfinite(reach) and reach > 0):
+        raise ValueError(f"recorded_rate: reach must be finite and > 0, got {reach!r}")
+    lr = recipe.get("lr") if isinstance(recipe, dict) else None
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"recorded_rate: recipe must hold a learning rate 'lr' > 0, got {recipe!r}")
+    lr = float(lr)
     unadapted = float(recipe.get("unadapted", float("nan")))
     cap, below = math.inf, lr
     for rate, accuracy in sorted((float(k), float(v)) for k, v in dict(recipe.get("accuracy") or {}).items()):
