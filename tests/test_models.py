@@ -547,3 +547,48 @@ def test_conv4_fused_norm_runs_output_readers_before_the_relu(monkeypatch):
     assert len(seen["out"]) == 1 and seen["out"][0].min() < 0  # before the ReLU
     torch.testing.assert_close(seen["out"][0], seen["want"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hooked, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_conv4_batchnorm_without_autograd_normalises_in_place_like_the_module():
+    """Without autograd an eval-mode BatchNorm block is normalised in place (one map, not two):
+    same output as the module path, and statistics a read-only pre-hook sets are the ones used."""
+    from hyperflow_ext.measure import peak_memory
+
+    torch.manual_seed(5)
+    net = Conv4(hidden=8, norm="batch").eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_()
+    x = torch.rand(6, 1, 32, 32)
+    with torch.enable_grad():
+        module_path = net(x).detach()  # autograd on: the modules run as usual
+    with torch.no_grad():
+        _, fused_peak = peak_memory(lambda: net(x))
+        fused = net(x)
+        norm = next(m for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+        handle = norm.register_forward_hook(lambda m, a, out: None)  # unmarked: the module path
+        _, module_peak = peak_memory(lambda: net(x))
+        handle.remove()
+    torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+    assert fused_peak < 0.75 * module_peak  # the first block holds one full-size map instead of two
+
+    twin = copy.deepcopy(net)
+    first = next(m for m in twin.modules() if isinstance(m, nn.BatchNorm2d))
+    new_mean, new_var = torch.randn(8), torch.rand(8) + 0.5
+
+    def set_stats(module, args):
+        module.running_mean.copy_(new_mean)
+        module.running_var.copy_(new_var)
+    set_stats.reads_only = True
+    first.register_forward_pre_hook(set_stats)
+    with torch.no_grad():
+        hooked = twin(x)
+    ref = copy.deepcopy(net)
+    ref_first = next(m for m in ref.modules() if isinstance(m, nn.BatchNorm2d))
+    ref_first.running_mean.copy_(new_mean)
+    ref_first.running_var.copy_(new_var)
+    with torch.enable_grad():
+        torch.testing.assert_close(hooked, ref(x).detach(), atol=1e-5, rtol=1e-5)

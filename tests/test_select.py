@@ -311,3 +311,18 @@ def test_low_memory_adaptation_chooses_and_scores_like_the_default():
         torch.testing.assert_close(lean(sx), fast(sx), atol=1e-4, rtol=1e-4)
     with pytest.raises(TypeError, match="low_memory"):
         fused_adapt(backbone, sx, sy, flow=flow, low_memory="yes")
+
+
+@pytest.mark.parametrize("shape", [(9, 6, 5, 5), (3, 4, 7), (2, 5), (1, 3, 4, 4)])
+def test_channel_moments_match_a_float64_reference(shape):
+    from hyperflow_ext.flow.baselines import _channel_moments
+
+    torch.manual_seed(6)
+    x = torch.randn(shape) * 0.1 + 3.0  # a mean far from zero: the deviations must not cancel
+    count, mean, m2 = _channel_moments(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    var, ref_mean = torch.var_mean(x.double(), dim=dims, unbiased=False)
+    assert count == x.numel() // x.shape[1]
+    assert mean.dtype == m2.dtype == torch.float64
+    torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m2 / count, var, atol=1e-6, rtol=1e-4)

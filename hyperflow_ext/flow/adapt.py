@@ -80,8 +80,8 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
             parts (:data:`~hyperflow_ext.flow.select.SCORING_PARTS`) and re-estimate the statistics
             exactly from one forward of the parts per BatchNorm layer
             (:func:`~hyperflow_ext.flow.baselines.batch_statistics`). Same result, about a fifth
-            of the peak activation memory, 2-3 times the time (Conv4, 5-shot: 11 % instead of 55 %
-            of bias tuning's memory, 11 % instead of 4.4 % of its time). Other backbones run in
+            of the peak activation memory, 2-3 times the time (Conv4, 5-shot: 8 % instead of 35 %
+            of bias tuning's memory, 11-14 % instead of 4.5 % of its time). Other backbones run in
             parts either way.
 
     Returns:

@@ -92,35 +92,51 @@ def batch_statistics(backbone: nn.Module, x: torch.Tensor,
     return _statistics_whole(backbone, norms, x)
 
 
+def _channel_moments(inp: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """``(values per channel, channel means, sums of squared deviations)`` of a map (channels on
+    dim 1), the moments in float64.
+
+    Two passes (``torch.var_mean`` over these dims is several times slower on CPU), the second
+    over quarters of the batch: its temporary is a quarter of the map, not a second map.
+    """
+    x = inp.detach()
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dim=dims, keepdim=True)
+    m2 = sum((piece - mean).square_().sum(dim=dims, dtype=torch.float64)
+             for piece in x.split(max(1, -(-x.shape[0] // 4))))
+    return x.numel() // x.shape[1], mean.flatten().double(), m2
+
+
 def _statistics_whole(backbone: nn.Module, norms: Dict[str, nn.Module],
                       x: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-    """:func:`batch_statistics` in one forward: the view's BatchNorm layers in training mode."""
+    """:func:`batch_statistics` in one forward: each layer measures its input as it is reached
+    and normalises with what it measured, as BatchNorm does in training mode (a layer called twice
+    normalises each call by its own input and keeps the last). The layers run in eval mode, so a
+    backbone with an in-place norm path (Conv4) keeps it."""
     fresh: Dict[str, torch.Tensor] = {}
     for n, m in norms.items():
         fresh[f"{n}.running_mean"] = torch.zeros_like(m.running_mean)
         fresh[f"{n}.running_var"] = torch.ones_like(m.running_var)
-        fresh[f"{n}.num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
-    sizes: Dict[str, int] = {}
 
-    def count(name: str):
-        def hook(module, args, output):
-            sizes[name] = args[0].numel() // args[0].shape[1]  # values per channel behind the statistics
+    def measure(name: str):
+        def hook(module, args):
+            count, mean, m2 = _channel_moments(args[0])
+            fresh[f"{name}.running_mean"].copy_(mean)
+            fresh[f"{name}.running_var"].copy_(m2 / count)
+        hook.reads_only = True  # it writes the view's statistics, never the input
         return hook
 
-    view = stateless_view(backbone, fresh, {n: count(n) for n in norms})
+    view = stateless_view(backbone, fresh, forward_pre_hooks={n: measure(n) for n in norms})
     for n, m in view.named_modules():
-        if n in norms:  # the view's own flags: batch statistics, written into the fresh buffers
-            m.training, m.momentum = True, 1.0
+        if n in norms:  # the view's own flags: normalise with the buffers the hook just wrote
+            m.training = False
     with torch.no_grad():
         feats = view(x)
-        for n, size in sizes.items():  # running_var holds the unbiased variance; normalising used the biased
-            fresh[f"{n}.running_var"].mul_((size - 1) / size if size > 1 else 1.0)
-    return {k: v for k, v in fresh.items() if not k.endswith("num_batches_tracked")}, feats
+    return fresh, feats
 
 
-class _ReachedUnknown(BaseException):
-    """Raised by a BatchNorm layer's pre-hook to end a forward once its input has been measured
-    (a ``BaseException``, so a backbone's own ``except Exception`` cannot swallow it)."""
+class _ReachedUnknown(Exception):
+    """Stops a forward at the first BatchNorm layer whose statistics are not known yet."""
 
 
 def _statistics_in_parts(backbone: nn.Module, norms: Dict[str, nn.Module],
@@ -144,13 +160,10 @@ def _statistics_in_parts(backbone: nn.Module, norms: Dict[str, nn.Module],
             calls[name] = calls.get(name, 0) + 1
             if f"{name}.running_mean" in known:
                 return None
-            inp = args[0].detach()
-            dims = [d for d in range(inp.dim()) if d != 1]
-            var, mean = torch.var_mean(inp, dim=dims, unbiased=False)
-            count = inp.numel() // inp.shape[1]
-            moments.append((count, mean.double(), var.double() * count))
+            moments.append(_channel_moments(args[0]))
             reached.append(name)
             raise _ReachedUnknown
+        hook.reads_only = True  # it stops the forward before the layer writes anything
         return hook
 
     pending = dict(norms)

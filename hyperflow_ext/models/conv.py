@@ -61,35 +61,64 @@ def _init_conv_net(module: nn.Module) -> None:
 def _norm_relu(x: torch.Tensor, norm: nn.Module, relu: bool = True) -> torch.Tensor:
     """``relu(norm(x))`` (or ``norm(x)``) for a freshly computed map ``x`` the caller owns.
 
-    With autograd off (the task encoder, query forwards) a channels-last map is normalised in
-    place by the native kernel behind :func:`~.norm.group_norm_`: no second full-size map, half the
-    block's peak memory. This runs once per block on small batches, so the checks the kernel
-    relies on are made here, directly, instead of through the public wrapper's full validation.
-    Any other case runs the modules as usual, and so does a norm module with a forward pre-hook not
-    marked ``reads_only`` or a forward hook not marked ``reads_output`` (the kernel would skip it).
-    Pre-hooks marked so run before the kernel, as the module call would run them; forward hooks
-    marked so (they read the output only: the input is overwritten) run after it, before the ReLU.
+    With autograd off (the task encoder, support and query forwards) the map is normalised in
+    place where :func:`_norm_in_place` can (:func:`_fits_in_place`): no second full-size map, half
+    the block's peak memory. A norm module with a forward pre-hook not marked ``reads_only`` or a
+    forward hook not marked ``reads_output`` runs as a module (the kernel would skip it). Pre-hooks
+    marked so run before the kernel, as the module call would run them; forward hooks marked so
+    (they read the output only: the input is overwritten) run after it, before the ReLU.
     """
     hooks = norm._forward_hooks
-    if (isinstance(norm, nn.GroupNorm) and not torch.is_grad_enabled() and x.dim() == 4
-            and all(getattr(h, "reads_output", False) and k not in norm._forward_hooks_with_kwargs
-                    for k, h in hooks.items())
-            and not _torch_module._global_forward_hooks
-            and not _torch_module._global_forward_pre_hooks
-            and all(getattr(h, "reads_only", False) for h in norm._forward_pre_hooks.values())
-            and x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
-            and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
-            and (not norm.affine or all(p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
-                                        and p.shape == (norm.num_channels,) for p in (norm.weight, norm.bias)))):
-        for hook in norm._forward_pre_hooks.values():  # read-only probes: what the module call would run first
-            hook(norm, (x,))
-        y = launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
-                               norm.bias if norm.affine else None, norm.eps, relu and not hooks)
-        for hook in list(hooks.values()):  # output readers see the norm's output, as after the module call
-            hook(norm, (y,), y)
-        return y.relu_() if relu and hooks else y
-    y = norm(x)
-    return F.relu(y, inplace=True) if relu else y
+    if (torch.is_grad_enabled() or x.dim() != 4
+            or not all(getattr(h, "reads_output", False) and k not in norm._forward_hooks_with_kwargs
+                       for k, h in hooks.items())
+            or _torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+            or not all(getattr(h, "reads_only", False) for h in norm._forward_pre_hooks.values())
+            or not _fits_in_place(norm, x)):
+        y = norm(x)
+        return F.relu(y, inplace=True) if relu else y
+    for hook in norm._forward_pre_hooks.values():  # read-only probes: what the module call would run first
+        hook(norm, (x,))
+    y = _norm_in_place(norm, x, relu and not hooks)
+    for hook in list(hooks.values()):  # output readers see the norm's output, as after the module call
+        hook(norm, (y,), y)
+    return y.relu_() if relu and hooks else y
+
+
+def _fits_in_place(norm: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`_norm_in_place` computes exactly what ``norm(x)`` would.
+
+    * GroupNorm: the native kernel behind :func:`~.norm.group_norm_`, on channels-last CPU maps.
+      This runs once per block on small batches, so the checks the kernel relies on are made
+      here, directly, instead of through the public wrapper's full validation.
+    * BatchNorm in eval mode with running statistics, any layout.
+    """
+    if isinstance(norm, nn.GroupNorm):
+        return (x.dtype in FLOAT_CODES and x.device.type == "cpu" and native.available()
+                and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
+                and (not norm.affine or all(p.dtype == x.dtype and p.device == x.device and p.is_contiguous()
+                                            and p.shape == (norm.num_channels,) for p in (norm.weight, norm.bias))))
+    if isinstance(norm, nn.BatchNorm2d):
+        if norm.training or norm.running_mean is None or norm.running_var is None or not x.is_floating_point():
+            return False
+        tensors = (norm.running_mean, norm.running_var) + ((norm.weight, norm.bias) if norm.affine else ())
+        return x.shape[1] == norm.num_features and all(t.device == x.device and t.dtype == x.dtype for t in tensors)
+    return False
+
+
+def _norm_in_place(norm: nn.Module, x: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``norm(x)`` (then the ReLU when ``relu``) written over ``x``, for a norm and map that
+    :func:`_fits_in_place`. BatchNorm reads its statistics now, after any pre-hook that set them, and
+    applies the per-channel affine map they define, the arithmetic of PyTorch's eval-mode kernel."""
+    if isinstance(norm, nn.GroupNorm):
+        return launch_group_norm_(x, norm.num_groups, norm.weight if norm.affine else None,
+                                  norm.bias if norm.affine else None, norm.eps, relu)
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    y = x.mul_(scale.view(1, -1, 1, 1)).add_(shift.view(1, -1, 1, 1))
+    return y.relu_() if relu else y
 
 
 class Conv4(nn.Module):
