@@ -542,3 +542,27 @@ def test_flow_path_rejects_bad_support(tiny):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="flow_path.*NaN"):
         flow_path(backbone, bad, sy, flow)
+
+
+def test_drift_pays_is_what_tune_horizon_measured_and_is_saved(tiny, tmp_path):
+    from hyperflow_ext._io import save_tensors
+
+    backbone, flow, _ = tiny
+    eps = list(_episodes(6, query=3, seed=12))
+    horizon, before = flow.horizon, flow.drift_pays
+    try:
+        scores = flow.tune_horizon(iter(eps), tasks=6, horizons=(0.25, 1.0), steps=4, progress=False)
+        assert flow.drift_pays is (scores[f"h={flow.horizon:g}"] > scores["none"])
+        for value in (True, False, None):
+            flow.drift_pays = value
+            flow.save(tmp_path / "f.safetensors")
+            assert HyperFlow.load(tmp_path / "f.safetensors", backbone).drift_pays is value
+        tensors, meta = load_tensors(tmp_path / "f.safetensors")
+        del meta["drift_pays"]  # a checkpoint from before the attribute: not measured
+        save_tensors(tmp_path / "old.safetensors", tensors, meta)
+        assert HyperFlow.load(tmp_path / "old.safetensors", backbone).drift_pays is None
+        save_tensors(tmp_path / "bad.safetensors", tensors, {**meta, "drift_pays": "yes"})
+        with pytest.raises(ValueError, match="drift_pays"):
+            HyperFlow.load(tmp_path / "bad.safetensors", backbone)
+    finally:
+        flow.horizon, flow.drift_pays = horizon, before

@@ -326,3 +326,24 @@ def test_channel_moments_match_a_float64_reference(shape):
     assert mean.dtype == m2.dtype == torch.float64
     torch.testing.assert_close(mean, ref_mean, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(m2 / count, var, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("drift_pays", [None, False, True])
+def test_the_mean_displacement_is_a_candidate_unless_the_drift_pays(tiny, drift_pays):
+    """The mean meta-training displacement is the fallback of a drift whose state did not beat the
+    unadapted model in tune_horizon (or was never measured): offered then, left out when it did."""
+    backbone, flow = tiny
+    sx, sy = next(_episodes(1, seed=5))
+    before = flow.drift_pays
+    try:
+        flow.drift_pays = None
+        everything = fused_adapt(backbone, sx, sy, flow=flow).selection["scores"]
+        flow.drift_pays = drift_pays
+        scores = fused_adapt(backbone, sx, sy, flow=flow).selection["scores"]
+    finally:
+        flow.drift_pays = before
+    means = {f"mean@{s:g}" for s in MEAN_SCALES}
+    assert means and means <= set(everything)
+    assert set(scores) == (set(everything) - means if drift_pays else set(everything))
+    for name in scores:  # the other candidates are scored exactly as before
+        assert scores[name] == everything[name]

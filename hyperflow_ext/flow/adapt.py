@@ -8,7 +8,9 @@ candidates by the support set's leave-one-out prototype loss (:func:`~hyperflow_
 * ``"none"`` — the pretrained parameters (so a task the drift would hurt is left as it was);
 * ``"flow@h"`` — the drift's state at horizon ``h`` (the flow's tuned horizon and half of it);
 * ``"mean@0.25"`` — a quarter of the mean meta-training displacement (robust where the
-  task-specific part of the drift does not transfer);
+  task-specific part of the drift does not transfer), unless :meth:`HyperFlow.tune_horizon` found
+  the drift's own state beating the unadapted model on held-out episodes (``flow.drift_pays``):
+  then the drift's states cover it, and its forward is saved;
 * ``"aligned"`` — every adapted norm layer's bias shifted so that the support set's channel means
   match those the flow recorded on meta-training data (:mod:`~hyperflow_ext.flow.align`; closed
   form, measured inside the task encoder's forward; BatchNorm layers are left to support
@@ -179,7 +181,7 @@ def _finish(backbone: nn.Module, flow: HyperFlow, states: Dict[float, torch.Tens
     candidates: Dict[str, Tuple[torch.Tensor, Optional[dict]]] = {"none": (theta0, None)}
     for h, theta in states.items():
         candidates[f"flow@{h:g}"] = (theta, None)
-    if flow.mean_delta is not None:
+    if flow.mean_delta is not None and flow.drift_pays is not True:  # the fallback of a drift that does not pay
         for s in MEAN_SCALES:
             candidates[f"mean@{s:g}"] = ((theta0 + s * flow.mean_delta.to(theta0)), None)
     features = {} if theta0_features is None else {"none": theta0_features}

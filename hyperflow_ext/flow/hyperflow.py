@@ -178,6 +178,9 @@ class HyperFlow:
         self.task_radius = math.inf       # farthest training task embedding (for the OOD guard)
         self.interpolation: Optional[str] = None
         self.horizon = 1.0                # default integration time of fused_adapt (see tune_horizon)
+        # whether tune_horizon found the drift's state beating the unadapted backbone (None: not measured);
+        # fused_adapt offers the mean displacement as a fallback candidate unless it did
+        self.drift_pays: Optional[bool] = None
         self.mean_delta: Optional[torch.Tensor] = None  # mean end displacement of the training trajectories
         self.reference_means: Optional[torch.Tensor] = None  # norm layers' channel means on meta-training data
         self.trajectory_config: Optional[TrajectoryConfig] = None
@@ -359,6 +362,7 @@ class HyperFlow:
         self.history = train_drift(self.net, train, interpolation, train_config, val, self.seed, progress,
                                    checkpoint=checkpoint)
         self.interpolation = interpolation
+        self.drift_pays = None  # a new drift: tune_horizon measures it again
         self._clear_caches()
         return self
 
@@ -371,7 +375,10 @@ class HyperFlow:
 
         The horizon is adaptation's step budget and is tuned like a learning rate: on episodes
         (with queries) from the meta-training domains, never from the test domains. The best
-        horizon becomes :attr:`horizon`, the default of :func:`fused_adapt`.
+        horizon becomes :attr:`horizon`, the default of :func:`fused_adapt`. Whether the drift's
+        state there beats the unadapted backbone becomes :attr:`drift_pays`: where it does not,
+        :func:`fused_adapt` also offers the mean meta-training displacement, the fallback for a
+        drift whose task-specific part does not transfer.
 
         Args:
             episodes: iterable of episodes ``(support_x, support_y, query_x, query_y, ...)``.
@@ -411,6 +418,7 @@ class HyperFlow:
                                                       select=False))
         best = max(horizons, key=lambda h: scores[f"h={h:g}"])
         self.horizon = float(best)
+        self.drift_pays = scores[f"h={best:g}"] > scores["none"]
         logger.info("HyperFlow.tune_horizon: %s -> horizon %g", scores, best)
         if scores[f"h={best:g}"] < scores["none"]:
             warnings.warn(f"HyperFlow.tune_horizon: no horizon beats the unadapted backbone on these episodes "
@@ -482,7 +490,8 @@ class HyperFlow:
                 "max_rate": self.max_rate if math.isfinite(self.max_rate) else None,
                 "task_radius": self.task_radius if math.isfinite(self.task_radius) else None,
                 "recipe": self.recipe,
-                "interpolation": self.interpolation, "horizon": self.horizon, "task_stats": self.task_stats,
+                "interpolation": self.interpolation, "horizon": self.horizon, "drift_pays": self.drift_pays,
+                "task_stats": self.task_stats,
                 "feature_dim": self.encoder.feature_dim, "layers": self.encoder.layers,
                 "layer_dims": self.encoder.layer_dims}
         tensors = dict(self.net.state_dict())
@@ -534,6 +543,10 @@ class HyperFlow:
         flow.recipe = dict(meta.get("recipe") or {})
         flow.interpolation = meta["interpolation"]
         flow.horizon = float(meta.get("horizon", 1.0))
+        drift_pays = meta.get("drift_pays")  # absent from checkpoints older than it: not measured
+        if drift_pays is not None and not isinstance(drift_pays, bool):
+            raise ValueError(f"HyperFlow.load: {path} holds drift_pays={drift_pays!r}, expected true, false or null")
+        flow.drift_pays = drift_pays
         return flow
 
     def __repr__(self) -> str:
