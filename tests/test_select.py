@@ -347,3 +347,37 @@ def test_the_mean_displacement_is_a_candidate_unless_the_drift_pays(tiny, drift_
     assert set(scores) == (set(everything) - means if drift_pays else set(everything))
     for name in scores:  # the other candidates are scored exactly as before
         assert scores[name] == everything[name]
+
+
+class _Guarded(torch.nn.Module):
+    """A backbone that wraps its forward in ``except Exception`` (it must not swallow the stop of a
+    round in parts) and ends in a BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.BatchNorm1d(4))
+
+    def forward(self, x):
+        try:
+            return self.body(x)
+        except Exception:  # noqa: BLE001 - the pattern under test
+            return torch.zeros(x.shape[0], 4)
+
+
+def test_batch_statistics_in_parts_stay_exact_on_a_backbone_that_catches_exceptions():
+    torch.manual_seed(7)
+    backbone = _randomised(_Guarded())
+    x = torch.rand(8, 1, 6, 6) + 0.5
+    whole, feats = batch_statistics(backbone, x)
+    split, split_feats = batch_statistics(backbone, x, parts=4)
+    for k in whole:
+        torch.testing.assert_close(split[k], whole[k], atol=1e-5, rtol=1e-5, msg=k)
+    torch.testing.assert_close(split_feats, feats, atol=1e-4, rtol=1e-4)
+    assert feats.abs().sum() > 0
+
+
+def test_batch_statistics_refuse_one_value_per_channel():
+    backbone = _randomised(_Guarded()).body  # no guard: the error must reach the caller
+    with pytest.raises(ValueError, match="one value per channel"):
+        batch_statistics(backbone, torch.rand(1, 1, 6, 6))

@@ -121,6 +121,9 @@ def _statistics_whole(backbone: nn.Module, norms: Dict[str, nn.Module],
     def measure(name: str):
         def hook(module, args):
             count, mean, m2 = _channel_moments(args[0])
+            if count < 2:  # what BatchNorm in training mode refuses too
+                raise ValueError(f"batch_statistics: {name} sees one value per channel ({tuple(args[0].shape)}); "
+                                 f"statistics need more")
             fresh[f"{name}.running_mean"].copy_(mean)
             fresh[f"{name}.running_var"].copy_(m2 / count)
         hook.reads_only = True  # it writes the view's statistics, never the input
@@ -135,8 +138,9 @@ def _statistics_whole(backbone: nn.Module, norms: Dict[str, nn.Module],
     return fresh, feats
 
 
-class _ReachedUnknown(Exception):
-    """Stops a forward at the first BatchNorm layer whose statistics are not known yet."""
+class _ReachedUnknown(BaseException):
+    """Raised by a BatchNorm layer's pre-hook to end a forward once its input has been measured
+    (a ``BaseException``, so a backbone's own ``except Exception`` cannot swallow it)."""
 
 
 def _statistics_in_parts(backbone: nn.Module, norms: Dict[str, nn.Module],
