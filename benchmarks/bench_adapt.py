@@ -2,8 +2,9 @@
 
 A 5-way 1-shot and a 5-way 5-shot task on a Conv4 backbone with GroupNorm and with BatchNorm
 (28x28 inputs), 50 steps for every method (``fused_adapt_low_memory``: ``low_memory=True``, which
-changes only the BatchNorm case). The drift network is fitted on a handful of synthetic trajectories: its speed does not
-depend on how well it was trained. Each test records, from the same run:
+changes only the BatchNorm case; ``fused_adapt_drift_pays``: a flow whose ``tune_horizon`` found the
+drift paying, so without the mean-displacement candidate). The drift network is fitted on a handful of
+synthetic trajectories: its speed does not depend on how well it was trained. Each test records, from the same run:
 
 * ``speedup_vs_bias_tuning`` — median time of bias tuning / median time of this method, timed
   interleaved (``hyperflow_ext.measure.interleaved_medians``);
@@ -12,6 +13,8 @@ depend on how well it was trained. Each test records, from the same run:
 
 Run: ``python -m pytest benchmarks/bench_adapt.py --benchmark-enable -q``
 """
+import copy
+
 import pytest
 import torch
 
@@ -40,7 +43,16 @@ METHODS = {
     "fused_adapt_native": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="native"),
     "fused_adapt_torch": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, backend="torch"),
     "fused_adapt_low_memory": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=f, steps=STEPS, low_memory=True),
+    "fused_adapt_drift_pays": lambda b, sx, sy, f: fused_adapt(b, sx, sy, flow=_paying(f), steps=STEPS),
 }
+
+
+def _paying(flow):
+    """The fixture's flow as ``tune_horizon`` leaves a drift that beats no adaptation
+    (``drift_pays``): no mean-displacement candidate. The fixtures never run ``tune_horizon``."""
+    paying = copy.copy(flow)
+    paying.drift_pays = True
+    return paying
 
 
 @pytest.mark.parametrize("method", list(METHODS))
