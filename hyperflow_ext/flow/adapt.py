@@ -117,7 +117,8 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
     if isinstance(support_x, (list, tuple)):
         if not isinstance(support_y, (list, tuple)) or len(support_x) != len(support_y) or not support_x:
             raise ValueError(f"{op}: support_x and support_y must be non-empty lists of the same length")
-        ways = [check_support(op, backbone, sx, sy, way)[0] for sx, sy in zip(support_x, support_y)]
+        checked = [check_support(op, backbone, sx, sy, way) for sx, sy in zip(support_x, support_y)]
+        support_x, support_y, ways = ([c[i] for c in checked] for i in range(3))
         probe = (lambda: _probe(backbone, flow, stats)) if select else None
         # same-shaped tasks in one batch
         z, feats, shifts = encode_tasks(flow.encoder, support_x, support_y, ways, probe, flow.reference_means)
@@ -125,7 +126,7 @@ def fused_adapt(backbone: nn.Module, support_x: SupportSet, support_y: SupportSe
         return [_finish(backbone, flow, {h: s[i] for h, s in states.items()}, horizon, sx, sy, w, select, stats,
                         _theta0_features(backbone, flow, feats[i]), shifts[i], whole=stats and not low_memory)
                 for i, (sx, sy, w) in enumerate(zip(support_x, support_y, ways))]
-    way, batched = check_support(op, backbone, support_x, support_y, way)
+    support_x, support_y, way, batched = check_support(op, backbone, support_x, support_y, way)
     # support statistics (one task at a time) are fastest from one forward of the whole set: the
     # encoder then runs it whole as well (unless low_memory); the aligned biases leave the BatchNorm
     # layers to them
@@ -214,7 +215,7 @@ def flow_path(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Ten
         - support_x: ``(shots, C, H, W)`` or ``(tasks, shots, C, H, W)``.
         - Returns: ``(tasks, steps + 1, P)`` adapted parameter vectors, ``θ_0`` first.
     """
-    way, _ = check_support("flow_path", backbone, support_x, support_y, None)
+    support_x, support_y, way, _ = check_support("flow_path", backbone, support_x, support_y, None)
     horizon = flow.horizon if horizon is None else horizon
     z = flow.encoder(support_x, support_y, way)
     with torch.inference_mode():

@@ -61,6 +61,10 @@ class AdaptedProtoNet(nn.Module):
                              f"{'a batch of tasks' if self.batched else 'one task'}, got shape {tuple(x.shape)}")
         if self.batched and x.shape[0] != self.theta.shape[0]:
             raise ValueError(f"AdaptedProtoNet: query batch has {x.shape[0]} tasks, the model {self.theta.shape[0]}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"AdaptedProtoNet: queries must be floating point, got {x.dtype}")
+        if x.dtype != self.support_x.dtype:  # the support set was cast to the backbone's dtype
+            x = x.to(self.support_x.dtype)
         return features_with(self.backbone, self.subset, self.theta, x, buffers=self.buffers)
 
     def prototypes(self) -> torch.Tensor:

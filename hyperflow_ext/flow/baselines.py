@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .._stateless import stateless_view
 from ..models import proto_logits, prototypes
 from .adapted import AdaptedProtoNet
-from .checks import check_support
+from .checks import as_episode, check_support
 from .functional import features_with, finetune
 from .params import ParamSpec, ParamSubset
 
@@ -31,7 +31,7 @@ LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 def direct_transfer(backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
                     metric: str = "cosine", scale: float = 10.0, way: Optional[int] = None) -> AdaptedProtoNet:
     """No adaptation: a ProtoNet on the pretrained backbone."""
-    way, _ = check_support("direct_transfer", backbone, support_x, support_y, way)
+    support_x, support_y, way, _ = check_support("direct_transfer", backbone, support_x, support_y, way)
     subset = ParamSubset(backbone, "bias" if any(n.endswith("bias") for n, _ in backbone.named_parameters()) else "all")
     return AdaptedProtoNet(backbone, subset, subset.vector(backbone), support_x, support_y, way, metric, scale)
 
@@ -46,7 +46,7 @@ def support_statistics(backbone: nn.Module, support_x: torch.Tensor, support_y: 
     Raises:
         ValueError: the backbone has no BatchNorm layer with running statistics, or bad support data.
     """
-    way, batched = check_support("support_statistics", backbone, support_x, support_y, way)
+    support_x, support_y, way, batched = check_support("support_statistics", backbone, support_x, support_y, way)
     if batched:
         raise NotImplementedError("support_statistics: adapt one task at a time (support_x of shape (shots, C, H, W))")
     stats, _ = batch_statistics(backbone, support_x)
@@ -214,7 +214,7 @@ def finetune_adapt(backbone: nn.Module, support_x: torch.Tensor, support_y: torc
     ``params="bias"`` is bias tuning, ``"head"`` head tuning, ``"all"`` full fine-tuning. The
     backbone is not modified; the tuned values live in the returned model.
     """
-    way, batched = check_support("finetune_adapt", backbone, support_x, support_y, way)
+    support_x, support_y, way, batched = check_support("finetune_adapt", backbone, support_x, support_y, way)
     if batched:
         raise NotImplementedError("finetune_adapt: adapt one task at a time (support_x of shape (shots, C, H, W))")
     if not isinstance(steps, int) or steps < 0:
@@ -299,7 +299,7 @@ def tune_lr(backbone: nn.Module, episodes: Iterable, params: ParamSpec = "bias",
         raise ValueError(f"tune_lr: grid must hold finite learning rates > 0, got {list(grid)}")
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"tune_lr: tasks must be a positive int, got {tasks!r}")
-    eps = list(itertools.islice(episodes, tasks))
+    eps = [as_episode(backbone, ep) for ep in itertools.islice(episodes, tasks)]
     if not eps:
         raise ValueError("tune_lr: the episode iterable is empty")
     try:

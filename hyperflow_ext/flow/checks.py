@@ -1,17 +1,57 @@
 """Validation of few-shot support sets (shared by fused_adapt and the baselines)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import warnings
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["check_support"]
+__all__ = ["as_episode", "backbone_dtype", "check_support"]
+
+
+def backbone_dtype(backbone: nn.Module) -> Optional[torch.dtype]:
+    """The floating dtype of the backbone's first floating parameter or buffer (``None`` if it has none)."""
+    for t in (*backbone.parameters(), *backbone.buffers()):
+        if t.dtype.is_floating_point:
+            return t.dtype
+    return None
+
+
+def as_episode(backbone: nn.Module, episode: Sequence) -> tuple:
+    """``episode`` as a tuple ``(support_x, support_y[, query_x, query_y, ...])`` in the dtypes the
+    backbone runs: images in its floating dtype, integer labels as int64 (anything else is left
+    for the checks that follow)."""
+    dtype = backbone_dtype(backbone)
+    out = list(episode)
+    for i, t in enumerate(out[:4]):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if i % 2 == 0 and dtype is not None and t.dtype.is_floating_point and t.dtype != dtype:
+            out[i] = t.to(dtype)
+        elif i % 2 == 1 and not t.dtype.is_floating_point and t.dtype not in (torch.bool, torch.int64):
+            out[i] = t.long()
+    return tuple(out)
+
+
+def _warn_training(op: str, backbone: nn.Module) -> None:
+    """Warn when layers that act differently in training mode are in it: BatchNorm then normalises
+    with each batch's own statistics and Dropout drops at random, so the adaptation and every
+    prediction of the returned model depend on the batch. The backbone is the user's; it is read,
+    never switched to eval mode here."""
+    training = sorted({type(m).__name__ for m in backbone.modules()
+                       if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))})
+    if training:
+        warnings.warn(f"{op}: the backbone has {', '.join(training)} layers in training mode, so adaptation and "
+                      f"predictions depend on each batch; call backbone.eval() first", RuntimeWarning, stacklevel=3)
 
 
 def check_support(op: str, backbone: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor,
-                  way: Optional[int] = None) -> Tuple[int, bool]:
-    """Check a support set for one task or a stacked batch of tasks; return ``(way, batched)``.
+                  way: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Check a support set for one task or a stacked batch of tasks.
+
+    Returns ``(support_x, support_y, way, batched)``: the images in the backbone's floating dtype
+    (NumPy's float64 arrives often) and the labels as int64, whatever integer dtype they came in.
 
     Raises:
         TypeError: non-tensor inputs.
@@ -54,4 +94,8 @@ def check_support(op: str, backbone: nn.Module, support_x: torch.Tensor, support
         task, cls = (int(v) for v in empty[0])
         where = f" in task {task}" if batched else ""
         raise ValueError(f"{op}: class {cls} has no support example{where} (labels must cover 0..{way - 1})")
-    return way, batched
+    _warn_training(op, backbone)
+    dtype = backbone_dtype(backbone)
+    if dtype is not None and support_x.dtype != dtype:
+        support_x = support_x.to(dtype)
+    return support_x, support_y.long(), way, batched

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import EpisodeSampler
 from ..measure import peak_memory, wall_time
+from .checks import as_episode
 
 __all__ = ["Adapter", "FewShotResult", "evaluate_few_shot", "summarise", "emulation_fidelity"]
 
@@ -127,7 +128,7 @@ def emulation_fidelity(backbone: torch.nn.Module, flow, episodes: Iterable, lr: 
     sums = {"loss_start": 0.0, "loss_flow": 0.0, "loss_finetune": 0.0}
     n = 0
     for ep in episodes:
-        sx, sy = ep[0], ep[1]
+        sx, sy = as_episode(backbone, ep)[:2]
         way = int(sy.max()) + 1
         flowed = fused_adapt(backbone, sx, sy, flow=flow, steps=adapt_steps, select=False).theta
         tuned, _, _ = finetune(backbone, flow.subset, sx, sy, theta0, steps, way, flow.metric, flow.scale, "adam", lr)

@@ -21,6 +21,7 @@ from .adapted import AdaptedProtoNet
 from .align import reference_means
 from .augment import EpisodeAugmenter
 from .baselines import LR_GRID, has_queries, split_support, tune_lr
+from .checks import as_episode
 from .drift import DriftNetwork, PackedDrift
 from .interpolate import INTERPOLATIONS
 from .params import ParamSpec, ParamSubset
@@ -39,13 +40,14 @@ def _declared_feature_dim(module: nn.Module) -> Optional[int]:
     return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
 
 
-def _episode_list(op: str, episodes: Iterable, tasks: Optional[int], seed: int = 0) -> list:
-    """``tasks`` episodes to meta-train on (default :data:`DEFAULT_TASKS`). A finite sequence with
-    fewer episodes is extended by drawing new support/query splits of its episodes (:func:`_resplit`)."""
+def _episode_list(op: str, backbone: nn.Module, episodes: Iterable, tasks: Optional[int], seed: int = 0) -> list:
+    """``tasks`` episodes to meta-train on (default :data:`DEFAULT_TASKS`), in the backbone's dtypes
+    (:func:`~hyperflow_ext.flow.checks.as_episode`). A finite sequence with fewer episodes is
+    extended by drawing new support/query splits of its episodes (:func:`_resplit`)."""
     tasks = DEFAULT_TASKS if tasks is None else tasks
     if isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1:
         raise ValueError(f"{op}: tasks must be a positive int, got {tasks!r}")
-    eps = [tuple(ep) for ep in itertools.islice(episodes, tasks)]
+    eps = [as_episode(backbone, ep) for ep in itertools.islice(episodes, tasks)]
     if not eps:
         raise ValueError(f"{op}: the episode iterable is empty")
     if len(eps) < tasks:
@@ -226,7 +228,7 @@ class HyperFlow:
         """
         if tasks is None and hasattr(episodes, "__len__"):
             tasks = len(episodes)
-        eps = _episode_list("HyperFlow.record", episodes, tasks, self.seed)
+        eps = _episode_list("HyperFlow.record", self.backbone, episodes, tasks, self.seed)
         self._prepare(eps[0][0])
         cfg = TrajectoryConfig(steps=trajectory_steps, metric=self.metric, scale=self.scale, **config)
         self.trajectory_config = cfg
@@ -239,7 +241,7 @@ class HyperFlow:
         ``"aligned"`` candidate (:mod:`~hyperflow_ext.flow.align`). :meth:`fit` calls this; call it
         on a flow loaded from an older checkpoint. Returns the ``(P,)`` means (``None`` when no
         norm layer's bias is adapted)."""
-        images = [ep[0] for ep in itertools.islice(episodes, tasks)]
+        images = [as_episode(self.backbone, ep)[0] for ep in itertools.islice(episodes, tasks)]
         self.reference_means = reference_means(self.backbone, self.subset, images) if images else None
         return self.reference_means
 
@@ -311,11 +313,11 @@ class HyperFlow:
             if not (isinstance(reach, (int, float)) and math.isfinite(reach) and reach > 0):
                 raise ValueError(f"HyperFlow.fit: reach must be finite and > 0, got {reach!r}")
             augmenter = EpisodeAugmenter.from_setting(augment, self.seed)
-            eps = _episode_list("HyperFlow.fit", episodes, tasks, self.seed)
+            eps = _episode_list("HyperFlow.fit", self.backbone, episodes, tasks, self.seed)
             self._prepare(eps[0][0])
             self.record_reference(eps)
-            scoring = (list(itertools.islice(recipe_episodes, RECIPE_TASKS)) if recipe_episodes is not None
-                       else eps[:RECIPE_TASKS])
+            scoring = ([as_episode(self.backbone, ep) for ep in itertools.islice(recipe_episodes, RECIPE_TASKS)]
+                       if recipe_episodes is not None else eps[:RECIPE_TASKS])
             if augmenter is not None:
                 eps = augmenter(eps)
                 scoring = EpisodeAugmenter(augmenter.shifts, augmenter.probability, augmenter.seed + 1)(scoring)
@@ -398,7 +400,7 @@ class HyperFlow:
             raise ValueError(f"HyperFlow.tune_horizon: horizons must be finite and > 0, got {list(horizons)}")
         from .adapt import fused_adapt  # adapt imports this module
 
-        eps = list(itertools.islice(episodes, tasks))
+        eps = [as_episode(self.backbone, ep) for ep in itertools.islice(episodes, tasks)]
         if not eps or not all(has_queries(ep) for ep in eps):
             raise ValueError("HyperFlow.tune_horizon: needs episodes with query sets (EpisodeSampler(query > 0))")
         augmenter = EpisodeAugmenter.from_setting(augment, self.seed + 2)
