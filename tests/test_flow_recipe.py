@@ -163,6 +163,15 @@ def test_fit_warns_when_fine_tuning_barely_moves_the_loss(fitted):
     assert flow.recipe["augment"]["probability"] == 0.75  # capture shifts by default
 
 
+def test_fit_warns_toward_a_smaller_rate_when_fine_tuning_raises_the_loss(fitted):
+    backbone, eps, _ = fitted
+    flow = HyperFlow(backbone, params="bias", hidden=32)
+    with pytest.warns(RuntimeWarning, match=r"raises its loss by .* Pass a smaller lr="):
+        flow.fit(eps, tasks=len(eps), trajectory_steps=3, interpolation="linear",
+                 train_config=DriftTrainConfig(iters=2), progress=False, lr=30.0)
+    assert flow.recipe["loss_drop"] < 0
+
+
 def test_ood_guard_keeps_an_uninformed_task_at_theta0(fitted):
     backbone, eps, flow = fitted
     theta0 = flow.subset.vector(backbone)

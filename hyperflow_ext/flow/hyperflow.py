@@ -353,9 +353,11 @@ class HyperFlow:
         if drop is not None:
             self.recipe["loss_drop"] = drop
             if drop < MIN_LOSS_DROP:
-                warnings.warn(f"HyperFlow.fit: the recorded fine-tuning lowers its loss by only {100 * drop:.1f} % "
-                              f"(median over episodes; recipe {self.recipe}); the drift will barely move. Pass a "
-                              f"larger lr= or more trajectory_steps", RuntimeWarning, stacklevel=2)
+                change, advice = ((f"lowers its loss by only {100 * drop:.1f} %", "a larger lr= or more trajectory_steps")
+                                  if drop >= 0 else (f"raises its loss by {-100 * drop:.1f} %", "a smaller lr="))
+                warnings.warn(f"HyperFlow.fit: the recorded fine-tuning {change} (median over episodes; recipe "
+                              f"{self.recipe}); the drift will barely move the right way. Pass {advice}",
+                              RuntimeWarning, stacklevel=2)
         n_val = int(round(val_fraction * trajectories.episodes))
         train, val = trajectories.split(n_val) if 0 < n_val < trajectories.episodes else (trajectories, None)
         self.max_rate = fit_normalisation(self.net, train)

@@ -148,7 +148,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss is {float(loss)} at step {step} "
+            raise FloatingPointError(f"training diverged: loss is {float(loss.detach())} at step {step} "
                                      f"(lower the learning rate)")
         (loss * weight if world > 1 else loss).backward()
         if after_backward is not None:
