@@ -1,5 +1,6 @@
 """Inputs in the dtypes users bring (NumPy's float64 images and int32 labels) give exactly what the
 backbone's own dtypes give, and a backbone left in training mode is flagged, not switched."""
+import copy
 import warnings
 
 import pytest
@@ -94,3 +95,15 @@ def test_training_mode_backbone_is_flagged_and_left_in_it(tiny):
     with pytest.warns(RuntimeWarning, match="BatchNorm2d layers in training mode"):
         direct_transfer(bn, sx, sy)
     assert all(m.training for m in bn.modules())
+
+
+def test_a_float64_copy_of_the_backbone_adapts_with_the_float32_flow(tiny):
+    backbone, flow, _ = tiny  # the flow's task encoder still runs the float32 original
+    wide = copy.deepcopy(backbone).double()
+    sx, sy = next(episodes(1, seed=5))
+    plain = fused_adapt(backbone, sx, sy, flow=flow, steps=8, select=False)
+    got = fused_adapt(wide, sx, sy, flow=flow, steps=8, select=False)
+    assert got.theta.dtype == torch.float64
+    torch.testing.assert_close(got.theta.float(), plain.theta, rtol=1e-5, atol=1e-6)
+    chosen = fused_adapt(wide, sx, sy, flow=flow, steps=8)
+    assert chosen(sx).dtype == torch.float64 and chosen.selection["chosen"] in chosen.selection["scores"]

@@ -9,6 +9,7 @@ from torch import nn
 
 from .._stateless import stateless_view
 from ..models import prototypes
+from .checks import backbone_dtype
 
 __all__ = ["TaskEncoder", "ENCODER_VERSION"]
 
@@ -209,6 +210,9 @@ class TaskEncoder(nn.Module):
             support_x, support_y = support_x[None], support_y[None]
         tasks, shots = support_y.shape
         flat = support_x.flatten(0, 1)
+        dtype = backbone_dtype(self.encoder)  # the encoder may be another network than the adapted backbone
+        if dtype is not None and flat.dtype.is_floating_point and flat.dtype != dtype:
+            flat = flat.to(dtype)
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts if parts is None else parts, flat.shape[0]))
