@@ -14,6 +14,15 @@ FLOAT_CODES = {torch.float32: 0, torch.float64: 1}
 INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 
 
+def module_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the module's first floating parameter or buffer (``None`` if it has none): the
+    dtype its inputs are cast to."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.dtype.is_floating_point:
+            return t.dtype
+    return None
+
+
 def check_tensor(op: str, name: str, t: object, *,
                  dtypes: Optional[Iterable[torch.dtype]] = None,
                  ndim: Optional[int] = None,

@@ -74,7 +74,7 @@ def test_meta_training_and_tuning_accept_numpy_dtypes(tiny):
 
 
 def test_tune_horizon_accepts_numpy_dtypes(tiny):
-    backbone, flow, _ = tiny
+    _, flow, _ = tiny
     eps = _query_episodes(3, seed=4)
     horizon, pays = flow.horizon, flow.drift_pays
     try:
@@ -107,3 +107,25 @@ def test_a_float64_copy_of_the_backbone_adapts_with_the_float32_flow(tiny):
     torch.testing.assert_close(got.theta.float(), plain.theta, rtol=1e-5, atol=1e-6)
     chosen = fused_adapt(wide, sx, sy, flow=flow, steps=8)
     assert chosen(sx).dtype == torch.float64 and chosen.selection["chosen"] in chosen.selection["scores"]
+
+
+def test_pruning_accepts_numpy_dtypes():
+    from torch import nn
+
+    from hyperflow_ext.prune import Pruner
+    from hyperflow_ext.prune._loop import TensorLoader
+
+    def run(x_dtype, y_dtype):
+        torch.manual_seed(0)
+        x, y = torch.randn(48, 1, 8, 8), torch.randint(0, 3, (48,))
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 64, 3))
+        loader = TensorLoader(x.to(x_dtype), y.to(y_dtype), 16, shuffle=True, seed=0)
+        records = Pruner(model, target_sparsity=0.5).fit(loader, epochs=2, regrowth_epochs=1, val_loader=loader,
+                                                         progress=False)
+        return records, model.state_dict()
+
+    (want, want_state), (got, got_state) = run(torch.float32, torch.int64), run(torch.float64, torch.int32)
+    assert got == want
+    for name, value in want_state.items():
+        assert torch.equal(got_state[name], value), name

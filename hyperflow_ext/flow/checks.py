@@ -7,15 +7,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .._checks import module_dtype as backbone_dtype
+
 __all__ = ["as_episode", "backbone_dtype", "check_support"]
-
-
-def backbone_dtype(backbone: nn.Module) -> Optional[torch.dtype]:
-    """The floating dtype of the backbone's first floating parameter or buffer (``None`` if it has none)."""
-    for t in (*backbone.parameters(), *backbone.buffers()):
-        if t.dtype.is_floating_point:
-            return t.dtype
-    return None
 
 
 def as_episode(backbone: nn.Module, episode: Sequence) -> tuple:

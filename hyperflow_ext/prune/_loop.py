@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
+from .._checks import module_dtype
 
 __all__ = ["TensorLoader", "train_epoch", "evaluate", "cosine_lr", "batch_to"]
 
@@ -69,8 +70,9 @@ class TensorLoader:
                 yield self.x[idx], self.y[idx]
 
 
-def batch_to(batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Split a batch into ``(x, y)`` on ``device``.
+def batch_to(batch, device: torch.device, dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split a batch into ``(x, y)`` on ``device``: floating inputs in ``dtype`` (the model's; NumPy
+    hands over float64) and integer labels as int64 (NumPy's int32 too).
 
     Raises:
         TypeError: the batch is not an ``(inputs, labels)`` pair of tensors.
@@ -80,7 +82,10 @@ def batch_to(batch, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     x, y = batch[0], batch[1]
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"batches must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    x = x.to(device, dtype if dtype is not None and x.dtype.is_floating_point else None, non_blocking=True)
+    y = y.to(device, torch.int64 if not y.dtype.is_floating_point and y.dtype != torch.bool else None,
+             non_blocking=True)
+    return x, y
 
 
 def cosine_lr(base: float, step: int, total: int, final: float = 0.0) -> float:
@@ -126,11 +131,11 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         FloatingPointError: the loss became NaN/Inf.
     """
     model.train()
-    device = _device_of(model)
+    device, dtype = _device_of(model), module_dtype(model)
     total_loss, correct, seen, step = 0.0, 0, 0, step0
     world = distributed.world_size() if shard else 1
     for batch in loader:
-        x, y = batch_to(batch, device)
+        x, y = batch_to(batch, device, dtype)
         weight = 1.0
         if world > 1:
             if step == step0:  # once per epoch: the ranks must be reading the same global batches
@@ -173,11 +178,11 @@ def evaluate(model: nn.Module, loader: Iterable) -> float:
     """Top-1 accuracy of ``model`` over ``loader`` (eval mode; restores the previous mode)."""
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device, dtype = _device_of(model), module_dtype(model)
     correct = seen = 0
     try:
         for batch in loader:
-            x, y = batch_to(batch, device)
+            x, y = batch_to(batch, device, dtype)
             correct += int((model(x).argmax(1) == y).sum())
             seen += y.shape[0]
     finally:
@@ -192,9 +197,9 @@ def predict(model: nn.Module, loader: Iterable) -> torch.Tensor:
     """Concatenated logits of ``model`` over ``loader`` (eval mode)."""
     was_training = model.training
     model.eval()
-    device = _device_of(model)
+    device, dtype = _device_of(model), module_dtype(model)
     try:
-        out = [model(batch_to(b, device)[0]) for b in loader]
+        out = [model(batch_to(b, device, dtype)[0]) for b in loader]
     finally:
         model.train(was_training)
     return torch.cat(out)
