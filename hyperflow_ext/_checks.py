@@ -16,11 +16,22 @@ INDEX_CODES = {torch.int32: 0, torch.int64: 1}
 
 def module_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
     """The dtype of the module's first floating parameter or buffer (``None`` if it has none): the
-    dtype its inputs are cast to."""
+    dtype its inputs are cast to (:func:`as_model_input`)."""
     for t in (*module.parameters(), *module.buffers()):
         if t.dtype.is_floating_point:
             return t.dtype
     return None
+
+
+def as_model_input(x: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Floating ``x`` in ``dtype`` (a model's, NumPy hands over float64); anything else unchanged."""
+    return x.to(dtype) if dtype is not None and x.dtype.is_floating_point and x.dtype != dtype else x
+
+
+def as_class_labels(y: torch.Tensor) -> torch.Tensor:
+    """Integer labels of any width (NumPy's int32) as int64; float and bool labels unchanged, for the
+    checks that refuse them."""
+    return y.long() if not y.dtype.is_floating_point and y.dtype != torch.bool else y
 
 
 def check_tensor(op: str, name: str, t: object, *,

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .._checks import as_model_input
 from ..models import proto_logits, prototypes
 from .functional import features_with
 from .params import ParamSubset
@@ -63,8 +64,7 @@ class AdaptedProtoNet(nn.Module):
             raise ValueError(f"AdaptedProtoNet: query batch has {x.shape[0]} tasks, the model {self.theta.shape[0]}")
         if not x.dtype.is_floating_point:
             raise ValueError(f"AdaptedProtoNet: queries must be floating point, got {x.dtype}")
-        if x.dtype != self.support_x.dtype:  # the support set was cast to the backbone's dtype
-            x = x.to(self.support_x.dtype)
+        x = as_model_input(x, self.support_x.dtype)  # the support set was cast to the backbone's dtype
         return features_with(self.backbone, self.subset, self.theta, x, buffers=self.buffers)
 
     def prototypes(self) -> torch.Tensor:

@@ -7,24 +7,20 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .._checks import module_dtype as backbone_dtype
+from .._checks import as_class_labels, as_model_input, module_dtype
 
-__all__ = ["as_episode", "backbone_dtype", "check_support"]
+__all__ = ["as_episode", "check_support"]
 
 
 def as_episode(backbone: nn.Module, episode: Sequence) -> tuple:
     """``episode`` as a tuple ``(support_x, support_y[, query_x, query_y, ...])`` in the dtypes the
     backbone runs: images in its floating dtype, integer labels as int64 (anything else is left
     for the checks that follow)."""
-    dtype = backbone_dtype(backbone)
+    dtype = module_dtype(backbone)
     out = list(episode)
     for i, t in enumerate(out[:4]):
-        if not isinstance(t, torch.Tensor):
-            continue
-        if i % 2 == 0 and dtype is not None and t.dtype.is_floating_point and t.dtype != dtype:
-            out[i] = t.to(dtype)
-        elif i % 2 == 1 and not t.dtype.is_floating_point and t.dtype not in (torch.bool, torch.int64):
-            out[i] = t.long()
+        if isinstance(t, torch.Tensor):  # images at even positions, their labels after them
+            out[i] = as_model_input(t, dtype) if i % 2 == 0 else as_class_labels(t)
     return tuple(out)
 
 
@@ -89,7 +85,4 @@ def check_support(op: str, backbone: nn.Module, support_x: torch.Tensor, support
         where = f" in task {task}" if batched else ""
         raise ValueError(f"{op}: class {cls} has no support example{where} (labels must cover 0..{way - 1})")
     _warn_training(op, backbone)
-    dtype = backbone_dtype(backbone)
-    if dtype is not None and support_x.dtype != dtype:
-        support_x = support_x.to(dtype)
-    return support_x, support_y.long(), way, batched
+    return as_model_input(support_x, module_dtype(backbone)), as_class_labels(support_y), way, batched

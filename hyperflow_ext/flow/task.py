@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import as_model_input, module_dtype
 from .._stateless import stateless_view
 from ..models import prototypes
-from .checks import backbone_dtype
 
 __all__ = ["TaskEncoder", "ENCODER_VERSION"]
 
@@ -209,10 +209,8 @@ class TaskEncoder(nn.Module):
         if support_x.dim() == 4:
             support_x, support_y = support_x[None], support_y[None]
         tasks, shots = support_y.shape
-        flat = support_x.flatten(0, 1)
-        dtype = backbone_dtype(self.encoder)  # the encoder may be another network than the adapted backbone
-        if dtype is not None and flat.dtype.is_floating_point and flat.dtype != dtype:
-            flat = flat.to(dtype)
+        # the encoder's own dtype: it may be another network than the adapted backbone
+        flat = as_model_input(support_x.flatten(0, 1), module_dtype(self.encoder))
         # Equal parts keep the activation memory at 1/parts of one full-batch forward, a fixed share
         # of what fine-tuning the same support set holds (which grows with it too).
         chunks = flat.tensor_split(min(self.parts if parts is None else parts, flat.shape[0]))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import distributed
-from .._checks import module_dtype
+from .._checks import as_class_labels, as_model_input, module_dtype
 
 __all__ = ["TensorLoader", "train_epoch", "evaluate", "cosine_lr", "batch_to"]
 
@@ -82,10 +82,8 @@ def batch_to(batch, device: torch.device, dtype: Optional[torch.dtype] = None) -
     x, y = batch[0], batch[1]
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"batches must hold tensors, got ({type(x).__name__}, {type(y).__name__})")
-    x = x.to(device, dtype if dtype is not None and x.dtype.is_floating_point else None, non_blocking=True)
-    y = y.to(device, torch.int64 if not y.dtype.is_floating_point and y.dtype != torch.bool else None,
-             non_blocking=True)
-    return x, y
+    return (as_model_input(x.to(device, non_blocking=True), dtype),
+            as_class_labels(y.to(device, non_blocking=True)))
 
 
 def cosine_lr(base: float, step: int, total: int, final: float = 0.0) -> float:
